@@ -1,0 +1,64 @@
+"""Norms of state cotangents ∂L/∂h: Euclidean, per dimension and Mahalanobis.
+
+The Mahalanobis metric is the paper's proposed fix for high-dimensional
+states (Sec. 5.4): ``M = E[J Jᵀ]`` with ``J = ∂H/∂θ`` the immediate Jacobian
+of one step, so that ``bᵀ M b`` is the expected squared norm ``E||bᵀ J||²`` of
+the parameter-space contribution a cotangent ``b`` makes at a typical step.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import jvp, vmap
+
+from .recurrent import Params, RecurrentSystem
+
+
+def euclidean(cotangents: torch.Tensor) -> torch.Tensor:
+    """||b|| over the last (state) dimension."""
+    return torch.linalg.vector_norm(cotangents, dim=-1)
+
+
+def mahalanobis(cotangents: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """sqrt(bᵀ M b) over the last (state) dimension."""
+    quad = torch.einsum("...i,ij,...j->...", cotangents, metric, cotangents)
+    return quad.clamp_min(0).sqrt()
+
+
+def estimate_metric(
+    system: RecurrentSystem,
+    params: Params,
+    states: torch.Tensor,
+    inputs: torch.Tensor,
+    probes: int,
+    rows: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Unbiased estimate of ``M = E[J Jᵀ]`` over the given (step, sample) pairs.
+
+    For a Rademacher vector v in parameter space, ``E_v[(J v)(J v)ᵀ] = J Jᵀ``.
+    ``rows`` (step, sample) pairs are drawn uniformly without replacement and
+    ``J v`` for all of them is one forward-mode product of the step applied to
+    them as one batch; ``M̂`` averages ``u uᵀ`` over the pairs and ``probes``
+    independent draws of v.  Cost: ``rows * probes`` single-sample steps.
+
+    states: (steps, batch, D) states entering each step; inputs: (steps, batch, F).
+    """
+    flat_h = states.reshape(-1, states.shape[-1])
+    flat_x = inputs.reshape(-1, inputs.shape[-1])
+    if rows < flat_h.shape[0]:
+        pick = torch.randperm(flat_h.shape[0], generator=generator, device=generator.device)[:rows]
+        flat_h, flat_x = flat_h[pick], flat_x[pick]
+
+    def push(tangent):
+        return jvp(lambda p: system.step(p, flat_h, flat_x), (params,), (tangent,))[1]
+
+    tangents = {
+        name: torch.randint(0, 2, (probes, *p.shape), generator=generator, device=p.device)
+        .to(p.dtype)
+        .mul_(2)
+        .sub_(1)
+        for name, p in params.items()
+    }
+    u = vmap(push)(tangents)  # (probes, steps * batch, D)
+    u = u.reshape(-1, u.shape[-1])
+    return u.T @ u / u.shape[0]
