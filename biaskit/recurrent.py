@@ -174,7 +174,7 @@ class RecurrentSystem:
             "state_size": self.layout.size,
             "num_layers": max(self.layout.layer) + 1,
             "readout": type(self.readout).__name__,
-            "loss": type(self.loss_fn).__name__ if self.loss_fn is not None else "none",
+            "loss": getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__) if self.loss_fn else "none",
         }
 
 

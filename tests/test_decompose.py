@@ -1,0 +1,237 @@
+"""decompose and truncated_gradient against independent computations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+import biaskit
+from biaskit import report
+from helpers import LeakyCell, final_output, flat_norm, make_module, naive_gradient
+
+ADAPTERS = [
+    dict(kind="LSTM", layers=2, batch_first=True, bias=True),
+    dict(kind="LSTM", layers=1, batch_first=False, bias=False),
+    dict(kind="GRU", layers=2, batch_first=False, bias=True),
+    dict(kind="GRU", layers=1, batch_first=True, bias=False),
+    dict(kind="RNN", layers=2, batch_first=True, bias=True),
+    dict(kind="RNN", layers=1, batch_first=False, bias=True, nonlinearity="relu"),
+    dict(kind="RNNCell"),
+    dict(kind="GRUCell"),
+    dict(kind="LSTMCell", bias=False),
+    dict(kind="LeakyCell"),
+    dict(kind="PairCell"),
+]
+IDS = [f"{a['kind']}-{a.get('layers', 1)}-{'bf' if a.get('batch_first', True) else 'tm'}" for a in ADAPTERS]
+B, R, F, C = 4, 9, 3, 3
+
+
+def setup(spec, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    module = make_module(**spec).to(dtype)
+    head = nn.Linear(5, C).to(dtype)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    x = torch.randn(B, R, F, dtype=dtype)
+    y = torch.randint(0, C, (B,))
+    time_major = isinstance(module, (nn.RNN, nn.GRU, nn.LSTM)) and not module.batch_first
+    inputs = x.transpose(0, 1) if time_major else x
+    return module, head, loss_fn, x, inputs, y
+
+
+def distance(a, b):
+    return flat_norm([a[n] - b[n] for n in a])
+
+
+@pytest.mark.parametrize("spec", ADAPTERS, ids=IDS)
+def test_truncated_gradient_and_rel_bias_match_naive_detach(spec):
+    module, head, loss_fn, x, inputs, y = setup(spec)
+    system = biaskit.wrap(module, head, loss_fn)
+    full = naive_gradient(module, head, loss_fn, x, y)
+    ours_full = biaskit.truncated_gradient(system, inputs, y)
+    assert set(ours_full) == set(full)
+    assert distance(ours_full, full) < 1e-10 * flat_norm(full.values())
+    ds = biaskit.decompose(system, inputs, y)
+    for K in range(R):
+        naive = naive_gradient(module, head, loss_fn, x, y, K)
+        assert distance(biaskit.truncated_gradient(system, inputs, y, K), naive) < 1e-10
+        exact = distance(naive, full)
+        assert ds["abs_bias"].sel(K=K).item() == pytest.approx(exact, rel=1e-8, abs=1e-12)
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(exact / flat_norm(full.values()), rel=1e-8, abs=1e-12)
+    assert ds["rel_bias"].sel(K=R - 1).item() == pytest.approx(0, abs=1e-12)
+
+
+def _retained_state_grads(module, x, y, head, loss_fn):
+    """Per-sample ∂L_s/∂(state after step t) from the nn module run one step at a time."""
+    states, hx = [], None
+    for t in range(x.shape[1]):
+        _, hx = module(x[:, t:t + 1], hx)
+        parts = hx if isinstance(hx, tuple) else (hx,)
+        for p in parts:
+            p.retain_grad()
+        states.append(parts)
+    loss_fn(head(states[-1][0][-1]), y).sum().backward()
+    grad = [[torch.zeros_like(p) if p.grad is None else p.grad for p in parts] for parts in states]
+    return [torch.cat([g[l] for l in range(module.num_layers) for g in parts], dim=1) for parts in grad]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_phi_and_phi_state_match_retain_grad(kind):
+    module, head, loss_fn, x, inputs, y = setup(dict(kind=kind, layers=2, batch_first=True))
+    ds = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y)
+    grads = _retained_state_grads(module, x, y, head, loss_fn)
+    for k in range(R):
+        g = grads[R - 1 - k]
+        np.testing.assert_allclose(ds["phi"].sel(lag=k).values, g.norm(dim=1).numpy(), rtol=1e-9, atol=1e-14)
+        np.testing.assert_allclose(ds["phi_state"].sel(lag=k).values, g.abs().mean(0).numpy(), rtol=1e-9, atol=1e-14)
+    comps = ["h", "c"] if kind == "LSTM" else ["h"]
+    expected = [(l, c) for l in range(2) for c in comps for _ in range(5)]
+    assert list(zip(ds["layer"].values.tolist(), ds["component"].values.tolist())) == expected
+
+
+def test_psi_matches_per_sample_differences_of_truncated_gradients():
+    """ψ_{s,k} = ||ĝ_k(s) − ĝ_{k−1}(s)|| over the module's parameters, per sample."""
+    module, head, loss_fn, x, inputs, y = setup(dict(kind="GRU", layers=2, batch_first=True))
+    ds = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y)
+    names = [n for n, _ in module.named_parameters()]
+    for s in range(B):
+        prev = {n: torch.zeros_like(p) for n, p in module.named_parameters()}
+        for k in range(R):
+            g = naive_gradient(module, head, loss_fn, x[s:s + 1], y[s:s + 1], k)
+            assert ds["psi"].sel(sample=s, lag=k).item() == pytest.approx(
+                flat_norm([g[n] - prev[n] for n in names]), rel=1e-8, abs=1e-13)
+            prev = g
+
+
+def test_full_gradient_matches_finite_differences():
+    module, head, loss_fn, x, inputs, y = setup(dict(kind="LSTM", layers=2, batch_first=True))
+    grad = biaskit.truncated_gradient(biaskit.wrap(module, head, loss_fn), inputs, y)
+    eps = 1e-6
+    with torch.no_grad():
+        for name, p in [*module.named_parameters(), *(("readout." + n, p) for n, p in head.named_parameters())]:
+            for idx in [(0,) * p.dim(), tuple(s - 1 for s in p.shape)]:
+                old = p[idx].item()
+                p[idx] = old + eps
+                up = loss_fn(head(final_output(module, x)), y).mean().item()
+                p[idx] = old - eps
+                down = loss_fn(head(final_output(module, x)), y).mean().item()
+                p[idx] = old
+                assert grad[name][idx].item() == pytest.approx((up - down) / (2 * eps), abs=1e-8)
+
+
+def test_mahalanobis_with_identity_metric_is_euclidean():
+    module, head, loss_fn, x, inputs, y = setup(dict(kind="LSTM", layers=2, batch_first=True))
+    system = biaskit.wrap(module, head, loss_fn)
+    ds = biaskit.decompose(system, inputs, y, metric=torch.eye(20, dtype=torch.float64), psi=False)
+    np.testing.assert_allclose(ds["phi_mahalanobis"].values, ds["phi"].values, rtol=1e-12)
+    assert ds.attrs["metric_estimator"] == "given"
+
+
+def test_estimated_metric_approaches_exact_expected_jacobian_gram():
+    """M̂ against E[J Jᵀ] from torch.func.jacrev on every (step, sample) pair."""
+    torch.manual_seed(1)
+    cell = LeakyCell(2, 3).double()
+    system = biaskit.wrap(cell, None, lambda out, t: (out - t).pow(2).sum(1))
+    x, y = torch.randn(5, 6, 2, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    ds = biaskit.decompose(system, x, y, probes=20000, metric_rows=10**6, psi=False)
+    params = {n: p.detach() for n, p in cell.named_parameters()}
+    state, gram = torch.zeros(5, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
+    for t in range(6):
+        for s in range(5):
+            jac = torch.func.jacrev(lambda p: system.step(p, state[s:s + 1], x[s:s + 1, t])[0])(params)
+            J = torch.cat([j.reshape(3, -1) for j in jac.values()], dim=1)
+            gram += J @ J.T
+        state = system.step(params, state, x[:, t])
+    exact = gram / 30
+    err = np.linalg.norm(ds["metric"].values - exact.numpy()) / np.linalg.norm(exact.numpy())
+    assert err < 0.05
+
+
+def test_float32_agrees_with_float64():
+    spec = dict(kind="LSTM", layers=2, batch_first=True)
+    m64, h64, loss_fn, _, in64, y = setup(spec, torch.float64)
+    ds64 = biaskit.decompose(biaskit.wrap(m64, h64, loss_fn), in64, y, psi=False)
+    ds32 = biaskit.decompose(biaskit.wrap(m64.float(), h64.float(), loss_fn), in64.float(), y, psi=False)
+    np.testing.assert_allclose(ds32["rel_bias"].values, ds64["rel_bias"].values, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(ds32["phi"].values, ds64["phi"].values, rtol=1e-4, atol=1e-7)
+
+
+def test_h0_is_the_start_of_full_bptt():
+    module, head, loss_fn, x, inputs, y = setup(dict(kind="LSTM", layers=2, batch_first=True))
+    h0 = (torch.randn(2, B, 5, dtype=torch.float64), torch.randn(2, B, 5, dtype=torch.float64))
+    out, _ = module(x, h0)
+    loss = loss_fn(head(out[:, -1]), y).mean()
+    want = torch.autograd.grad(loss, list(module.parameters()))
+    got = biaskit.truncated_gradient(biaskit.wrap(module, head, loss_fn), inputs, y, h0=h0)
+    for (name, _), g in zip(module.named_parameters(), want):
+        torch.testing.assert_close(got[name], g)
+
+
+def test_dataset_round_trips_through_netcdf(tmp_path):
+    module, head, loss_fn, x, inputs, y = setup(dict(kind="LSTM", layers=2, batch_first=True))
+    ds = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y)
+    back = report.load(report.save(ds, tmp_path / "sub" / "d.nc"))
+    xr.testing.assert_identical(ds, back)
+    assert back.attrs["module"] == "LSTM" and back.attrs["window_length"] == R
+    assert back.attrs["num_layers"] == 2 and back.attrs["state_size"] == 20
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: biaskit.wrap(nn.Linear(3, 3)), "not a recurrent module"),
+        (lambda: biaskit.wrap(nn.LSTM(3, 4, bidirectional=True)), "bidirectional"),
+        (lambda: biaskit.wrap(nn.GRU(3, 4, 2, dropout=0.5)), "call .eval()"),
+    ],
+)
+def test_unsupported_modules_are_refused_clearly(make, message):
+    with pytest.raises(biaskit.InputError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    "inputs, targets, message",
+    [
+        (torch.randn(4, 6, 2), torch.zeros(4, dtype=torch.long), "expects 3"),
+        (torch.randn(4, 0, 3), torch.zeros(4, dtype=torch.long), "empty"),
+        (torch.randn(4, 6), torch.zeros(4, dtype=torch.long), "3-d tensor"),
+        (torch.randn(4, 6, 3), torch.zeros(5, dtype=torch.long), "one entry per window"),
+        (torch.randn(4, 6, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long), "move one"),
+    ],
+)
+def test_bad_inputs_are_refused_clearly(inputs, targets, message):
+    system = biaskit.wrap(nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2), nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(biaskit.InputError, match=message):
+        biaskit.decompose(system, inputs, targets)
+
+
+def test_scalar_loss_and_bad_K_are_refused_clearly():
+    x, y = torch.randn(4, 6, 3), torch.zeros(4, dtype=torch.long)
+    lstm, head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+    with pytest.raises(biaskit.InputError, match="reduction='none'"):
+        biaskit.decompose(biaskit.wrap(lstm, head, nn.CrossEntropyLoss()), x, y)
+    with pytest.raises(biaskit.InputError, match="K must be in 0..5"):
+        biaskit.truncated_gradient(biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none")), x, y, K=6)
+    with pytest.raises(biaskit.InputError, match="no loss"):
+        biaskit.decompose(biaskit.wrap(lstm, head), x, y)
+
+
+def test_non_finite_gradients_are_refused_clearly():
+    lstm, head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+    x = torch.randn(4, 6, 3)
+    x[0, 2, 0] = float("nan")
+    system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(biaskit.InputError, match="NaN or infinite"):
+        biaskit.decompose(system, x, torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    module, head, loss_fn, x, inputs, y = setup(dict(kind="LSTM", layers=2, batch_first=True))
+    cpu = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y, psi=True)
+    gpu = biaskit.decompose(biaskit.wrap(module.cuda(), head.cuda(), loss_fn), inputs.cuda(), y.cuda(), psi=True)
+    assert gpu.attrs["device"].startswith("cuda")
+    for name in ("phi", "psi", "rel_bias", "abs_bias"):
+        np.testing.assert_allclose(gpu[name].values, cpu[name].values, rtol=1e-6, atol=1e-10)
