@@ -57,7 +57,7 @@ def truncated_gradient(system, inputs, targets, K=None, h0=None) -> dict[str, to
         raise InputError(f"K must be in 0..{R - 1} for a window of length {R}, got {K}")
     params, readout = system.params(), system.readout_params()
     with torch.enable_grad():
-        state = system.initial_state(h0, x.shape[0], x)
+        state = system.initial_state(h0, x.shape[0])
         states = _unroll(system, params, x, state, None if K is None else R - 1 - K)
         loss = system.loss(readout, states[-1], targets).mean()
         names = list(params) + ["readout." + n for n in readout]
@@ -132,7 +132,7 @@ def decompose(
 
     # Forward, then one backward pass for every state cotangent and the direct term.
     with torch.enable_grad():
-        state = system.initial_state(h0, B, x).detach().requires_grad_()
+        state = system.initial_state(h0, B).detach().requires_grad_()
         states = _unroll(system, params, x, state)
         losses = system.loss(readout, states[-1], targets)
         grads = torch.autograd.grad(losses.sum(), [*states[1:], *readout.values()], allow_unused=True)
@@ -141,7 +141,7 @@ def decompose(
         raise InputError("the gradient has NaN or infinite entries: check the model and inputs")
     direct_sq = sum(g.pow(2).sum() for g in grads[R:] if g is not None) / B**2
     h_prev = torch.stack(states[:-1]).detach()  # (R, B, D): state entering step t
-    x_t = x.transpose(0, 1)  # (R, B, F)
+    x_t = x.transpose(0, 1)  # (R, B, ...)
 
     # Parameter pass, oldest step first: T_K is the running sum before step R-K.
     n_params = sum(p.numel() for p in params.values())

@@ -41,10 +41,10 @@ def estimate_metric(
     them as one batch; ``M̂`` averages ``u uᵀ`` over the pairs and ``probes``
     independent draws of v.  Cost: ``rows * probes`` single-sample steps.
 
-    states: (steps, batch, D) states entering each step; inputs: (steps, batch, F).
+    states: (steps, batch, D) states entering each step; inputs: (steps, batch, ...).
     """
     flat_h = states.reshape(-1, states.shape[-1])
-    flat_x = inputs.reshape(-1, inputs.shape[-1])
+    flat_x = inputs.reshape(-1, *inputs.shape[2:])
     if rows < flat_h.shape[0]:
         pick = torch.randperm(flat_h.shape[0], generator=generator, device=generator.device)[:rows]
         flat_h, flat_x = flat_h[pick], flat_x[pick]

@@ -11,6 +11,9 @@ no ``vmap`` batching rule, and per-step, per-sample vector-Jacobian products
 are what the decomposition is made of.  Tests check every adapter against the
 module's own forward pass.
 
+An optional ``encoder`` (an embedding, say) maps each input ``x_t`` before the
+step; its parameters enter every step and so count in θ, prefixed ``encoder.``.
+
 A user module that defines one step is accepted when it has
 ``initial_state(batch_size)`` returning the zero state (a tensor of shape
 (batch, n) or a tuple of them) and ``forward(x_t, state) -> new state``.
@@ -104,15 +107,27 @@ class RecurrentSystem:
     time_major: bool
     layout: StateLayout
 
-    def __init__(self, module: nn.Module, readout: nn.Module | None, loss_fn: Callable | None):
+    def __init__(self, module: nn.Module, readout: nn.Module | None, loss_fn: Callable | None,
+                 encoder: nn.Module | None = None):
         self.module = module
         self.readout = readout if readout is not None else nn.Identity()
         self.loss_fn = loss_fn
+        self.encoder = encoder
 
     # --- parameters -------------------------------------------------------
     def params(self) -> Params:
-        """The recurrent module's parameters, named as in ``named_parameters()``."""
-        return dict(self.module.named_parameters())
+        """θ of the step: the module's parameters as in ``named_parameters()``, then the encoder's."""
+        params = dict(self.module.named_parameters())
+        if self.encoder is not None:
+            params.update({"encoder." + n: p for n, p in self.encoder.named_parameters()})
+        return params
+
+    def encode(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """The input the recurrent module sees at one step."""
+        if self.encoder is None:
+            return x
+        mine = {n.removeprefix("encoder."): p for n, p in params.items() if n.startswith("encoder.")}
+        return functional_call(self.encoder, mine, (x,))
 
     def readout_params(self) -> Params:
         return dict(self.readout.named_parameters())
@@ -126,9 +141,13 @@ class RecurrentSystem:
         """The top layer's output read off the flat state."""
         raise NotImplementedError
 
-    def initial_state(self, h0, batch: int, like: torch.Tensor) -> torch.Tensor:
+    def initial_state(self, h0, batch: int) -> torch.Tensor:
         """The flat initial state from the module's own h0 format (zeros if None)."""
         raise NotImplementedError
+
+    def _like(self) -> torch.Tensor:
+        """A tensor with the module's dtype and device, for new states."""
+        return next(self.module.parameters())
 
     # --- readout and loss -------------------------------------------------
     def loss(self, readout_params: Params, state: torch.Tensor, targets) -> torch.Tensor:
@@ -147,19 +166,22 @@ class RecurrentSystem:
     # --- inputs -----------------------------------------------------------
     def batch_first(self, inputs: torch.Tensor) -> torch.Tensor:
         """Inputs as (batch, time, features), checked against the module."""
-        if not torch.is_tensor(inputs) or inputs.dim() != 3:
+        want = 3 if self.encoder is None else 2
+        if not torch.is_tensor(inputs) or inputs.dim() < want or (self.encoder is None and inputs.dim() > 3):
             shape = tuple(inputs.shape) if torch.is_tensor(inputs) else type(inputs).__name__
             order = "(time, batch, features)" if self.time_major else "(batch, time, features)"
-            raise InputError(f"inputs must be a 3-d tensor {order}, got {shape}")
+            if self.encoder is not None:
+                order = order.replace("features", "...")
+            raise InputError(f"inputs must be a {want}-d tensor {order}, got {shape}")
         x = inputs.transpose(0, 1) if self.time_major else inputs
         if x.shape[1] == 0:
             raise InputError("the window is empty: inputs have 0 time steps")
-        if self.input_size is not None and x.shape[2] != self.input_size:
+        if self.encoder is None and self.input_size is not None and x.shape[2] != self.input_size:
             raise InputError(
                 f"inputs have {x.shape[2]} features but the {self.kind} expects {self.input_size}"
             )
-        p = next(iter(self.params().values()), None)
-        if p is not None and (x.device != p.device or x.dtype != p.dtype):
+        p = next(self.module.parameters(), None)
+        if p is not None and (x.device != p.device or (self.encoder is None and x.dtype != p.dtype)):
             raise InputError(
                 f"inputs are {x.dtype} on {x.device} but the module is {p.dtype} on {p.device}: "
                 "move one to match the other"
@@ -174,6 +196,7 @@ class RecurrentSystem:
             "state_size": self.layout.size,
             "num_layers": max(self.layout.layer) + 1,
             "readout": type(self.readout).__name__,
+            "encoder": type(self.encoder).__name__ if self.encoder is not None else "none",
             "loss": getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__) if self.loss_fn else "none",
         }
 
@@ -181,8 +204,8 @@ class RecurrentSystem:
 class TorchRecurrent(RecurrentSystem):
     """nn.RNN / nn.GRU / nn.LSTM (any layers, batch_first either way) and their cells."""
 
-    def __init__(self, module, readout, loss_fn):
-        super().__init__(module, readout, loss_fn)
+    def __init__(self, module, readout, loss_fn, encoder=None):
+        super().__init__(module, readout, loss_fn, encoder)
         name = type(module).__name__
         self.is_cell = isinstance(module, nn.RNNCellBase)
         self.kind = name
@@ -217,7 +240,7 @@ class TorchRecurrent(RecurrentSystem):
         return [parts[l * n:(l + 1) * n] for l in range(self.num_layers)]
 
     def step(self, params, state, x):
-        new, inp = [], x
+        new, inp = [], self.encode(params, x)
         for layer, hs in enumerate(self._split(state)):
             hs = self.cell(params, inp, hs, self._suffix(layer), self.nonlinearity)
             new += hs
@@ -227,9 +250,9 @@ class TorchRecurrent(RecurrentSystem):
     def output(self, state):
         return self._split(state)[-1][0]
 
-    def initial_state(self, h0, batch, like):
+    def initial_state(self, h0, batch):
         if h0 is None:
-            return like.new_zeros(batch, self.layout.size)
+            return self._like().new_zeros(batch, self.layout.size)
         parts = h0 if isinstance(h0, (tuple, list)) else (h0,)
         if len(parts) != len(self.components):
             raise InputError(f"h0 for {self.kind} must have {len(self.components)} part(s) {self.components}")
@@ -245,8 +268,8 @@ class TorchRecurrent(RecurrentSystem):
 class CustomStep(RecurrentSystem):
     """A user module with ``initial_state(batch)`` and ``forward(x_t, state) -> state``."""
 
-    def __init__(self, module, readout, loss_fn):
-        super().__init__(module, readout, loss_fn)
+    def __init__(self, module, readout, loss_fn, encoder=None):
+        super().__init__(module, readout, loss_fn, encoder)
         self.kind = type(module).__name__
         self.input_size = getattr(module, "input_size", None)
         self.time_major = False
@@ -268,29 +291,34 @@ class CustomStep(RecurrentSystem):
         return torch.cat(tuple(native), dim=1) if isinstance(native, (tuple, list)) else native
 
     def step(self, params, state, x):
+        mine = {n: p for n, p in params.items() if not n.startswith("encoder.")}
         buffers = dict(self.module.named_buffers())
-        new = functional_call(self.module, {**buffers, **params}, (x, self._unflatten(state)))
+        new = functional_call(self.module, {**buffers, **mine}, (self.encode(params, x), self._unflatten(state)))
         return self._flatten(new)
 
     def output(self, state):
         native = self._unflatten(state)
         return native[0] if self.is_tuple else native
 
-    def initial_state(self, h0, batch, like):
+    def initial_state(self, h0, batch):
         if h0 is None:
-            return self._flatten(self.module.initial_state(batch)).to(like)
+            return self._flatten(self.module.initial_state(batch)).to(self._like())
         flat = self._flatten(h0)
         if tuple(flat.shape) != (batch, self.layout.size):
             raise InputError(f"h0 flattens to {tuple(flat.shape)}, expected {(batch, self.layout.size)}")
         return flat
 
 
-def wrap(module: nn.Module, readout: nn.Module | None = None, loss_fn: Callable | None = None) -> RecurrentSystem:
-    """The recurrent system of ``module``; ``loss_fn`` must return one loss per sample."""
+def wrap(module: nn.Module, readout: nn.Module | None = None, loss_fn: Callable | None = None,
+         encoder: nn.Module | None = None) -> RecurrentSystem:
+    """The recurrent system of ``module``; ``loss_fn`` must return one loss per sample.
+
+    ``encoder`` (optional) maps each step's raw input before the module sees it.
+    """
     if isinstance(module, RecurrentSystem):
         return module
     if isinstance(module, (nn.RNN, nn.GRU, nn.LSTM, nn.RNNCell, nn.GRUCell, nn.LSTMCell)):
-        return TorchRecurrent(module, readout, loss_fn)
+        return TorchRecurrent(module, readout, loss_fn, encoder)
     if isinstance(module, nn.Module) and callable(getattr(module, "initial_state", None)):
-        return CustomStep(module, readout, loss_fn)
+        return CustomStep(module, readout, loss_fn, encoder)
     raise InputError(f"{type(module).__name__} is not a recurrent module: biaskit accepts {ACCEPTED}")

@@ -79,11 +79,14 @@ def final_output(module, x, split=None):
     return state[0] if isinstance(state, tuple) else state
 
 
-def naive_gradient(module, readout, loss_fn, x, y, K=None):
+def naive_gradient(module, readout, loss_fn, x, y, K=None, encoder=None):
     """ĝ_K by detaching the state entering step R-K (K=None: full BPTT), mean loss."""
     split = None if K is None else x.shape[1] - 1 - K
-    loss = loss_fn(readout(final_output(module, x, split)), y).mean()
+    inputs = x if encoder is None else encoder(x)
+    loss = loss_fn(readout(final_output(module, inputs, split)), y).mean()
     named = [*module.named_parameters(), *(("readout." + n, p) for n, p in readout.named_parameters())]
+    if encoder is not None:
+        named += [("encoder." + n, p) for n, p in encoder.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
 

@@ -62,6 +62,22 @@ def test_truncated_gradient_and_rel_bias_match_naive_detach(spec):
     assert ds["rel_bias"].sel(K=R - 1).item() == pytest.approx(0, abs=1e-12)
 
 
+def test_encoder_parameters_count_in_the_bias():
+    """An embedding in front of the LSTM: its gradient is truncated too."""
+    torch.manual_seed(0)
+    emb, lstm, head = nn.Embedding(7, 3).double(), nn.LSTM(3, 5, 2, batch_first=True).double(), nn.Linear(5, C).double()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    tokens, y = torch.randint(0, 7, (B, R)), torch.randint(0, C, (B,))
+    system = biaskit.wrap(lstm, head, loss_fn, encoder=emb)
+    full = naive_gradient(lstm, head, loss_fn, tokens, y, encoder=emb)
+    ds = biaskit.decompose(system, tokens, y)
+    assert ds.attrs["encoder"] == "Embedding"
+    for K in (0, 3, R - 2):
+        naive = naive_gradient(lstm, head, loss_fn, tokens, y, K, encoder=emb)
+        assert distance(biaskit.truncated_gradient(system, tokens, y, K), naive) < 1e-10
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(distance(naive, full) / flat_norm(full.values()), rel=1e-8)
+
+
 def _retained_state_grads(module, x, y, head, loss_fn):
     """Per-sample ∂L_s/∂(state after step t) from the nn module run one step at a time."""
     states, hx = [], None
