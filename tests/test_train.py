@@ -1,0 +1,123 @@
+"""Training runs: smoke, exact resume, the run directory, and command-line errors."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from biaskit import checkpoint
+from biaskit.cli import main
+from trainers import loop
+
+TINY = {"train_tokens": 4000, "valid_tokens": 800, "test_tokens": 800, "hidden": 8}
+FAST = {"batch_size": 8, "window": 20, "windows": 8, "K_max": 30}
+TIMING = {"seconds", "tokens_per_s", "update_seconds"}
+
+
+def config(**train):
+    return loop.full_config("trainers.tasks.copy:build", dict(TINY), {**FAST, "epochs": 2, **train})
+
+
+def strip_timing(lines):
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
+
+
+@pytest.mark.parametrize("train", [{"K": 5}, {"delta": 0.5, "K": 4, "update_every": 0.5}])
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, train):
+    straight = loop.Run(config(**train), tmp_path / "a", quiet=True).fit()
+    loop.Run(config(**{**train, "epochs": 1}), tmp_path / "b", quiet=True).fit()
+    resumed = loop.Run(config(**train), tmp_path / "b", quiet=True, resume=True).fit()
+    assert len(straight) == 2
+    assert strip_timing(resumed) == strip_timing(straight)
+
+
+def test_run_directory_holds_config_metrics_and_self_describing_checkpoints(tmp_path):
+    cfg = config(delta=0.5, K=4)
+    lines = loop.Run(cfg, tmp_path, quiet=True).fit()
+    assert json.loads((tmp_path / "config.json").read_text()) == cfg
+    for key in ("train_loss", "valid_ppl", "test_ppl", "K", "beta", "rel_bias_exact", "rel_bias_bound",
+                "tokens_per_s", "seconds"):
+        assert key in lines[-1]
+    ckpt = checkpoint.load(tmp_path / "checkpoint-last.pt")
+    assert ckpt["factory"] == "trainers.tasks.copy:build" and ckpt["epoch"] == 2
+    assert [h["K"] for h in ckpt["K_history"]] == [line["next_K"] for line in lines]
+    task = checkpoint.resolve(ckpt["factory"])(ckpt["config"]["task"])
+    task.model.load_state_dict(ckpt["model"])
+    valid = loop.evaluate(task.model, *task.splits["valid"], cfg["train"]["batch_size"])
+    assert valid == pytest.approx(lines[-1]["valid_loss"], rel=1e-6)
+    best = min(lines, key=lambda line: line["valid_loss"])
+    assert checkpoint.load(tmp_path / "checkpoint-best.pt")["epoch"] == best["epoch"]
+
+
+def test_logged_perplexity_is_exp_of_the_mean_token_loss(tmp_path):
+    lines = loop.Run(config(K=3, epochs=1), tmp_path, quiet=True).fit()
+    assert lines[0]["valid_ppl"] == pytest.approx(torch.tensor(lines[0]["valid_loss"]).exp().item(), rel=1e-6)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    def invoke(*args):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        out = capsys.readouterr()
+        return SimpleNamespace(code=code, out=out.out, err=out.err)
+
+    return invoke
+
+
+TINY_ARGS = ["--train-tokens", "4000", "--valid-tokens", "800", "--test-tokens", "800", "--hidden", "8",
+             "--batch-size", "8", "--window", "20", "--windows", "8", "--quiet"]
+
+
+def test_cli_trains_and_resumes(run_cli, tmp_path):
+    res = run_cli("train", "copy", "--K", "4", "--epochs", "1", "--out", str(tmp_path / "r"), *TINY_ARGS)
+    assert res.code == 0, res.err
+    assert "best valid ppl" in res.out
+    res = run_cli("train", "copy", "--K", "4", "--epochs", "2", "--resume", str(tmp_path / "r"), *TINY_ARGS)
+    assert res.code == 0, res.err
+    assert len(loop.read_metrics(tmp_path / "r")) == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "sudoku"], "No such command"),
+        (["train", "copy", "--K", "4"], "--out DIR"),
+        (["train", "copy", "--K1", "5", "--out", "{tmp}/x"], "give both --K1 and --K2"),
+        (["train", "copy", "--K1", "3", "--K2", "5", "--out", "{tmp}/x"], "1 <= K2 <= K1"),
+        (["train", "copy", "--delta", "1.5", "--out", "{tmp}/x"], "--delta must be in (0, 1)"),
+        (["train", "copy", "--optimizer", "Nope", "--out", "{tmp}/x"], "unknown optimizer"),
+        (["train", "copy", "--optimizer-options", "{bad", "--out", "{tmp}/x"], "not JSON"),
+        (["train", "copy", "--schedule", "wavy", "--out", "{tmp}/x"], "unknown schedule"),
+        (["train", "copy", "--out", "{tmp}/file/sub"], "choose another --out"),
+        (["train", "copy", "--resume", "{tmp}/nothing"], "no checkpoint"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(run_cli, tmp_path, args, message):
+    (tmp_path / "file").write_text("")
+    res = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], *TINY_ARGS[:-1])
+    assert res.code == 2, res.err
+    assert len(res.err.strip().splitlines()) == 1 and message in res.err
+
+
+def test_resume_with_another_config_is_refused(run_cli, tmp_path):
+    run_dir = str(tmp_path / "r")
+    assert run_cli("train", "copy", "--K", "4", "--epochs", "1", "--out", run_dir, *TINY_ARGS).code == 0
+    res = run_cli("train", "copy", "--K", "6", "--epochs", "2", "--resume", run_dir, *TINY_ARGS)
+    assert res.code == 2 and "another config" in res.err and "K: 4 then, 6 now" in res.err
+    res = run_cli("train", "copy", "--K", "4", "--epochs", "1", "--out", run_dir, *TINY_ARGS)
+    assert res.code == 2 and "already holds a run" in res.err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_runs_on_cuda(tmp_path):
+    run = loop.Run(config(delta=0.5, K=4, epochs=1), tmp_path, device="cuda", quiet=True)
+    assert next(run.model.parameters()).is_cuda
+    lines = run.fit()
+    assert lines[0]["valid_ppl"] > 1

@@ -1,0 +1,258 @@
+"""A training run: epochs, evaluation, logging, checkpoints, resume and device, in one place.
+
+The config is one dict, ``{"factory": ..., "task": {...}, "train": {...}}``;
+``config.json`` holds it, ``metrics.jsonl`` gets a line per epoch and
+``checkpoint-last.pt`` / ``checkpoint-best.pt`` are written at epoch ends in
+biaskit's self-describing format, so ``--resume`` continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from biaskit import checkpoint
+from biaskit.errors import InputError
+
+from .adaptive import Controller
+from .tbptt import Stream, batchify
+
+TRAIN_DEFAULTS = {
+    "epochs": 20,
+    "batch_size": 64,      # S parallel streams
+    "lr": 1.0,
+    "optimizer": "SGD",
+    "optimizer_options": {},
+    "clip": None,          # max gradient norm, or None
+    "schedule": "constant",  # constant | cosine | step:EPOCHS:GAMMA
+    "scale_lr": True,      # step size times sqrt(K)
+    "K": 15,               # fixed truncation: BPTT(2K, K); the initial K0 when adaptive
+    "K1": None,            # explicit BPTT(K1, K2) instead of (2K, K)
+    "K2": None,
+    "delta": None,         # tolerated relative bias: adaptive when set
+    "K_min": 2,
+    "K_max": 100,
+    "window": 100,         # W, the controller's window length
+    "windows": 64,         # windows per controller update
+    "update_every": 1.0,   # epochs between K updates (fractions allowed)
+    "norm": "phi",
+    "tau": None,
+    "seed": 0,
+}
+EVAL_CHUNK = 200
+
+
+def full_config(factory: str, task: dict, train: dict) -> dict:
+    """The complete config of a run; unknown training keys are refused."""
+    unknown = set(train) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise InputError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    cfg = {**TRAIN_DEFAULTS, **train}
+    if (cfg["K1"] is None) != (cfg["K2"] is None):
+        raise InputError("give both --K1 and --K2, or neither")
+    if cfg["K1"] is not None and not 1 <= cfg["K2"] <= cfg["K1"]:
+        raise InputError(f"BPTT(K1, K2) needs 1 <= K2 <= K1, got K1={cfg['K1']}, K2={cfg['K2']}")
+    if cfg["delta"] is not None and not 0 < cfg["delta"] < 1:
+        raise InputError(f"--delta must be in (0, 1), got {cfg['delta']}")
+    if not 1 <= cfg["K_min"] <= cfg["K_max"]:
+        raise InputError(f"need 1 <= K_min <= K_max, got [{cfg['K_min']}, {cfg['K_max']}]")
+    if cfg["update_every"] <= 0:
+        raise InputError("--update-every must be positive")
+    return {"factory": factory, "task": task, "train": cfg}
+
+
+def truncation(cfg: dict, K: int) -> tuple[int, int]:
+    """(K1, K2) for truncation K: explicit when given, else the paper's BPTT(2K, K)."""
+    return (cfg["K1"], cfg["K2"]) if cfg["K1"] is not None else (2 * K, K)
+
+
+def lr_factor(cfg: dict, progress: float) -> float:
+    """The learning-rate schedule at ``progress`` epochs (stateless, so resume needs nothing)."""
+    name = cfg["schedule"]
+    if name == "constant":
+        return 1.0
+    if name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress / cfg["epochs"], 1.0)))
+    if name.startswith("step:"):
+        every, gamma = name.split(":")[1:]
+        return float(gamma) ** math.floor(progress / float(every))
+    raise InputError(f"unknown schedule {name!r}: use constant, cosine or step:EPOCHS:GAMMA")
+
+
+def make_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
+    cls = getattr(torch.optim, cfg["optimizer"], None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise InputError(f"unknown optimizer {cfg['optimizer']!r}: use a torch.optim name such as SGD or Adam")
+    try:
+        return cls(model.parameters(), lr=cfg["lr"], **cfg["optimizer_options"])
+    except (TypeError, ValueError) as err:
+        raise InputError(f"bad options for {cfg['optimizer']}: {err}") from None
+
+
+@torch.no_grad()
+def evaluate(model, inputs, targets, streams: int) -> float:
+    """Mean per-position loss over a whole split, the state carried across chunks."""
+    was_training = model.training
+    model.eval()
+    x, y = batchify(inputs, streams), batchify(targets, streams)
+    total, state = 0.0, None
+    for start in range(0, x.shape[1], EVAL_CHUNK):
+        out, state = model(x[:, start:start + EVAL_CHUNK], state)
+        total += model.loss(out, y[:, start:start + EVAL_CHUNK]).sum().item()
+    model.train(was_training)
+    return total / y.numel()
+
+
+def _clean(record: dict) -> dict:
+    """JSON-safe: NaN becomes null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+
+
+class Run:
+    """One training run in a directory; ``fit()`` trains to the configured number of epochs."""
+
+    def __init__(self, config: dict, out, device="cpu", quiet=False, resume=False):
+        self.out, self.device, self.quiet = Path(out), torch.device(device), quiet
+        self.config, cfg = config, config["train"]
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / ".write-test").touch()
+            (self.out / ".write-test").unlink()
+        except OSError as err:
+            raise InputError(f"cannot write to {self.out}: {err.strerror}; choose another --out") from None
+        self.task = checkpoint.resolve(config["factory"])(config["task"])
+        self.model = self.task.model.to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.controller = Controller(
+            cfg["delta"], cfg["window"], cfg["windows"], cfg["K_min"], cfg["K_max"], cfg["norm"], cfg["tau"])
+        self.generator = torch.Generator().manual_seed(cfg["seed"])
+        torch.manual_seed(cfg["seed"])
+        self.epoch, self.K, self.best = 0, cfg["K"], math.inf
+        self.next_update, self.history, self.record = cfg["update_every"], [], {}
+        if resume:
+            self._resume()
+        else:
+            if (self.out / "checkpoint-last.pt").exists():
+                raise InputError(f"{self.out} already holds a run: pass --resume to continue it, or another --out")
+            (self.out / "config.json").write_text(json.dumps(config, indent=1))
+            (self.out / "metrics.jsonl").write_text("")
+
+    # --- resume -----------------------------------------------------------
+    def _resume(self):
+        ckpt = checkpoint.load(self.out / "checkpoint-last.pt")
+        saved = {**ckpt["config"], "train": {**ckpt["config"]["train"], "epochs": self.config["train"]["epochs"]}}
+        if saved != self.config:
+            raise InputError(f"{self.out} was trained with another config ({_first_difference(saved, self.config)}); "
+                             "resume with the same options, or train into another --out")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.generator.set_state(ckpt["rng"]["controller"])
+        if ckpt["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.epoch, self.K, self.best = ckpt["epoch"], ckpt["K"], ckpt["best_valid"]
+        self.next_update, self.history, self.record = ckpt["next_update"], ckpt["K_history"], ckpt["record"]
+        lines = (self.out / "metrics.jsonl").read_text().splitlines()[: self.epoch]
+        (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+    def _save(self, name: str):
+        checkpoint.save(
+            self.out / name, factory=self.config["factory"], config=self.config, model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(), epoch=self.epoch, K=self.K, best_valid=self.best,
+            next_update=self.next_update, K_history=self.history, record=self.record,
+            rng={"torch": torch.get_rng_state(), "controller": self.generator.get_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None})
+
+    # --- training ---------------------------------------------------------
+    def _update(self, progress: float):
+        """Measure the bias; when adaptive, set K = κ̂(δ)."""
+        x, y = self.task.splits["train"]
+        self.record = self.controller.measure(self.model, x, y, self.K, self.generator)
+        self.record["progress"] = progress
+        if self.controller.delta is not None:
+            self.K = self.record["K"]
+            self.history.append({"progress": progress, **_clean(self.record)})
+
+    def _train_epoch(self) -> dict:
+        cfg = self.config["train"]
+        x, y = self.task.splits["train"]
+        S = cfg["batch_size"]
+        stream = Stream(batchify(x, S).to(self.device), batchify(y, S).to(self.device))
+        adaptive = cfg["delta"] is not None
+        total_loss, positions, began = 0.0, 0, time.perf_counter()
+        bar = tqdm(total=stream.length, disable=self.quiet, unit="pos", leave=False, mininterval=1.0,
+                   desc=f"epoch {self.epoch + 1}/{cfg['epochs']}")
+        while not stream.done:
+            progress = self.epoch + stream.pos / stream.length
+            if adaptive and stream.pos > 0 and progress >= self.next_update - 1e-9:  # mid-epoch updates
+                self._update(progress)
+                self.next_update += cfg["update_every"]
+            K1, K2 = truncation(cfg, self.K)
+            lr = cfg["lr"] * lr_factor(cfg, progress) * (math.sqrt(K2) if cfg["scale_lr"] else 1.0)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, n = stream.window_loss(self.model, K1, K2)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg["clip"]:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip"])
+            self.optimizer.step()
+            total_loss += loss.item() * n
+            positions += n
+            bar.update(n)
+            bar.set_postfix(loss=f"{total_loss / positions:.3f}", K=self.K,
+                            tok_s=f"{positions * S / (time.perf_counter() - began):.0f}")
+        bar.close()
+        seconds = time.perf_counter() - began
+        return {"train_loss": total_loss / positions, "lr": lr, "seconds": seconds,
+                "tokens_per_s": positions * S / seconds}
+
+    def fit(self) -> list[dict]:
+        cfg = self.config["train"]
+        metric = self.task.metric.lower()
+        while self.epoch < cfg["epochs"]:
+            K_used = self.K
+            line = self._train_epoch()
+            self.epoch += 1
+            if cfg["delta"] is None or self.epoch >= self.next_update - 1e-9:
+                self._update(float(self.epoch))  # fixed K: measure only, for the log
+                if cfg["delta"] is not None:
+                    self.next_update += cfg["update_every"]
+            losses = {name: evaluate(self.model, *self.task.splits[name], cfg["batch_size"])
+                      for name in ("valid", "test")}
+            K1, K2 = truncation(cfg, K_used)
+            line = {"epoch": self.epoch, **line, "K": K_used, "K1": K1, "K2": K2,
+                    f"train_{metric}": self.task.score(line["train_loss"]),
+                    **{f"{n}_loss": v for n, v in losses.items()},
+                    **{f"{n}_{metric}": self.task.score(v) for n, v in losses.items()},
+                    **{k: v for k, v in self.record.items() if k != "K"}, "next_K": self.K}
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(_clean(line)) + "\n")
+            if losses["valid"] < self.best:
+                self.best = losses["valid"]
+                self._save("checkpoint-best.pt")
+            self._save("checkpoint-last.pt")
+            if not self.quiet:
+                tqdm.write(f"epoch {self.epoch}: train {line['train_loss']:.4f}  valid {metric} "
+                           f"{line[f'valid_{metric}']:.4f}  test {metric} {line[f'test_{metric}']:.4f}  "
+                           f"K {K_used}  rel.bias {line.get('rel_bias_exact', float('nan')):.3g}  "
+                           f"{line['tokens_per_s']:.0f} tok/s")
+        return read_metrics(self.out)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _first_difference(a: dict, b: dict, prefix="") -> str:
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+                return _first_difference(a[key], b[key], f"{prefix}{key}.")
+            return f"{prefix}{key}: {a.get(key)!r} then, {b.get(key)!r} now"
+    return "none"

@@ -1,0 +1,33 @@
+"""Tasks: the data, the model and the metric of one experiment, rebuilt from a config.
+
+Each task module has ``build(config) -> Task``; its import path is what a
+checkpoint names, so ``biaskit analyze`` can rebuild model and data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Task:
+    """One experiment: model, the three splits as streams, and how to score a mean loss.
+
+    ``splits[name] = (inputs, targets)``, each a stream with time first
+    (tokens: shape (N,)); the model maps (streams, time, ...) inputs and a
+    carried state to outputs and the next state, and ``model.loss`` gives the
+    per-position loss.
+    """
+
+    name: str
+    model: nn.Module
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    metric: str
+    score: Callable[[float], float]
+
+
+def perplexity(mean_loss: float) -> float:
+    return float(torch.tensor(mean_loss).exp())

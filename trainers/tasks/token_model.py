@@ -1,0 +1,37 @@
+"""Embedding → LSTM → linear over tokens: the copy task's and the language model's network."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import biaskit
+
+
+class TokenLSTM(nn.Module):
+    """Next-token model; ``forward`` runs the fused ``nn.LSTM`` over a whole chunk."""
+
+    def __init__(self, vocab: int, embedding: int, hidden: int, layers: int, dropout: float = 0.0,
+                 tie_weights: bool = False):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embedding)
+        self.lstm = nn.LSTM(embedding, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, vocab)
+        if tie_weights:
+            if embedding != hidden:
+                raise biaskit.InputError(f"tied weights need embedding size = hidden size ({embedding} != {hidden})")
+            self.head.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor, state=None):
+        out, state = self.lstm(self.drop(self.embedding(tokens)), state)
+        return self.head(self.drop(out)), state
+
+    @staticmethod
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-position cross-entropy, shaped like ``targets``."""
+        return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
+
+    def system(self) -> biaskit.RecurrentSystem:
+        """The recurrence as biaskit sees it: embedding → LSTM step, loss at the last step."""
+        return biaskit.wrap(self.lstm, readout=self.head, loss_fn=nn.CrossEntropyLoss(reduction="none"),
+                            encoder=self.embedding)
