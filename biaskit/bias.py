@@ -1,0 +1,164 @@
+"""The paper's bias bounds Ê(K), Δ̂(K), κ̂(δ) from a decay fit, and their calibration.
+
+Under A-1 the mean norm past τ is at most ``φ̄_τ β^{k−τ}``, so the tail of the
+truncated lags sums to (Eq. 23, with the paper's two cases K < τ and K ≥ τ
+written as one):
+
+    Ê(K) = M̂ · [ Σ_{k=K+1}^{τ−1} φ̄_k  +  φ̄_τ β̂^{max(K+1−τ, 0)} / (1 − β̂) ]
+
+(infinite when β̂ ≥ 1).  ``M̂`` bounds ``||∂H/∂θ||``; it is not estimated here
+(M̂ = 1), so for ``phi`` Ê is in multiples of M, while ``psi`` and
+``phi_mahalanobis`` already carry ``∂H/∂θ`` and are in gradient units.
+
+The relative bound (Eq. 24) divides by a lower bound on ``||g||``: the
+triangle inequality gives ``||g|| ≥ ||ĝ_K|| − E(K)`` for every K.  The paper's
+simplifying assumption avoids M̂: ``||ĝ_K|| ≈ M̂ Σ_{k≤K} φ̄_k``, so M̂ is the
+same factor in numerator and denominator and cancels:
+
+    Δ̂(K) = Ê(K) / max_{K'<R} ( Σ_{k=0}^{K'} φ̄_k − Ê(K') )
+
+(infinite when the denominator is not positive), and (Eq. 25)
+``κ̂(δ) = min{K_min ≤ K ≤ K_max : Δ̂(K) < δ}``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from .decay import DecayFit, norm_table
+from .errors import InputError
+
+ASSUMPTION = (
+    "||g_K|| ~ M * sum_{k<=K} mean norm_k (Aicher et al. 2019, Sec. 4): the Jacobian scale M "
+    "is common to the bias and the gradient and cancels in the relative bound"
+)
+UNITS = {
+    "phi": "multiples of M = sup ||dH/dtheta|| (M is not estimated)",
+    "phi_mahalanobis": "parameter-gradient norm (the metric carries dH/dtheta)",
+    "psi": "parameter-gradient norm (psi carries dH/dtheta)",
+}
+
+
+def abs_bound(mean: np.ndarray, beta: float, tau: int, K: np.ndarray) -> np.ndarray:
+    """Ê(K) of Eq. 23 with M̂ = 1, for lag means ``mean`` (R,) and truncations ``K``."""
+    K = np.asarray(K, dtype=np.int64)
+    if beta >= 1:
+        return np.full(K.shape, np.inf)
+    before_tau = np.concatenate([[0.0], np.cumsum(mean[:tau])])  # before_tau[j] = Σ_{k<j} φ̄_k
+    head = before_tau[tau] - before_tau[np.minimum(K + 1, tau)]
+    tail = mean[tau] * beta ** np.maximum(K + 1 - tau, 0) / (1 - beta)
+    return head + tail
+
+
+def rel_bound(mean: np.ndarray, beta: float, tau: int, K: np.ndarray) -> np.ndarray:
+    """Δ̂(K) of Eq. 24 under the simplifying assumption (see the module docstring)."""
+    every_K = np.arange(mean.size)
+    grad_lower = np.max(np.cumsum(mean) - abs_bound(mean, beta, tau, every_K))
+    bound = abs_bound(mean, beta, tau, K)
+    if not grad_lower > 0:
+        return np.full(bound.shape, np.inf)
+    return bound / grad_lower
+
+
+def _first_below(values: np.ndarray, K: np.ndarray, deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each δ: the smallest K with ``values < δ`` and 1, or max(K) and 0 if none."""
+    below = values[None, :] < deltas[:, None]
+    reached = below.any(axis=1)
+    kappa = np.where(reached, K[np.argmax(below, axis=1)], K.max())
+    return kappa.astype(np.int64), reached.astype(np.int8)
+
+
+def bias_bound(ds: xr.Dataset, fit: DecayFit, deltas, K_range=None) -> xr.Dataset:
+    """Ê(K), Δ̂(K) for K in ``K_range = (K_min, K_max)`` and κ̂(δ) for each δ in ``deltas``.
+
+    ``K_range`` is inclusive (Algorithm 1's [K_min, K_max]; default (0, R−1)).
+    ``kappa`` is clipped to it: ``kappa_reached`` is 0 where no K in the range
+    brings Δ̂ below δ, and κ̂ is then K_max.  K past the window (K ≥ R) is
+    allowed: Ê extrapolates the geometric tail.
+    """
+    mean = norm_table(ds, fit.norm).mean(axis=0)
+    if fit.tau >= mean.size:
+        raise InputError(f"the fit's tau={fit.tau} is outside this Dataset's window of {mean.size} lags")
+    K = _truncations((0, mean.size - 1) if K_range is None else K_range)
+    deltas = _check_deltas(deltas)
+    relative = rel_bound(mean, fit.beta, fit.tau, K)
+    kappa, reached = _first_below(relative, K, deltas)
+    out = xr.Dataset(
+        {
+            "abs_bias_bound": ("K", abs_bound(mean, fit.beta, fit.tau, K)),
+            "rel_bias_bound": ("K", relative),
+            "kappa": ("delta", kappa),
+            "kappa_reached": ("delta", reached),
+        },
+        coords={"K": K, "delta": deltas},
+        attrs={
+            **fit.to_attrs(),
+            "window_length": int(mean.size),
+            "abs_bias_bound_units": UNITS[fit.norm],
+            "simplifying_assumption": ASSUMPTION,
+        },
+    )
+    out["abs_bias_bound"].attrs["long_name"] = "E_hat(K), Eq. 23 with M_hat = 1"
+    out["rel_bias_bound"].attrs["long_name"] = "Delta_hat(K), Eq. 24"
+    out["kappa"].attrs["long_name"] = "kappa_hat(delta) = min{K_min <= K <= K_max : Delta_hat(K) < delta}, Eq. 25"
+    out["kappa_reached"].attrs["long_name"] = "1 if some K in [K_min, K_max] has Delta_hat(K) < delta, else 0"
+    return out
+
+
+def calibration(ds: xr.Dataset, bound: xr.Dataset) -> xr.Dataset:
+    """Δ̂(K) of ``bound`` against the exact relative bias of ``ds`` on their common K.
+
+    ``holds`` (K) is 1 where Δ̂(K) ≥ the exact bias; ``ratio`` is Δ̂/exact (NaN
+    where the exact bias is 0); ``fraction_holds`` and ``median_ratio`` (over
+    finite ratios) summarise them; ``kappa_exact`` (δ) is the smallest common K
+    whose exact relative bias is below δ, beside the estimated ``kappa``.
+    """
+    if "rel_bias" not in ds:
+        raise InputError("the Dataset has no exact 'rel_bias': pass the output of biaskit.decompose")
+    for name in ("rel_bias_bound", "kappa"):
+        if name not in bound:
+            raise InputError(f"bound has no {name!r}: pass the output of biaskit.bias_bound")
+    K = np.intersect1d(bound.K.values, ds.K.values)
+    if K.size == 0:
+        raise InputError("bound and ds share no K: compute the bound over K in 0..R-1")
+    exact = ds.rel_bias.sel(K=K).values.astype(np.float64)
+    estimate = bound.rel_bias_bound.sel(K=K).values
+    holds = estimate >= exact
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(exact > 0, estimate / exact, np.nan)
+    finite = ratio[np.isfinite(ratio)]
+    deltas = bound.delta.values
+    kappa_exact, exact_reached = _first_below(exact, K, deltas)
+    return xr.Dataset(
+        {
+            "rel_bias": ("K", exact),
+            "rel_bias_bound": ("K", estimate),
+            "holds": ("K", holds.astype(np.int8)),
+            "ratio": ("K", ratio),
+            "fraction_holds": ((), float(holds.mean())),
+            "median_ratio": ((), float(np.median(finite)) if finite.size else np.nan),
+            "kappa": ("delta", bound.kappa.values),
+            "kappa_exact": ("delta", kappa_exact),
+            "kappa_exact_reached": ("delta", exact_reached),
+        },
+        coords={"K": K, "delta": deltas},
+        attrs=dict(bound.attrs),
+    )
+
+
+def _check_deltas(deltas) -> np.ndarray:
+    deltas = np.atleast_1d(np.asarray(deltas, dtype=np.float64))
+    if deltas.ndim != 1 or deltas.size == 0 or not ((deltas > 0) & (deltas < 1)).all():
+        raise InputError(f"deltas must be relative biases in (0, 1), e.g. [0.1, 0.01]; got {deltas.tolist()}")
+    return deltas
+
+
+def _truncations(K_range) -> np.ndarray:
+    """K_min..K_max (inclusive) from the pair ``K_range``, checked."""
+    pair = np.asarray(K_range)
+    if pair.shape != (2,) or not np.issubdtype(pair.dtype, np.integer) or (pair < 0).any():
+        raise InputError(f"K_range must be a pair (K_min, K_max) of non-negative ints, got {K_range!r}")
+    K_min, K_max = (int(k) for k in pair)
+    if K_min > K_max:
+        raise InputError(f"K_range ({K_min}, {K_max}) is empty: K_min must not exceed K_max")
+    return np.arange(K_min, K_max + 1)

@@ -1,0 +1,202 @@
+"""bias_bound and calibration against closed forms and direct evaluation of Eq. 23-25."""
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+import biaskit
+from biaskit import report
+from biaskit.bias import bias_bound, calibration
+from biaskit.decay import fit_decay
+from biaskit.errors import InputError
+
+
+class LinearCell(nn.Module):
+    """h_t = W h_{t-1} + U x_t, so ∂L/∂h_{s-k} = (Wᵀ)^k ∂L/∂h_s exactly."""
+
+    def __init__(self, W, U):
+        super().__init__()
+        self.W = nn.Parameter(W)
+        self.U = nn.Parameter(U)
+
+    def initial_state(self, batch_size):
+        return self.W.new_zeros(batch_size, self.W.shape[0])
+
+    def forward(self, x, h):
+        return h @ self.W.T + x @ self.U.T
+
+
+def nilpotent_rnn(k=4, features=3, batch=16, R=20, seed=0):
+    """W is the k×k shift matrix, W^k = 0: nothing before lag k reaches the loss."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.diag(torch.ones(k - 1, dtype=torch.float64), diagonal=1)
+    cell = LinearCell(W, torch.randn(k, features, generator=g, dtype=torch.float64))
+    system = biaskit.wrap(cell, nn.Linear(k, 2).double(), nn.CrossEntropyLoss(reduction="none"))
+    x = torch.randn(batch, R, features, generator=g, dtype=torch.float64)
+    return biaskit.decompose(system, x, torch.randint(0, 2, (batch,), generator=g), psi=False)
+
+
+@pytest.fixture(scope="module")
+def lstm_ds():
+    torch.manual_seed(0)
+    system = biaskit.wrap(
+        nn.LSTM(3, 8, 1, batch_first=True), nn.Linear(8, 2), nn.CrossEntropyLoss(reduction="none")
+    )
+    return biaskit.decompose(system, torch.randn(16, 40, 3), torch.randint(0, 2, (16,)), psi=False)
+
+
+def table_dataset(table):
+    return xr.Dataset({"phi": (("sample", "lag"), np.asarray(table, dtype=np.float64))})
+
+
+def geometric_table(seed=0, beta=0.7, n=32, R=30):
+    rng = np.random.default_rng(seed)
+    return table_dataset(beta ** np.arange(R) * rng.lognormal(0, 0.4, (n, R)))
+
+
+def direct_abs_bound(mean, beta, tau, K, horizon=20_000):
+    """Σ_{k>K} of φ̄_k before τ and φ̄_τ β^{k−τ} from τ on, summed term by term (Eq. 23, M̂ = 1)."""
+    total = 0.0
+    for k in range(K + 1, horizon):
+        total += mean[k] if k < tau else mean[tau] * beta ** (k - tau)
+    return total
+
+
+# --- closed-form systems -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"tau": "auto"}, {"method": "max"}])
+def test_nilpotent_rnn_norm_vanishes_past_k_and_kappa_is_at_most_k(kwargs):
+    k = 4
+    ds = nilpotent_rnn(k)
+    phi = ds.phi.values
+    assert (phi[:, k:] == 0).all()
+    assert (phi[:, :k].mean(axis=0) > 0).all()
+    assert (ds.rel_bias.values[k - 1:] == 0).all()  # no lag past k-1 contributes
+
+    fit = fit_decay(ds, **kwargs)
+    assert fit.beta == 0.0 and fit.decays
+    deltas = [0.5, 0.1, 1e-3, 1e-9]
+    bound = bias_bound(ds, fit, deltas)
+    assert (bound.kappa.values <= k).all()
+    assert bound.kappa_reached.values.all()
+    assert (bound.abs_bias_bound.sel(K=slice(k - 1, None)) == 0).all()
+
+
+# --- Eq. 23-25 against direct evaluation ------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0, 7, 28])
+def test_bounds_match_direct_evaluation_of_eq_23_and_24(tau):
+    ds = geometric_table(1)
+    fit = fit_decay(ds, tau=tau)
+    mean = ds.phi.values.mean(axis=0)
+    bound = bias_bound(ds, fit, [0.1], (0, 45))  # K ≥ 30 is past the window: the tail extrapolates
+    np.testing.assert_array_equal(bound.K, np.arange(46))
+
+    expected_abs = [direct_abs_bound(mean, fit.beta, tau, K) for K in range(46)]
+    np.testing.assert_allclose(bound.abs_bias_bound, expected_abs, rtol=1e-10)
+
+    # ||g|| / M ≥ max over K' of (Σ_{k≤K'} φ̄_k − Ê(K')): the simplifying assumption of Eq. 24.
+    grad_lower = max(mean[: K + 1].sum() - direct_abs_bound(mean, fit.beta, tau, K) for K in range(30))
+    np.testing.assert_allclose(bound.rel_bias_bound, np.array(expected_abs) / grad_lower, rtol=1e-10)
+    assert bound.attrs["tau"] == tau and bound.attrs["beta"] == fit.beta
+
+
+def test_no_decay_means_no_finite_bound():
+    table = 1.05 ** np.arange(20) * np.random.default_rng(2).lognormal(0, 0.1, (16, 20))
+    ds = table_dataset(table)
+    fit = fit_decay(ds, tau=0)
+    assert fit.beta > 1 and not fit.decays
+    bound = bias_bound(ds, fit, [0.1, 0.5], (5, 14))
+    assert np.isinf(bound.abs_bias_bound).all() and np.isinf(bound.rel_bias_bound).all()
+    np.testing.assert_array_equal(bound.kappa, [14, 14])  # clipped to the largest K in range
+    np.testing.assert_array_equal(bound.kappa_reached, [0, 0])
+
+
+def test_kappa_is_the_smallest_K_below_delta_and_monotone_in_delta():
+    ds = geometric_table(3)
+    fit = fit_decay(ds, tau=10)
+    deltas = np.logspace(-12, -0.01, 60)
+    K_range = np.arange(2, 40)
+    bound = bias_bound(ds, fit, deltas, (2, 39))
+    np.testing.assert_array_equal(bound.K, K_range)
+    relative = bound.rel_bias_bound.values
+    for delta, kappa, reached in zip(deltas, bound.kappa.values, bound.kappa_reached.values):
+        below = [K for K, r in zip(K_range, relative) if r < delta]
+        assert kappa == (below[0] if below else K_range[-1])
+        assert reached == int(bool(below))
+    assert (np.diff(bound.kappa.values) <= 0).all()  # a looser tolerance never needs a longer K
+    assert not bound.kappa_reached.values[0]  # δ = 1e-12 is out of reach within K < 40
+
+
+# --- calibration against the exact bias ----------------------------------------
+
+
+def test_calibration_against_the_exact_relative_bias(lstm_ds):
+    fit = fit_decay(lstm_ds)
+    deltas = [0.5, 0.1, 0.01, 1e-4]
+    bound = bias_bound(lstm_ds, fit, deltas, (0, 59))
+    cal = calibration(lstm_ds, bound)
+
+    np.testing.assert_array_equal(cal.K, np.arange(40))  # the exact bias exists only inside the window
+    exact = lstm_ds.rel_bias.values
+    estimate = bound.rel_bias_bound.values[:40]
+    np.testing.assert_array_equal(cal.holds, estimate >= exact)
+    assert float(cal.fraction_holds) == pytest.approx(np.mean(estimate >= exact))
+    positive = exact > 0
+    assert float(cal.median_ratio) == pytest.approx(np.median(estimate[positive] / exact[positive]))
+    assert np.isnan(cal.ratio.values[~positive]).all()
+    for delta, kappa_exact in zip(deltas, cal.kappa_exact.values):
+        assert kappa_exact == min(K for K in range(40) if exact[K] < delta)
+    np.testing.assert_array_equal(cal.kappa, bound.kappa)
+
+
+def test_results_round_trip_through_netcdf(lstm_ds, tmp_path):
+    fit = fit_decay(lstm_ds, method="max", tau="auto")
+    bound = bias_bound(lstm_ds, fit, [0.1, 0.01])
+    cal = calibration(lstm_ds, bound)
+    for name, ds in [("bound", bound), ("calibration", cal)]:
+        back = report.load(report.save(ds, tmp_path / f"{name}.nc"))
+        xr.testing.assert_identical(back, ds)
+        assert all(isinstance(v, (str, int, float, np.integer, np.floating)) for v in back.attrs.values())
+
+
+def test_plot_bias_draws_exact_and_bound(lstm_ds):
+    fit = fit_decay(lstm_ds)
+    bound = bias_bound(lstm_ds, fit, [0.1, 0.01])
+    fig = report.plot_bias(lstm_ds, bound)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    np.testing.assert_allclose(lines["exact δ(K)"].get_ydata(), lstm_ds.rel_bias)
+    np.testing.assert_allclose(lines["bound Δ̂(K)"].get_ydata(), bound.rel_bias_bound)
+
+
+# --- bad input -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "deltas, K_range, message",
+    [
+        ([0.1], (5, 2), "K_range \\(5, 2\\) is empty"),
+        ([0.1], (-1, 2), "pair \\(K_min, K_max\\)"),
+        ([0.1], (0.5, 2.0), "pair \\(K_min, K_max\\)"),
+        ([0.1], [1, 2, 3], "pair \\(K_min, K_max\\)"),
+        ([0.0], None, "in \\(0, 1\\)"),
+        ([1.5], None, "in \\(0, 1\\)"),
+        ([], None, "in \\(0, 1\\)"),
+    ],
+)
+def test_bad_input_says_what_to_fix(deltas, K_range, message):
+    ds = geometric_table()
+    with pytest.raises(InputError, match=message):
+        bias_bound(ds, fit_decay(ds), deltas, K_range)
+
+
+def test_calibration_needs_the_exact_bias():
+    ds = geometric_table()
+    bound = bias_bound(ds, fit_decay(ds), [0.1])
+    with pytest.raises(InputError, match="rel_bias"):
+        calibration(ds, bound)

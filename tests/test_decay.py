@@ -1,0 +1,286 @@
+"""fit_decay against systems whose decay rate is known in closed form."""
+import numpy as np
+import pytest
+import statsmodels.api as sm
+import torch
+import xarray as xr
+from scipy import stats
+from torch import nn
+
+import biaskit
+from biaskit import report
+from biaskit.decay import fit_decay
+from biaskit.errors import InputError
+
+
+class LinearCell(nn.Module):
+    """h_t = W h_{t-1} + U x_t, so ∂L/∂h_{s-k} = (Wᵀ)^k ∂L/∂h_s exactly."""
+
+    def __init__(self, W, U):
+        super().__init__()
+        self.W = nn.Parameter(W)
+        self.U = nn.Parameter(U)
+
+    def initial_state(self, batch_size):
+        return self.W.new_zeros(batch_size, self.W.shape[0])
+
+    def forward(self, x, h):
+        return h @ self.W.T + x @ self.U.T
+
+
+class ResettingCell(nn.Module):
+    """h_t = a(x_t) h_{t-1} + u x_t with gain a = 1.5 if x_t > 0 (keep) else 0.3 (reset)."""
+
+    KEEP, RESET = 1.5, 0.3
+
+    def __init__(self):
+        super().__init__()
+        self.u = nn.Parameter(torch.ones(1, 1, dtype=torch.float64))
+
+    def initial_state(self, batch_size):
+        return torch.zeros(batch_size, 1, dtype=torch.float64)
+
+    def forward(self, x, h):
+        gain = torch.where(x[:, :1] > 0, torch.full_like(h, self.KEEP), torch.full_like(h, self.RESET))
+        return gain * h + x @ self.u.T
+
+
+def orthogonal_rnn(beta, n=6, features=3, batch=16, R=30, seed=0):
+    """decompose of h_t = β Q h_{t-1} + U x_t with Q orthogonal: φ_k = β^k φ_0 for every sample."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    cell = LinearCell(beta * Q, torch.randn(n, features, generator=g, dtype=torch.float64))
+    system = biaskit.wrap(cell, nn.Linear(n, 2).double(), nn.CrossEntropyLoss(reduction="none"))
+    x = torch.randn(batch, R, features, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (batch,), generator=g)
+    return biaskit.decompose(system, x, y, psi=False)
+
+
+def noisy_geometric_table(seed, beta=0.9, n=64, R=50, sigma=0.5):
+    """φ_{s,k} = β^k c_s ε_{s,k}, c_s ~ U(0.5, 1.5), ε lognormal with mean 1, all independent.
+
+    The truth is known by construction: E φ_k = E c · E ε · β^k = β^k, so the
+    mean norm decays at exactly β, while every lag's sample mean is noisy and
+    the lag means are correlated through the shared per-sample scale c_s.
+    """
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.5, 1.5, (n, 1))
+    noise = rng.lognormal(-sigma**2 / 2, sigma, (n, R))
+    return xr.Dataset({"phi": (("sample", "lag"), beta ** np.arange(R) * scale * noise)})
+
+
+def table_dataset(table):
+    return xr.Dataset({"phi": (("sample", "lag"), np.asarray(table, dtype=np.float64))})
+
+
+# --- closed-form systems -----------------------------------------------------
+
+
+ORTHOGONAL_BETA = 0.8
+
+
+@pytest.fixture(scope="module")
+def orthogonal_ds():
+    return orthogonal_rnn(ORTHOGONAL_BETA)
+
+
+def test_orthogonal_linear_rnn_norms_are_exactly_geometric(orthogonal_ds):
+    phi = orthogonal_ds.phi.values
+    np.testing.assert_allclose(phi, ORTHOGONAL_BETA ** np.arange(phi.shape[1]) * phi[:, :1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"weights": "ols"}, {"tau": 0}, {"method": "max"}, {"tau": "auto"}])
+def test_orthogonal_linear_rnn_fit_recovers_beta(orthogonal_ds, kwargs):
+    beta = ORTHOGONAL_BETA
+    fit = fit_decay(orthogonal_ds, **kwargs)
+    lower, upper = fit.conf_int()
+    assert fit.beta == pytest.approx(beta, abs=1e-10)
+    # No sampling noise: the interval collapses onto the truth, up to float rounding.
+    assert lower - 1e-10 <= beta <= upper + 1e-10
+    assert fit.decays
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"weights": "ols"}, {"method": "max"}])
+def test_interval_covers_true_beta_in_at_least_90_percent_of_50_seeds(kwargs):
+    """The truth is E φ_k ∝ 0.9^k by construction of the table (see noisy_geometric_table)."""
+    beta = 0.9
+    covered = 0
+    for seed in range(50):
+        lower, upper = fit_decay(noisy_geometric_table(seed, beta), **kwargs).conf_int(0.95)
+        covered += lower <= beta <= upper
+    assert covered >= 45
+
+
+def test_unstable_resetting_rnn_decays_in_expectation_not_uniformly():
+    """Gains 1.5 (keep) or 0.3 (reset) with probability 1/2 each: E a = 0.9 < 1 < 1.5.
+
+    The loss is linear in h (L = w·h_s, target 1), so ∂L/∂h_s = w for every
+    sample and φ_{s,k} = |w| · Π of the last k gains: it grows along every
+    path without a reset, yet E φ_k = |w| 0.9^k.
+    """
+    g = torch.Generator().manual_seed(0)
+    batch, R = 256, 30
+    x = torch.randn(batch, R, 1, generator=g, dtype=torch.float64)
+    head = nn.Linear(1, 1).double()
+    system = biaskit.wrap(ResettingCell(), head, lambda out, y: out[:, 0] * y)
+    ds = biaskit.decompose(system, x, torch.ones(batch, dtype=torch.float64), psi=False)
+
+    gains = np.where(x[:, :, 0].numpy() > 0, ResettingCell.KEEP, ResettingCell.RESET)
+    last_first = gains[:, ::-1]  # lag k multiplies the gains of the last k steps
+    expected = abs(head.weight.item()) * np.concatenate(
+        [np.ones((batch, 1)), np.cumprod(last_first[:, : R - 1], axis=1)], axis=1
+    )
+    np.testing.assert_allclose(ds.phi.values, expected, rtol=1e-12)
+    assert (ds.phi.values[:, 1:] > ds.phi.values[:, :1]).any(), "some paths must grow"
+
+    fit = fit_decay(ds, tau=0)
+    assert fit.beta < 1
+    assert fit.decays
+
+
+def test_tau_auto_finds_the_kink_where_geometric_decay_starts():
+    """log E φ_k falls by 0.5 a lag up to lag 20 and by 0.1 after: the window must start near 20."""
+    k = np.arange(100)
+    log_mean = np.where(k < 20, -0.5 * k, -10.0 - 0.1 * (k - 20))
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        table = np.exp(log_mean) * rng.uniform(0.5, 1.5, (64, 1)) * rng.lognormal(-0.045, 0.3, (64, 100))
+        fit = fit_decay(table_dataset(table), tau="auto")
+        assert 16 <= fit.tau <= 24
+        lower, upper = fit.conf_int()
+        assert lower <= np.exp(-0.1) <= upper
+
+
+# --- the estimators against direct numpy ------------------------------------
+
+
+@pytest.mark.parametrize("weights", ["wls", "ols"])
+def test_regression_matches_numpy_slope_and_delta_method_interval(weights):
+    ds = noisy_geometric_table(3, R=40)
+    tau = 30
+    fit = fit_decay(ds, tau=tau, weights=weights, level=0.9)
+
+    table = ds.phi.values[:, tau:]
+    n, L = table.shape
+    mean = table.mean(axis=0)
+    x = np.arange(L, dtype=float)
+    w = n * mean**2 / table.var(axis=0, ddof=1) if weights == "wls" else np.ones(L)
+    slope, intercept = np.polyfit(x, np.log(mean), 1, w=np.sqrt(w))
+    assert fit.beta == pytest.approx(np.exp(slope), rel=1e-10)
+
+    # Delta method: slope = a·log φ̄ with a the WLS slope row; its influence per sample is a·(φ_s/φ̄ − 1).
+    X = np.column_stack([np.ones(L), x])
+    a = np.linalg.solve(X.T @ (w[:, None] * X), X.T * w)[1]
+    influence = (table / mean - 1) @ a
+    correction = n / (n - 1) * (n * L - 1) / (n * L - 2)  # statsmodels' small-sample factor
+    se = np.sqrt(correction * np.sum(influence**2)) / n
+    half = stats.t.ppf(0.95, n - 1) * se
+    np.testing.assert_allclose(fit.conf_int(), np.exp([slope - half, slope + half]), rtol=1e-10)
+
+    band = fit.band([tau, tau + 5, 45])
+    np.testing.assert_allclose(band["mean"], np.exp(intercept + slope * np.array([0, 5, 15])), rtol=1e-10)
+    assert (band.lower < band["mean"]).all() and (band["mean"] < band.upper).all()
+
+
+def test_clustered_covariance_is_statsmodels_cluster_sandwich():
+    """The band's width at each lag is the t interval of x·params under the clustered covariance."""
+    ds = noisy_geometric_table(4, R=30)
+    fit = fit_decay(ds, tau=20, weights="ols")
+    table = ds.phi.values[:, 20:]
+    n, L = table.shape
+    mean = table.mean(axis=0)
+    pseudo = np.log(mean) + table / mean - 1
+    X = np.tile(np.column_stack([np.ones(L), np.arange(L)]), (n, 1))
+    reference = sm.OLS(pseudo.ravel(), X).fit(cov_type="cluster", cov_kwds={"groups": np.repeat(np.arange(n), L)})
+    lags = np.array([20, 25, 29])
+    design = np.column_stack([np.ones(3), lags - 20])
+    se = np.sqrt(np.einsum("ij,jk,ik->i", design, reference.cov_params(), design))
+    q = stats.t.ppf(0.975, n - 1)
+    band = fit.band(lags)
+    np.testing.assert_allclose(np.log(band.lower), design @ reference.params - q * se, rtol=1e-9)
+    np.testing.assert_allclose(np.log(band.upper), design @ reference.params + q * se, rtol=1e-9)
+
+
+def test_max_ratio_matches_a_direct_loop_and_reflects_its_bootstrap():
+    ds = noisy_geometric_table(5, R=30)
+    tau = 22
+    fit = fit_decay(ds, method="max", tau=tau, n_boot=399, seed=1)
+    mean = ds.phi.values.mean(axis=0)
+    rates = [(mean[k] / mean[tau]) ** (1 / (k - tau)) for k in range(tau + 1, 30)]
+    assert fit.beta == pytest.approx(max(rates), rel=1e-12)
+
+    draws = np.sort(fit.boot_log_beta)
+    assert draws.size == 399
+    lower_q, upper_q = draws[9], draws[389]  # the 2.5% and 97.5% points: ceil(p · 399) − 1
+    expected = np.exp([2 * np.log(fit.beta) - upper_q, 2 * np.log(fit.beta) - lower_q])
+    np.testing.assert_allclose(fit.conf_int(), expected, rtol=1e-12)
+
+
+def test_zero_norms_are_left_out_of_the_log_fit():
+    table = noisy_geometric_table(6, R=20).phi.values
+    table[:, 15:] = 0.0  # the norm vanishes past lag 14
+    ds = table_dataset(table)
+
+    vanished = fit_decay(ds)  # default tau = 18: nothing left to decay
+    assert vanished.beta == 0.0 and vanished.decays
+    np.testing.assert_array_equal(vanished.conf_int(), [0.0, 0.0])
+
+    mixed = fit_decay(ds, tau=10)  # lags 10..14 positive, 15..19 zero
+    positive_only = fit_decay(table_dataset(table[:, :15]), tau=10)
+    assert mixed.beta == pytest.approx(positive_only.beta, rel=1e-12)
+    np.testing.assert_allclose(mixed.conf_int(), positive_only.conf_int(), rtol=1e-12)
+    np.testing.assert_array_equal(mixed.fit_lags, np.arange(10, 15))
+
+
+# --- results object ----------------------------------------------------------
+
+
+def test_results_object_summary_attrs_and_default_tau():
+    ds = noisy_geometric_table(7, R=50)
+    fit = fit_decay(ds)
+    assert fit.tau == 45 and fit.tau_rule == "default 0.9R"
+    lower, upper = fit.conf_int()
+    assert lower < fit.beta < upper
+    narrow = fit.conf_int(0.5)
+    assert lower < narrow[0] < fit.beta < narrow[1] < upper
+    attrs = fit.to_attrs()
+    assert all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in attrs.values())
+    assert attrs["beta"] == fit.beta and attrs["decays"] == int(upper < 1)
+    text = str(fit.summary())
+    assert f"{fit.beta:.6g}" in text and "wls" in text and "45" in text
+
+
+def test_plot_decay_draws_the_mean_fit_and_tau():
+    ds = noisy_geometric_table(8, n=16, R=30)
+    fit = fit_decay(ds)
+    fig = report.plot_decay(ds, fit)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    np.testing.assert_allclose(lines["mean phi"].get_ydata(), ds.phi.mean("sample"))
+    fitted = next(line for label, line in lines.items() if label.startswith("regression fit"))
+    np.testing.assert_allclose(fitted.get_ydata(), fit.band(np.arange(fit.tau, 30))["mean"])
+    assert lines[f"τ = {fit.tau}"].get_xdata()[0] == fit.tau
+    assert len(ax.get_lines()) == 16 + 3  # per-sample lines, mean, fit, tau
+
+
+# --- bad input -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"norm": "grad"}, "unknown norm"),
+        ({"norm": "psi"}, "psi=True"),
+        ({"method": "ols"}, "unknown method"),
+        ({"weights": "gls"}, "unknown weights"),
+        ({"tau": -1}, "outside the window"),
+        ({"tau": 19}, "outside the window"),
+        ({"tau": 2.5}, "tau must be"),
+        ({"tau": "late"}, "tau must be"),
+        ({"level": 1.5}, "level must be"),
+    ],
+)
+def test_bad_input_says_what_to_fix(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        fit_decay(noisy_geometric_table(0, R=20), **kwargs)
