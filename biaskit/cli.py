@@ -175,6 +175,22 @@ def train_copy(m, variable, m_min, m_max, train_tokens, valid_tokens, test_token
     _train("copy", task, opts)
 
 
+@train.command("language")
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="PTB, WikiText-2 or train/valid/test.txt folder (default: the embedded corpus).")
+@click.option("--embedding", type=click.IntRange(1), help="Embedding size (default 200; paper 900 PTB, 512 WT2).")
+@click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 200).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))
+@click.option("--tie-weights", is_flag=True, default=None, help="Share the embedding and output weights.")
+@_with(TRAIN_OPTIONS)
+def train_language(data_dir, embedding, hidden, dropout, tie_weights, **opts):
+    """Word-level language modelling (paper Sec. 5.2)."""
+    task = {k: v for k, v in dict(data_dir=None if data_dir is None else str(Path(data_dir).resolve()),
+                                  embedding=embedding, hidden=hidden, dropout=dropout,
+                                  tie_weights=tie_weights).items() if v is not None}
+    _train("language", task, opts)
+
+
 def main(argv=None):
     """Entry point: click's own errors and InputError become one line and exit 2."""
     try:

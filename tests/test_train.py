@@ -45,7 +45,7 @@ def test_run_directory_holds_config_metrics_and_self_describing_checkpoints(tmp_
     assert [h["K"] for h in ckpt["K_history"]] == [line["next_K"] for line in lines]
     task = checkpoint.resolve(ckpt["factory"])(ckpt["config"]["task"])
     task.model.load_state_dict(ckpt["model"])
-    valid = loop.evaluate(task.model, *task.splits["valid"], cfg["train"]["batch_size"])
+    valid, _ = loop.evaluate(task.model, *task.splits["valid"], cfg["train"]["batch_size"])
     assert valid == pytest.approx(lines[-1]["valid_loss"], rel=1e-6)
     best = min(lines, key=lambda line: line["valid_loss"])
     assert checkpoint.load(tmp_path / "checkpoint-best.pt")["epoch"] == best["epoch"]

@@ -94,17 +94,22 @@ def make_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def evaluate(model, inputs, targets, streams: int) -> float:
-    """Mean per-position loss over a whole split, the state carried across chunks."""
+def evaluate(model, inputs, targets, streams: int, extra=None) -> tuple[float, dict]:
+    """Mean per-position loss over a whole split (the state carried across chunks),
+    and the task's extra metrics of the split."""
     was_training = model.training
     model.eval()
-    x, y = batchify(inputs, streams), batchify(targets, streams)
-    total, state = 0.0, None
+    device = next(model.parameters()).device
+    x, y = batchify(inputs, streams).to(device), batchify(targets, streams).to(device)
+    outputs, state = [], None
     for start in range(0, x.shape[1], EVAL_CHUNK):
         out, state = model(x[:, start:start + EVAL_CHUNK], state)
-        total += model.loss(out, y[:, start:start + EVAL_CHUNK]).sum().item()
+        outputs.append(out)
+    out = torch.cat(outputs, dim=1)
+    loss = model.loss(out, y).mean().item()
+    more = extra(model, out, y) if extra is not None else {}
     model.train(was_training)
-    return total / y.numel()
+    return loss, more
 
 
 def _clean(record: dict) -> dict:
@@ -222,13 +227,15 @@ class Run:
                 self._update(float(self.epoch))  # fixed K: measure only, for the log
                 if cfg["delta"] is not None:
                     self.next_update += cfg["update_every"]
-            losses = {name: evaluate(self.model, *self.task.splits[name], cfg["batch_size"])
-                      for name in ("valid", "test")}
+            evaluated = {name: evaluate(self.model, *self.task.splits[name], cfg["batch_size"], self.task.extra)
+                         for name in ("valid", "test")}
+            losses = {name: loss for name, (loss, _) in evaluated.items()}
             K1, K2 = truncation(cfg, K_used)
             line = {"epoch": self.epoch, **line, "K": K_used, "K1": K1, "K2": K2,
                     f"train_{metric}": self.task.score(line["train_loss"]),
                     **{f"{n}_loss": v for n, v in losses.items()},
                     **{f"{n}_{metric}": self.task.score(v) for n, v in losses.items()},
+                    **{f"{n}_{k}": v for n, (_, more) in evaluated.items() for k, v in more.items()},
                     **{k: v for k, v in self.record.items() if k != "K"}, "next_K": self.K}
             with open(self.out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(_clean(line)) + "\n")

@@ -27,6 +27,9 @@ class Task:
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
     metric: str
     score: Callable[[float], float]
+    #: Optional: more metrics of a split, ``extra(model, outputs, targets) -> {name: value}``,
+    #: from the model's outputs over the whole split (batchified, state carried).
+    extra: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict] | None = None
 
 
 def perplexity(mean_loss: float) -> float:

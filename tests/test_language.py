@@ -1,0 +1,72 @@
+"""The language-modelling task: corpus loaders on fixture files, the embedded corpus, a short run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biaskit import InputError
+from trainers import loop
+from trainers.tasks import language
+
+
+def write(folder, names, texts):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in zip(names, texts):
+        (folder / name).write_text(text)
+    return folder
+
+
+TEXTS = ("the cat sat\nthe dog sat\n", "the cat ran\n\n", "a dog sat\n")
+
+
+@pytest.mark.parametrize("layout", language.LAYOUTS)
+def test_each_layout_loads_with_eos_unk_and_empty_lines(tmp_path, layout):
+    task = language.build({"data_dir": str(write(tmp_path, layout, TEXTS)), "embedding": 4, "hidden": 4})
+    vocab = sorted({"the", "cat", "sat", "dog", "<eos>", "<unk>"})
+    assert task.model.head.out_features == len(vocab)
+
+    def words(split):
+        inputs, targets = task.splits[split]
+        ids = torch.cat([inputs[:1], targets]).tolist()
+        return [vocab[i] for i in ids]
+
+    assert words("train") == "the cat sat <eos> the dog sat <eos>".split()
+    assert words("valid") == "the cat <unk> <eos> <eos>".split()  # "ran" is unseen; the empty line is a lone <eos>
+    assert words("test") == "<unk> dog sat <eos>".split()
+    inputs, targets = task.splits["train"]
+    assert torch.equal(inputs[1:], targets[:-1])  # the target is the next word
+
+
+def test_missing_split_and_empty_folder_are_refused_clearly(tmp_path):
+    write(tmp_path / "ptb", ("ptb.train.txt", "ptb.valid.txt"), TEXTS[:2])
+    with pytest.raises(InputError, match="has ptb.train.txt but not ptb.test.txt"):
+        language.build({"data_dir": str(tmp_path / "ptb")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no corpus"):
+        language.build({"data_dir": str(tmp_path / "empty")})
+    with pytest.raises(InputError, match="is not a folder"):
+        language.build({"data_dir": str(tmp_path / "nope")})
+    write(tmp_path / "blank", ("train.txt", "valid.txt", "test.txt"), ("", "a\n", "b\n"))
+    with pytest.raises(InputError, match="training split is empty"):
+        language.build({"data_dir": str(tmp_path / "blank")})
+
+
+def test_embedded_corpus_is_deterministic_and_split_80_10_10():
+    a, b = language.embedded_corpus(), language.embedded_corpus()
+    assert a == b
+    sizes = {split: len(words) for split, words in a.items()}
+    total = sum(sizes.values())
+    assert total > 100_000
+    assert sizes["train"] / total == pytest.approx(0.8, abs=0.01)
+    assert sizes["valid"] / total == pytest.approx(0.1, abs=0.01)
+    assert "<unk>" in a["train"] and all(w.islower() or not w.isalpha() for w in a["train"][:1000])
+
+
+def test_a_short_language_run_trains(tmp_path):
+    cfg = loop.full_config("trainers.tasks.language:build", {"embedding": 8, "hidden": 8},
+                           {"epochs": 1, "batch_size": 64, "K": 10, "window": 30, "windows": 8, "K_min": 2,
+                            "K_max": 30, "delta": 0.5})
+    lines = loop.Run(cfg, tmp_path, quiet=True).fit()
+    first_loss = torch.log(torch.tensor(float(language.build({}).model.head.out_features))).item()
+    assert lines[0]["valid_loss"] < first_loss  # better than a uniform guess over the vocabulary
+    assert lines[0]["valid_ppl"] == pytest.approx(torch.tensor(lines[0]["valid_loss"]).exp().item(), rel=1e-6)

@@ -1,0 +1,121 @@
+"""Word-level language modelling (paper Sec. 5.2): PTB, WikiText-2, any train/valid/test folder,
+or an embedded corpus that needs no download.
+
+Corpus conventions follow PyTorch's word-language-model example, so perplexities
+compare with published ones: whitespace tokens, ``<eos>`` at every line end
+(an empty line is a lone ``<eos>``), the vocabulary from the training split,
+and words unseen in training read as ``<unk>``.
+
+The embedded default is the documentation text that ships with Python itself
+(``pydoc_data.topics``: 79 topics, about 65,000 words of English prose about
+the language). It is raw text, so it is lower-cased and split into words and
+punctuation; empty lines and lines that only underline a heading are dropped;
+words seen once in training become ``<unk>``. The topics, sorted by name, are
+cut 80/10/10 by word count at line boundaries, so the split is the same
+everywhere.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from biaskit.errors import InputError
+
+from . import Task, perplexity
+from .token_model import TokenLSTM
+
+EOS, UNK = "<eos>", "<unk>"
+LAYOUTS = [
+    ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"),
+    ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+    ("train.txt", "valid.txt", "test.txt"),
+]
+SPLITS = ("train", "valid", "test")
+
+DEFAULTS = {
+    "data_dir": None,   # None: the embedded corpus
+    "embedding": 200,
+    "hidden": 200,
+    "layers": 1,
+    "dropout": 0.0,
+    "tie_weights": False,
+    "seed": 0,
+}
+
+#: The paper's training settings for language modelling (Sec. 5.2). The step is
+#: lr·√K, so the base lr 1.0 is the paper's step 10 at K0 = 100.
+TRAIN = {"batch_size": 32, "lr": 1.0, "window": 400, "K": 100, "K_min": 10, "K_max": 400, "clip": 0.25}
+
+
+def read_lines(lines) -> list[str]:
+    """Whitespace tokens with ``<eos>`` closing every line."""
+    return [word for line in lines for word in (*line.split(), EOS)]
+
+
+def find_splits(data_dir) -> dict[str, Path]:
+    """The three split files of a PTB, WikiText-2 or train/valid/test folder."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError(f"--data-dir {root} is not a folder")
+    for layout in LAYOUTS:
+        found = {split: root / name for split, name in zip(SPLITS, layout)}
+        present = [p for p in found.values() if p.is_file()]
+        if len(present) == 3:
+            return found
+        if present:
+            missing = ", ".join(p.name for p in found.values() if not p.is_file())
+            raise InputError(f"{root} has {present[0].name} but not {missing}")
+    names = "; ".join(" ".join(layout) for layout in LAYOUTS)
+    raise InputError(f"{root} holds no corpus: expected one of these sets of files: {names}")
+
+
+def embedded_corpus() -> dict[str, list[str]]:
+    """The pydoc_data topics as word streams (see the module docstring)."""
+    from pydoc_data.topics import topics
+
+    token = re.compile(r"[a-z]+(?:'[a-z]+)?|[0-9]+|[^\sa-z0-9]")
+    underline = re.compile(r"^\s*([*=\-~^#+])\1+\s*$")
+    lines = []
+    for name in sorted(topics):
+        lines += [" ".join(token.findall(line)) for line in topics[name].lower().splitlines()
+                  if line.strip() and not underline.match(line)]
+    ends = torch.tensor([len(line.split()) + 1 for line in lines]).cumsum(0)  # words through each line
+    cut_valid, cut_test = (int(torch.searchsorted(ends, f * int(ends[-1]))) for f in (0.8, 0.9))
+    split_lines = {"train": lines[:cut_valid], "valid": lines[cut_valid:cut_test], "test": lines[cut_test:]}
+    words = {split: read_lines(lines) for split, lines in split_lines.items()}
+    once = {w for w, n in Counter(words["train"]).items() if n == 1}
+    words["train"] = [UNK if w in once else w for w in words["train"]]
+    return words
+
+
+def load_words(data_dir) -> dict[str, list[str]]:
+    if data_dir is None:
+        return embedded_corpus()
+    words = {}
+    for split, path in find_splits(data_dir).items():
+        with open(path, encoding="utf-8") as fh:
+            words[split] = read_lines(fh)
+    return words
+
+
+def encode(words: dict[str, list[str]]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Vocabulary from train (``<unk>`` always in it) and each split as token ids."""
+    if not words["train"]:
+        raise InputError("the training split is empty")
+    vocab = sorted(set(words["train"]) | {UNK})
+    index = {w: i for i, w in enumerate(vocab)}
+    unk = index[UNK]
+    return vocab, {s: torch.tensor([index.get(w, unk) for w in ws], dtype=torch.long) for s, ws in words.items()}
+
+
+def build(config: dict) -> Task:
+    """The language-modelling task from ``config`` (missing keys take DEFAULTS)."""
+    cfg = {**DEFAULTS, **config}
+    vocab, ids = encode(load_words(cfg["data_dir"]))
+    splits = {s: (t[:-1], t[1:]) for s, t in ids.items()}  # predict the next word
+    torch.manual_seed(cfg["seed"])
+    model = TokenLSTM(len(vocab), cfg["embedding"], cfg["hidden"], cfg["layers"], cfg["dropout"], cfg["tie_weights"])
+    return Task("language", model, splits, "PPL", perplexity)
