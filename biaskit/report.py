@@ -69,3 +69,48 @@ def plot_bias(ds: xr.Dataset, bound: xr.Dataset, ax=None):
     ax.set_ylabel("relative bias")
     ax.legend(fontsize="small", title="dots: κ̂(δ)")
     return ax.figure
+
+
+def _read_jsonl(path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_training(run_dirs, labels=None, title=None):
+    """Training curves of run directories, like the paper's Figures 1-2.
+
+    Test metric, truncation K and relative bias (exact, solid; bound Δ̂,
+    dashed) versus epoch, one colour per run. Reads each ``metrics.jsonl``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    labels = labels or [Path(d).name for d in run_dirs]
+    metric = None
+    for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
+        lines = _read_jsonl(Path(run_dir) / "metrics.jsonl")
+        if not lines:
+            continue
+        metric = metric or next(k for k in ("test_ppl", "test_nll", "test_loss") if k in lines[0])
+        epoch = [line["epoch"] for line in lines]
+        color = f"C{i % 10}"
+        axes[0].plot(epoch, [line[metric] for line in lines], color=color, label=label)
+        axes[1].plot(epoch, [line["K"] for line in lines], color=color, label=label)
+        for key, style in (("rel_bias_exact", "-"), ("rel_bias_bound", "--")):
+            values = [line.get(key) for line in lines]
+            axes[2].plot(epoch, [float("nan") if v is None else v for v in values], style, color=color)
+    axes[0].set_ylabel(metric.replace("_", " ") if metric else "test metric")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("truncation K")
+    axes[2].set_ylabel("relative bias at K (solid exact, dashed bound)")
+    axes[2].set_yscale("log", nonpositive="mask")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -55,5 +55,7 @@ def build(config: dict) -> Task:
     model = TokenLSTM(VOCAB, cfg["embedding"], cfg["hidden"], cfg["layers"])
     return Task("copy", model, splits, "PPL", perplexity)
 
-#: The paper's training settings for the copy task (Sec. 5.1).
-TRAIN = {"batch_size": 64, "lr": 1.0, "window": 100, "K": 15, "K_min": 2, "K_max": 100}
+#: The paper's training settings for the copy task (Sec. 5.1), plus gradient clipping at
+#: norm 1: without it SGD at the paper's step 1.0·√K spikes (valid perplexity 2.9 after
+#: 10 epochs where the clipped run reached 1.97).
+TRAIN = {"batch_size": 64, "lr": 1.0, "window": 100, "K": 15, "K_min": 2, "K_max": 100, "clip": 1.0}
