@@ -57,3 +57,46 @@ def resolve(factory: str):
         return getattr(module, attr)
     except AttributeError:
         raise InputError(f"module {module_name!r} has no {attr!r} (from factory {factory!r})") from None
+
+
+def rebuild(path, factory: str | None = None, data: str | None = None, device="cpu"):
+    """The model, its data streams and its own K, for ``biaskit analyze``.
+
+    A biaskit checkpoint rebuilds its task through the factory it names (or
+    ``factory``, which overrides it) and takes the training split as data. A
+    plain ``torch.save``d state dict needs ``factory``: a callable with no
+    arguments returning the model. The model must have ``system()`` (the
+    recurrence as biaskit sees it) and ``model(x, state) -> (outputs, state)``
+    for the burn-in. ``data`` names a callable returning (inputs, targets)
+    streams, time first; it is required when the checkpoint has no task.
+    Returns (model, (inputs, targets), K or None).
+    """
+    path = Path(path)
+    try:
+        ckpt = load(path)
+    except InputError:
+        if factory is None or not path.is_file():
+            raise
+        ckpt = None
+    if ckpt is not None:
+        task = resolve(factory or ckpt["factory"])(ckpt["config"]["task"])
+        model, state, K = task.model, ckpt["model"], ckpt.get("K")
+        streams = task.splits["train"]
+    else:
+        model, K, streams = resolve(factory)(), None, None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise InputError(f"{path} is not a torch state dict ({type(err).__name__})") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise InputError(f"the weights in {path} do not fit the factory's model: {first}") from None
+    if not callable(getattr(model, "system", None)):
+        raise InputError(f"{type(model).__name__} has no system() method: see 'Auditing your own RNN' in the README")
+    if data is not None:
+        streams = resolve(data)()
+    if streams is None:
+        raise InputError("this file holds no data: pass --data package.module:function returning (inputs, targets)")
+    return model.to(device), streams, K

@@ -12,26 +12,15 @@ from pathlib import Path
 import click
 import torch
 
-from . import report
-from .decompose import decompose
+from . import checkpoint, report
+from .audit import audit
 from .errors import InputError
-from .recurrent import wrap
-
-SHOWN_K = (0, 1, 2, 5, 10, 20, 50, 100, 200)
-
+from .streams import sample_windows
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="biaskit")
 def cli():
     """Measure and control the gradient bias of truncated BPTT."""
-
-
-def _demo_data(windows, length, symbols, recall, seed, device):
-    """Random symbol windows whose target is the symbol ``recall`` steps before the end."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, symbols, (windows, length), generator=gen)
-    inputs = torch.nn.functional.one_hot(tokens, symbols).float()
-    return inputs.to(device), tokens[:, -1 - recall].to(device)
 
 
 def _writable_dir(path: Path) -> Path:
@@ -52,34 +41,59 @@ def _device(name: str) -> torch.device:
     return device
 
 
+def _deltas(ctx, param, value):
+    try:
+        deltas = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of numbers: {value}") from None
+    if not all(0 < d < 1 for d in deltas):
+        raise click.BadParameter(f"each delta must be in (0, 1), got {value}")
+    return deltas
+
+
 @cli.command()
-@click.option("--windows", default=32, show_default=True, help="Windows (samples) in the batch.")
-@click.option("--window-length", default=100, show_default=True, help="Window length R.")
-@click.option("--hidden", default=32, show_default=True, help="LSTM hidden size (2 layers).")
-@click.option("--recall", default=10, show_default=True, help="The target is the symbol this many steps back.")
-@click.option("--seed", default=0, show_default=True)
+@click.argument("checkpoint_path", metavar="CHECKPOINT", type=click.Path(path_type=Path))
+@click.option("--factory", help="package.module:function building the model (plain state dicts; overrides).")
+@click.option("--data", help="package.module:function returning (inputs, targets) streams.")
+@click.option("--windows", type=click.IntRange(2), default=64, show_default=True, help="Windows to decompose.")
+@click.option("--window-length", type=click.IntRange(2), default=200, show_default=True)
+@click.option("--deltas", default="0.9,0.5,0.1", show_default=True, callback=_deltas,
+              help="Tolerated relative biases.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the windows.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-audit"), show_default=True)
-def demo(windows, window_length, hidden, recall, seed, device, out):
-    """Decompose the BPTT gradient of a small built-in LSTM on generated data."""
-    if window_length <= recall:
-        raise InputError(f"--window-length must exceed --recall ({recall}), got {window_length}")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("audit"), show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def analyze(checkpoint_path, factory, data, windows, window_length, deltas, seed, device, out, fmt):
+    """Audit a trained model: exact bias for every K, decay fits, bounds and their calibration."""
+    interactive = fmt == "text" and sys.stderr.isatty()  # progress for people, not for pipes
+    say = (lambda msg: click.echo(msg, err=True)) if interactive else (lambda msg: None)
     dev = _device(device)
-    out = _writable_dir(out)
-    torch.manual_seed(seed)
-    symbols = 8
-    lstm = torch.nn.LSTM(symbols, hidden, num_layers=2, batch_first=True).to(dev)
-    head = torch.nn.Linear(hidden, symbols).to(dev)
-    system = wrap(lstm, readout=head, loss_fn=torch.nn.CrossEntropyLoss(reduction="none"))
-    inputs, targets = _demo_data(windows, window_length, symbols, recall, seed, dev)
-    ds = decompose(system, inputs, targets, seed=seed)
-    path = report.save(ds, out / "decomposition.nc")
-    click.echo(f"2-layer LSTM (hidden {hidden}), {windows} windows of length {window_length}, "
-               f"target {recall} steps back; ||E g|| = {ds.attrs['grad_norm']:.4g}")
-    click.echo(f"{'K':>5} {'exact rel. bias':>16} {'mean phi_K':>12} {'mean psi_K':>12}")
-    for K in (k for k in SHOWN_K if k < window_length):
-        click.echo(f"{K:>5} {ds['rel_bias'].sel(K=K).item():>16.4g} "
-                   f"{ds['phi'].sel(lag=K).mean().item():>12.4g} {ds['psi'].sel(lag=K).mean().item():>12.4g}")
+    say(f"loading {checkpoint_path}")
+    model, (inputs, targets), K = checkpoint.rebuild(checkpoint_path, factory, data, dev)
+    system = model.system()
+    gen = torch.Generator().manual_seed(seed)
+    windows_, last, burn = (t.to(dev) for t in sample_windows(inputs, targets, window_length, windows, gen))
+    model.eval()
+    with torch.no_grad():
+        _, h0 = model(burn)
+    say(f"decomposing {windows} windows of {window_length} steps and fitting every norm")
+    result = audit(system, windows_, last, h0=h0, deltas=deltas, K=K, seed=seed)
+    say(f"writing {out}")
+    result.save(_writable_dir(out))
+    click.echo(result.summary() if fmt == "text" else json.dumps(result.as_dict(), indent=1))
+
+
+@cli.command()
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("figures"), show_default=True)
+def plot(run_dirs, out):
+    """Training curves of runs side by side: test metric, K and relative bias versus epoch."""
+    for run_dir in run_dirs:
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise InputError(f"{run_dir} is not a run directory (no metrics.jsonl)")
+    fig = report.plot_training(run_dirs, [d.name for d in run_dirs])
+    path = _writable_dir(out) / "training.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     click.echo(f"wrote {path}")
 
 

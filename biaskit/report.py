@@ -56,14 +56,17 @@ def plot_decay(ds: xr.Dataset, fit, ax=None):
     return ax.figure
 
 
-def plot_bias(ds: xr.Dataset, bound: xr.Dataset, ax=None):
-    """Exact relative bias δ(K) beside the bound Δ̂(K) (log axis), with each δ and its κ̂."""
+def plot_bias(ds: xr.Dataset, bound: xr.Dataset, K: int | None = None, ax=None):
+    """Exact relative bias δ(K) beside the bound Δ̂(K) (log axis), with each δ and its κ̂,
+    and the model's own truncation K when given."""
     ax = _axes(ax)
     ax.plot(ds.K, ds.rel_bias, color="C0", lw=2, label="exact δ(K)")
     ax.plot(bound.K, bound.rel_bias_bound, color="C1", lw=1.5, ls="--", label="bound Δ̂(K)")
     for delta, kappa in zip(bound.delta.values, bound.kappa.values):
         ax.axhline(delta, color="0.6", lw=0.5)
         ax.plot([kappa], [delta], "o", color="C1", ms=4)
+    if K is not None:
+        ax.axvline(K, color="C3", lw=1, label=f"model's K = {K}")
     ax.set_yscale("log", nonpositive="mask")
     ax.set_xlabel("truncation K")
     ax.set_ylabel("relative bias")
@@ -114,3 +117,26 @@ def plot_training(run_dirs, labels=None, title=None):
     if title:
         fig.suptitle(title)
     return fig
+
+
+def plot_state_heatmap(ds: xr.Dataset, ax=None):
+    """Mean |∂L/∂h| per state dimension (rows, grouped by layer and component) versus lag,
+    on a log colour scale: the rows that stay bright at long lags decay slowly."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    ax = _axes(ax)
+    values = ds["phi_state"].transpose("state", "lag").values
+    positive = values[values > 0]
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
+    mesh = ax.pcolormesh(ds.lag.values, np.arange(values.shape[0]), np.ma.masked_less_equal(values, 0),
+                         norm=norm, shading="nearest", cmap="viridis")
+    ax.figure.colorbar(mesh, ax=ax, label="mean |∂L_s/∂h_(s-k)|")
+    blocks = [(layer, comp) for layer, comp in zip(ds["layer"].values.tolist(), ds["component"].values.tolist())]
+    starts = [i for i in range(len(blocks)) if i == 0 or blocks[i] != blocks[i - 1]]
+    ax.set_yticks([s + (e - s) / 2 for s, e in zip(starts, starts[1:] + [len(blocks)])],
+                  [f"layer {blocks[s][0]} {blocks[s][1]}" for s in starts])
+    for s in starts[1:]:
+        ax.axhline(s - 0.5, color="w", lw=0.8)
+    ax.set_xlabel("lag k")
+    return ax.figure

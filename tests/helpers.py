@@ -53,17 +53,18 @@ def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-def final_output(module, x, split=None):
+def final_output(module, x, split=None, h0=None):
     """Top-layer output at the last step, run by the module itself; with ``split``,
-    the state entering step ``split`` (0-based) is detached.  x is batch-first."""
+    the state entering step ``split`` (0-based) is detached.  x is batch-first;
+    ``h0`` (stacked modules only) is the module's own initial state."""
     if isinstance(module, (nn.RNN, nn.GRU, nn.LSTM)):
         seq = x if module.batch_first else x.transpose(0, 1)
         tdim = 1 if module.batch_first else 0
         if split:
-            _, hx = module(seq.narrow(tdim, 0, split))
+            _, hx = module(seq.narrow(tdim, 0, split), h0)
             out, _ = module(seq.narrow(tdim, split, x.shape[1] - split), _detach(hx))
         else:
-            out, _ = module(seq)
+            out, _ = module(seq, h0)
         return out[:, -1] if module.batch_first else out[-1]
     if isinstance(module, (nn.LSTMCell, nn.RNNCell, nn.GRUCell)):
         state = None
@@ -79,11 +80,11 @@ def final_output(module, x, split=None):
     return state[0] if isinstance(state, tuple) else state
 
 
-def naive_gradient(module, readout, loss_fn, x, y, K=None, encoder=None):
+def naive_gradient(module, readout, loss_fn, x, y, K=None, encoder=None, h0=None):
     """ĝ_K by detaching the state entering step R-K (K=None: full BPTT), mean loss."""
     split = None if K is None else x.shape[1] - 1 - K
     inputs = x if encoder is None else encoder(x)
-    loss = loss_fn(readout(final_output(module, inputs, split)), y).mean()
+    loss = loss_fn(readout(final_output(module, inputs, split, h0)), y).mean()
     named = [*module.named_parameters(), *(("readout." + n, p) for n, p in readout.named_parameters())]
     if encoder is not None:
         named += [("encoder." + n, p) for n, p in encoder.named_parameters()]

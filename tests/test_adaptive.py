@@ -91,5 +91,6 @@ def test_controller_keeps_K_when_only_measuring():
 
 
 def test_too_short_a_stream_is_refused():
-    with pytest.raises(biaskit.InputError, match="shorter than 2 x window"):
-        Controller(delta=0.5, window=40).sample(torch.zeros(60, 2), torch.zeros(60), torch.Generator())
+    with pytest.raises(biaskit.InputError, match="longer than the data"):
+        Controller(delta=0.5, window=40).measure(LinearModel(0.5), torch.zeros(60, 2), torch.zeros(60), 5,
+                                                 torch.Generator())

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from biaskit import checkpoint
-from biaskit.cli import main
 from trainers import loop
 
 TINY = {"train_tokens": 4000, "valid_tokens": 800, "test_tokens": 800, "hidden": 8}
@@ -54,20 +51,6 @@ def test_run_directory_holds_config_metrics_and_self_describing_checkpoints(tmp_
 def test_logged_perplexity_is_exp_of_the_mean_token_loss(tmp_path):
     lines = loop.Run(config(K=3, epochs=1), tmp_path, quiet=True).fit()
     assert lines[0]["valid_ppl"] == pytest.approx(torch.tensor(lines[0]["valid_loss"]).exp().item(), rel=1e-6)
-
-
-@pytest.fixture
-def run_cli(capsys):
-    def invoke(*args):
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code
-        out = capsys.readouterr()
-        return SimpleNamespace(code=code, out=out.out, err=out.err)
-
-    return invoke
 
 
 TINY_ARGS = ["--train-tokens", "4000", "--valid-tokens", "800", "--test-tokens", "800", "--hidden", "8",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import biaskit
+from biaskit.streams import sample_windows
 
 
 @dataclass
@@ -29,21 +30,12 @@ class Controller:
     norm: str = "phi"
     tau: float | str | None = None
 
-    def sample(self, inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator):
-        """Windows (n, W, ...) with their last-step targets and burn-in (n, W, ...), from one stream."""
-        W = self.window
-        if inputs.shape[0] < 2 * W:
-            raise biaskit.InputError(f"the training stream ({inputs.shape[0]}) is shorter than 2 x window ({W})")
-        starts = torch.randint(W, inputs.shape[0] - W + 1, (self.windows,), generator=generator)
-        idx = starts[:, None] + torch.arange(-W, W)[None]
-        seqs = inputs[idx]
-        return seqs[:, W:], targets[starts + W - 1], seqs[:, :W]
-
     def measure(self, model, inputs, targets, K: int, generator: torch.Generator) -> dict:
         """Decompose, fit, bound; return the record of this update with the new K."""
         began = time.perf_counter()
         device = next(model.parameters()).device
-        windows, last, burn = (t.to(device) for t in self.sample(inputs, targets, generator))
+        sampled = sample_windows(inputs, targets, self.window, self.windows, generator)
+        windows, last, burn = (t.to(device) for t in sampled)
         was_training = model.training
         model.eval()
         try:

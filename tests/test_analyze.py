@@ -1,0 +1,161 @@
+"""biaskit analyze, biaskit plot and biaskit.audit: numbers against independent computations,
+files written, and every bad input as one line with exit status 2 and nothing written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import biaskit
+from biaskit import checkpoint, report
+from biaskit.audit import audit
+from biaskit.streams import sample_windows
+from helpers import flat_norm, naive_gradient
+from trainers import loop
+
+WINDOW, WINDOWS = 12, 6
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = loop.full_config("trainers.tasks.copy:build",
+                           {"train_tokens": 3000, "valid_tokens": 600, "test_tokens": 600, "hidden": 6},
+                           {"epochs": 1, "batch_size": 8, "K": 4, "window": 20, "windows": 8})
+    loop.Run(cfg, out, quiet=True).fit()
+    return out
+
+
+def exact_rel_bias(model, windows, last, burn, K):
+    """Naive detach-based relative bias of TBPTT(K) from the burn-in state, module by module."""
+    with torch.no_grad():
+        _, h0 = model(burn)
+    args = (model.lstm, model.head, nn.CrossEntropyLoss(reduction="none"), windows, last)
+    full = naive_gradient(*args, encoder=model.embedding, h0=h0)
+    trunc = naive_gradient(*args, K, encoder=model.embedding, h0=h0)
+    return flat_norm([trunc[n] - full[n] for n in full]) / flat_norm(full.values())
+
+
+def test_analyze_reports_the_exact_bias_at_the_checkpoints_K(run_cli, run_dir, tmp_path):
+    res = run_cli("analyze", run_dir / "checkpoint-last.pt", "--windows", WINDOWS, "--window-length", WINDOW,
+                  "--seed", 3, "--out", tmp_path / "audit", "--format", "json")
+    assert res.code == 0, res.err
+    summary = json.loads(res.out)
+    model, (inputs, targets), K = checkpoint.rebuild(run_dir / "checkpoint-last.pt")
+    assert summary["K"] == K == checkpoint.load(run_dir / "checkpoint-last.pt")["K"]
+    windows, last, burn = sample_windows(inputs, targets, WINDOW, WINDOWS, torch.Generator().manual_seed(3))
+    model.eval()
+    assert summary["rel_bias_at_K"] == pytest.approx(exact_rel_bias(model, windows, last, burn, K), rel=1e-4)
+    exact = [exact_rel_bias(model, windows, last, burn, k) for k in range(WINDOW)]
+    for delta, kappa in summary["kappa_exact"].items():
+        assert kappa == next(k for k, v in enumerate(exact) if v < float(delta))
+    for name in ("audit.nc", "summary.txt", "summary.json", "decay.png", "bias.png", "state.png"):
+        assert (tmp_path / "audit" / name).is_file()
+    saved = report.load(tmp_path / "audit" / "audit.nc")
+    refit = biaskit.fit_decay(saved, norm="psi")
+    assert summary["norms"]["psi"]["beta"] == pytest.approx(refit.beta)
+
+
+def test_analyze_prints_a_summary_table(run_cli, run_dir, tmp_path):
+    res = run_cli("analyze", run_dir / "checkpoint-best.pt", "--windows", WINDOWS, "--window-length", WINDOW,
+                  "--out", tmp_path)
+    assert res.code == 0, res.err
+    for text in ("Euclidean", "Mahalanobis", "exact psi", "kappa(0.5)", "exact relative bias at the model's own K"):
+        assert text in res.out
+
+
+def test_analyze_plain_state_dict_with_factory_and_data(run_cli, tmp_path, monkeypatch):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "from trainers.tasks.token_model import TokenLSTM\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return TokenLSTM(5, 3, 4, 1)\n"
+        "def windows():\n"
+        "    g = torch.Generator().manual_seed(1)\n"
+        "    x = torch.randint(0, 5, (200,), generator=g)\n"
+        "    return x[:-1], x[1:]\n"
+        "def linear():\n"
+        "    class NotRecurrent(torch.nn.Module):\n"
+        "        def __init__(self):\n"
+        "            super().__init__()\n"
+        "            self.lin = torch.nn.Linear(3, 3)\n"
+        "        def system(self):\n"
+        "            import biaskit\n"
+        "            return biaskit.wrap(self.lin)\n"
+        "    return NotRecurrent()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mymodels
+
+    torch.save(mymodels.build().state_dict(), tmp_path / "weights.pt")
+    res = run_cli("analyze", tmp_path / "weights.pt", "--factory", "mymodels:build", "--data", "mymodels:windows",
+                  "--windows", 4, "--window-length", 10, "--out", tmp_path / "a", "--format", "json")
+    assert res.code == 0, res.err
+    assert "K" not in json.loads(res.out)  # a plain state dict has no training K
+
+    torch.save(mymodels.linear().state_dict(), tmp_path / "linear.pt")
+    res = run_cli("analyze", tmp_path / "linear.pt", "--factory", "mymodels:linear", "--data", "mymodels:windows",
+                  "--window-length", 10, "--out", tmp_path / "b")
+    assert res.code == 2 and "not a recurrent module" in res.err and not (tmp_path / "b").exists()
+    res = run_cli("analyze", tmp_path / "weights.pt", "--factory", "mymodels:build", "--out", tmp_path / "c")
+    assert res.code == 2 and "pass --data" in res.err and not (tmp_path / "c").exists()
+
+
+def _nan_checkpoint(run_dir, path):
+    ckpt = checkpoint.load(run_dir / "checkpoint-last.pt")
+    ckpt["model"] = {k: torch.full_like(v, float("nan")) for k, v in ckpt["model"].items()}
+    fields = {k: v for k, v in ckpt.items() if k not in ("format", "version")}
+    checkpoint.save(path, **fields)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda d, t: [t / "missing.pt"], "no checkpoint at"),
+        (lambda d, t: [d / "metrics.jsonl"], "is not a torch checkpoint"),
+        (lambda d, t: [_state_dict(t)], "not a biaskit checkpoint (no factory); pass --factory"),
+        (lambda d, t: [d / "checkpoint-last.pt", "--factory", "no_such_pkg.models:build"], "does not import"),
+        (lambda d, t: [d / "checkpoint-last.pt", "--factory", "trainers.tasks.copy:nothing"], "has no 'nothing'"),
+        (lambda d, t: [d / "checkpoint-last.pt", "--window-length", 5000], "longer than the data"),
+        (lambda d, t: [_nan_checkpoint(d, t / "nan.pt"), "--window-length", WINDOW], "NaN or infinite"),
+        (lambda d, t: [d / "checkpoint-last.pt", "--deltas", "0.5,2"], "each delta must be in (0, 1)"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(run_cli, run_dir, tmp_path, make_args, message):
+    res = run_cli("analyze", *make_args(run_dir, tmp_path), "--out", tmp_path / "out")
+    assert res.code == 2, res.err
+    assert len(res.err.strip().splitlines()) == 1 and message in res.err
+    assert not (tmp_path / "out").exists()
+
+
+def _state_dict(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    return tmp_path / "plain.pt"
+
+
+def test_plot_draws_training_curves_and_refuses_non_runs(run_cli, run_dir, tmp_path):
+    res = run_cli("plot", run_dir, "--out", tmp_path / "figs")
+    assert res.code == 0, res.err
+    assert (tmp_path / "figs" / "training.png").stat().st_size > 1000
+    res = run_cli("plot", tmp_path, "--out", tmp_path / "figs2")
+    assert res.code == 2 and "not a run directory" in res.err and not (tmp_path / "figs2").exists()
+
+
+def test_audit_api_matches_decompose_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    lstm, head = nn.LSTM(3, 5, 2, batch_first=True), nn.Linear(5, 2)
+    x, y = torch.randn(8, 15, 3), torch.randint(0, 2, (8,))
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    result = audit(lstm, x, y, readout=head, loss_fn=loss_fn, deltas=[0.5, 0.1], K=4)
+    ds = biaskit.decompose(biaskit.wrap(lstm, head, loss_fn), x, y)
+    torch.testing.assert_close(torch.tensor(result.dataset["rel_bias"].values), torch.tensor(ds["rel_bias"].values))
+    assert result.as_dict()["rel_bias_at_K"] == pytest.approx(ds["rel_bias"].sel(K=4).item())
+    assert result.as_dict()["norms"]["phi"]["beta"] == pytest.approx(biaskit.fit_decay(ds).beta)
+    assert set(result.dataset["norm"].values) == {"phi", "phi_mahalanobis", "psi"}
+    assert "beta [95% interval]" in result.summary()
+    result.save(tmp_path)
+    back = report.load(tmp_path / "audit.nc")
+    assert float(back["kappa"].sel(norm="phi", delta=0.5)) == result.as_dict()["norms"]["phi"]["kappa"]["0.5"]

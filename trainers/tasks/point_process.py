@@ -1,0 +1,194 @@
+"""Marked temporal point processes with RMTPP (Du et al. 2016; paper Sec. 5.3).
+
+Data, from ``config["data"]``:
+
+- ``None``: the embedded default, a simulated two-mark Hawkes process (buy and
+  sell orders, say) with known parameters MU, ALPHA, BETA: sequences of
+  ``sequence_events`` events, each started empty at time 0.
+- a folder: the pickle layout of the neural-Hawkes and EasyTPP data sets,
+  ``train.pkl``, ``dev.pkl`` and ``test.pkl``, each a dict with the split's key
+  (``'train'``, ``'dev'``, ``'test'``) and ``'dim_process'`` (the number of
+  marks); a split is a list of sequences, a sequence a list of events
+  ``{'time_since_start', 'time_since_last_event', 'type_event'}``. Times are
+  read from ``time_since_start``. Unpickling runs code: load only files you trust.
+- a ``.csv`` file with a header and the columns ``sequence, time, mark``
+  (integer marks from 0); events are sorted by time within a sequence and
+  the sequences, in id order, are cut 80/10/10 into train/valid/test.
+
+Streams: a sequence of n events gives n − 1 positions, one per event but the
+last. Position i reads event i, ``[mark k_i, gap t_i − t_{i−1}, time t_i − t_0]``,
+and its target is the next event, ``[k_{i+1}, t_{i+1} − t_i]``: no event is
+in the input of the position that predicts it. At a sequence's first event the
+gap and the time are 0 (the time restarting at 0 marks the new sequence), so
+the first event is conditioned on, never predicted. The positions of a split's
+sequences are concatenated in order into one stream. The metric is the mean
+NLL per predicted event; RMSE and the mark error rate come as extra metrics.
+"""
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from biaskit.errors import InputError
+
+from . import Task, hawkes
+from .rmtpp import RMTPP, metrics
+
+SPLITS = ("train", "valid", "test")
+PICKLES = {"train": "train", "valid": "dev", "test": "test"}  # our split → file stem and key
+EVENT_KEYS = ("time_since_start", "type_event")
+CSV_COLUMNS = ("sequence", "time", "mark")
+
+#: The embedded process: mark 0 and mark 1 each excite themselves more than each
+#: other. Stationary rates (I − α/β)⁻¹ μ = (0.683, 0.55) events per unit time;
+#: the spectral radius of α/β is 0.6.
+MU = (0.3, 0.2)
+ALPHA = ((0.8, 0.4), (0.3, 0.9))  # ALPHA[i][j]: the jump in λ_i after an event of mark j
+BETA = 2.0
+
+DEFAULTS = {
+    "data": None,            # None: the simulated Hawkes process; a folder of pickles; a .csv file
+    "events": 50_000,        # simulated events in all, cut 80/10/10 by sequence
+    "sequence_events": 100,  # events per simulated sequence
+    "embedding": 8,
+    "hidden": 128,
+    "layers": 2,
+    "seed": 0,
+}
+
+#: The paper's training settings for the point-process task (Sec. 5.3).
+TRAIN = {"batch_size": 64, "lr": 0.1, "window": 200, "K": 6, "K_min": 1, "K_max": 100}
+
+Sequence = tuple[np.ndarray, np.ndarray]  # (times, integer marks)
+
+
+def simulated(cfg: dict) -> tuple[dict[str, list[Sequence]], int]:
+    """The embedded Hawkes data: ``events // sequence_events`` sequences from one seeded generator."""
+    rng = np.random.default_rng(cfg["seed"])
+    n = cfg["events"] // cfg["sequence_events"]
+    sequences = [hawkes.simulate(MU, ALPHA, BETA, cfg["sequence_events"], rng) for _ in range(n)]
+    return cut(sequences), len(MU)
+
+
+def cut(sequences: list[Sequence]) -> dict[str, list[Sequence]]:
+    """Sequences in their order, 80/10/10 into train/valid/test."""
+    a, b = int(0.8 * len(sequences)), int(0.9 * len(sequences))
+    return {"train": sequences[:a], "valid": sequences[a:b], "test": sequences[b:]}
+
+
+def _unpickle(path: Path):
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="latin1")  # the neural-Hawkes files are Python 2 pickles
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise InputError(f"cannot read {path} as a pickle: {err}") from None
+
+
+def load_pickles(folder) -> tuple[dict[str, list[Sequence]], int]:
+    """The neural-Hawkes / EasyTPP layout: train.pkl, dev.pkl, test.pkl in one folder."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"data {root} is neither a folder of pickles nor a .csv file")
+    missing = [f"{stem}.pkl" for stem in PICKLES.values() if not (root / f"{stem}.pkl").is_file()]
+    if missing:
+        raise InputError(f"{root} lacks {', '.join(missing)}: the pickle layout needs train.pkl, dev.pkl "
+                         "and test.pkl")
+    splits, dims = {}, set()
+    for split, key in PICKLES.items():
+        path = root / f"{key}.pkl"
+        data = _unpickle(path)
+        if not isinstance(data, dict) or key not in data or "dim_process" not in data:
+            found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            raise InputError(f"{path} must be a dict with keys {key!r} and 'dim_process', found {found}")
+        dims.add(int(data["dim_process"]))
+        splits[split] = [_events(seq, path, n) for n, seq in enumerate(data[key])]
+    if len(dims) > 1:
+        raise InputError(f"the pickles of {root} disagree on dim_process: {sorted(dims)}")
+    return splits, dims.pop()
+
+
+def _events(sequence, path: Path, n: int) -> Sequence:
+    try:
+        times = np.array([float(event["time_since_start"]) for event in sequence])
+        marks = np.array([int(event["type_event"]) for event in sequence], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path}, sequence {n}: every event must be a dict with numeric "
+                         f"{' and '.join(map(repr, EVENT_KEYS))} ({type(err).__name__}: {err})") from None
+    if (np.diff(times) < 0).any():
+        raise InputError(f"{path}, sequence {n}: time_since_start decreases; events must be in time order")
+    return times, marks
+
+
+def load_csv(path) -> tuple[dict[str, list[Sequence]], int]:
+    """A CSV with a header and columns sequence, time, mark; split 80/10/10 by sequence id."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data {path} is not a file")
+    rows: dict[str, list[tuple[float, int]]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = [name.strip() for name in reader.fieldnames or []]
+        if not set(CSV_COLUMNS) <= set(header):
+            raise InputError(f"{path} needs a header with the columns {', '.join(CSV_COLUMNS)}, found {header}")
+        reader.fieldnames = header
+        for line, row in enumerate(reader, start=2):
+            try:
+                event = (float(row["time"]), int(row["mark"]))
+            except (TypeError, ValueError):
+                raise InputError(f"{path}, line {line}: time must be a number and mark an integer, "
+                                 f"got time={row['time']!r}, mark={row['mark']!r}") from None
+            rows.setdefault(row["sequence"].strip(), []).append(event)
+    if not rows:
+        raise InputError(f"{path} has a header but no events")
+    ids = list(rows)
+    try:
+        ids.sort(key=int)  # numeric ids in numeric order
+    except ValueError:
+        ids.sort()
+    sequences = []
+    for key in ids:
+        events = sorted(rows[key], key=lambda event: event[0])  # stable: ties keep the file's order
+        sequences.append((np.array([t for t, _ in events]), np.array([k for _, k in events], dtype=np.int64)))
+    return cut(sequences), 1 + max(int(marks.max()) for _, marks in sequences)
+
+
+def load(data) -> tuple[dict[str, list[Sequence]], int]:
+    if Path(data).suffix.lower() == ".csv":
+        return load_csv(data)
+    return load_pickles(data)
+
+
+def stream(sequences: list[Sequence], marks: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs (N, 3) = [k_i, t_i − t_{i−1}, t_i − t_0], targets (N, 2) = [k_{i+1}, t_{i+1} − t_i]."""
+    inputs, targets = [], []
+    for times, kinds in sequences:
+        if len(times) < 2:
+            continue  # nothing to predict
+        if kinds.min() < 0 or kinds.max() >= marks:
+            raise InputError(f"the {split} split has marks outside 0..{marks - 1}")
+        gaps = np.diff(times, prepend=times[0])
+        inputs.append(np.stack([kinds, gaps, times - times[0]], axis=1)[:-1])
+        targets.append(np.stack([kinds, gaps], axis=1)[1:])
+    if not inputs:
+        raise InputError(f"the {split} split has no sequence of two or more events")
+    return (torch.as_tensor(np.concatenate(inputs), dtype=torch.float32),
+            torch.as_tensor(np.concatenate(targets), dtype=torch.float32))
+
+
+def build(config: dict) -> Task:
+    """The point-process task from ``config`` (missing keys take DEFAULTS)."""
+    cfg = {**DEFAULTS, **config}
+    sequences, marks = simulated(cfg) if cfg["data"] is None else load(cfg["data"])
+    splits = {split: stream(sequences[split], marks, split) for split in SPLITS}
+    train_inputs, train_targets = splits["train"]
+    scales = torch.stack([train_targets[:, 1].mean(), train_inputs[:, 2].mean()])
+    if not scales[0] > 0:
+        raise InputError("every training event is simultaneous with the one before: there is no time scale")
+    scales[1] = scales[1] if scales[1] > 0 else scales[0]
+    torch.manual_seed(cfg["seed"])
+    model = RMTPP(marks, cfg["embedding"], cfg["hidden"], cfg["layers"], scales)
+    return Task("point_process", model, splits, "NLL", float, extra=metrics)
