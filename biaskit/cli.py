@@ -17,6 +17,7 @@ from .audit import audit
 from .errors import InputError
 from .streams import sample_windows
 
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="biaskit")
 def cli():

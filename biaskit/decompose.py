@@ -20,7 +20,7 @@ from torch.func import vjp, vmap
 
 from . import norms
 from .errors import InputError
-from .recurrent import RecurrentSystem, wrap
+from .recurrent import wrap
 
 #: Elements of per-step parameter gradients held at once in the parameter pass.
 CHUNK_ELEMENTS = 2**24

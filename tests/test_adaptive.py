@@ -94,3 +94,16 @@ def test_too_short_a_stream_is_refused():
     with pytest.raises(biaskit.InputError, match="longer than the data"):
         Controller(delta=0.5, window=40).measure(LinearModel(0.5), torch.zeros(60, 2), torch.zeros(60), 5,
                                                  torch.Generator())
+
+
+def test_sampled_windows_line_up_with_the_stream():
+    from biaskit.streams import sample_windows
+
+    inputs, targets = torch.arange(100).float()[:, None], torch.arange(100) * 10
+    windows, last, burn = sample_windows(inputs, targets, 7, 20, torch.Generator().manual_seed(0))
+    assert windows.shape == burn.shape == (20, 7, 1) and last.shape == (20,)
+    starts = windows[:, 0, 0].long()
+    assert torch.equal(windows[:, :, 0].long(), starts[:, None] + torch.arange(7))
+    assert torch.equal(burn[:, :, 0].long(), starts[:, None] - 7 + torch.arange(7))
+    assert torch.equal(last, (starts + 6) * 10)
+    assert starts.min() >= 7 and starts.max() <= 93

@@ -1,0 +1,54 @@
+"""Shared by the experiment scripts: train a grid of runs in parallel (resuming any a
+previous call left unfinished), then tabulate and plot them."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+from pathlib import Path
+
+import torch
+
+from biaskit import report
+from trainers import loop
+
+
+def label(setting: dict) -> str:
+    return f"K={setting['K']}" if "K" in setting else f"delta={setting['delta']}"
+
+
+def _train(job):
+    out, config = job
+    torch.set_num_threads(1)
+    done = loop.read_metrics(out) if (out / "checkpoint-last.pt").exists() else []
+    if len(done) < config["train"]["epochs"]:
+        loop.Run(config, out, quiet=True, resume=bool(done)).fit()
+    print(f"done {out}", flush=True)
+
+
+def run(jobs: list[tuple[Path, dict]], processes: int):
+    """Train every (run directory, config), ``processes`` at a time, one thread each."""
+    with mp.get_context("spawn").Pool(processes) as pool:
+        pool.map(_train, jobs, chunksize=1)
+
+
+def table(rows: list[tuple[str, str, Path]], metric: str) -> str:
+    """A markdown table of (group, setting, run directory): best valid and its test metric,
+    the K used over epochs, the median exact relative bias at K, seconds per epoch."""
+    name = metric.upper()
+    out = [f"| | setting | best valid {name} | test {name} | K over epochs (first → last; min–max) "
+           "| exact rel. bias at K (median) | s/epoch |", "|---|---|---|---|---|---|---|"]
+    for group, setting, run_dir in rows:
+        lines = loop.read_metrics(run_dir)
+        best = min(lines, key=lambda line: line["valid_loss"])
+        Ks = [line["K"] for line in lines]
+        bias = [line["rel_bias_exact"] for line in lines if line.get("rel_bias_exact") is not None]
+        median_bias = f"{statistics.median(bias):.3g}" if bias else "beyond W"
+        out.append(f"| {group} | {setting} | {best[f'valid_{metric}']:.3f} | {best[f'test_{metric}']:.3f} "
+                   f"| {Ks[0]} → {Ks[-1]}; {min(Ks)}–{max(Ks)} | {median_bias} "
+                   f"| {statistics.median(line['seconds'] for line in lines):.1f} |")
+    return "\n".join(out)
+
+
+def figure(run_dirs: list[Path], labels: list[str], title: str, path: Path):
+    fig = report.plot_training(run_dirs, labels, title=title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
