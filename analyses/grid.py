@@ -31,21 +31,24 @@ def run(jobs: list[tuple[Path, dict]], processes: int):
         pool.map(_train, jobs, chunksize=1)
 
 
-def table(rows: list[tuple[str, str, Path]], metric: str) -> str:
-    """A markdown table of (group, setting, run directory): best valid and its test metric,
-    the K used over epochs, the median exact relative bias at K, seconds per epoch."""
+def table(rows: list[tuple[str, str, Path]], metric: str, extra: tuple[str, ...] = ()) -> str:
+    """A markdown table of (group, setting, run directory): best valid and its test metric
+    (and the ``extra`` columns of that epoch's line), the K used over epochs, the median
+    exact relative bias at K, seconds per epoch."""
     name = metric.upper()
-    out = [f"| | setting | best valid {name} | test {name} | K over epochs (first → last; min–max) "
-           "| exact rel. bias at K (median) | s/epoch |", "|---|---|---|---|---|---|---|"]
+    header = ["", "setting", f"best valid {name}", f"test {name}", *extra,
+              "K over epochs (first → last; min–max)", "exact rel. bias at K (median)", "s/epoch"]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, setting, run_dir in rows:
         lines = loop.read_metrics(run_dir)
         best = min(lines, key=lambda line: line["valid_loss"])
         Ks = [line["K"] for line in lines]
         bias = [line["rel_bias_exact"] for line in lines if line.get("rel_bias_exact") is not None]
-        median_bias = f"{statistics.median(bias):.3g}" if bias else "beyond W"
-        out.append(f"| {group} | {setting} | {best[f'valid_{metric}']:.3f} | {best[f'test_{metric}']:.3f} "
-                   f"| {Ks[0]} → {Ks[-1]}; {min(Ks)}–{max(Ks)} | {median_bias} "
-                   f"| {statistics.median(line['seconds'] for line in lines):.1f} |")
+        cells = [group, setting, f"{best[f'valid_{metric}']:.3f}", f"{best[f'test_{metric}']:.3f}",
+                 *(f"{best[e]:.3f}" for e in extra), f"{Ks[0]} → {Ks[-1]}; {min(Ks)}–{max(Ks)}",
+                 f"{statistics.median(bias):.3g}" if bias else "beyond W",
+                 f"{statistics.median(line['seconds'] for line in lines):.1f}"]
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

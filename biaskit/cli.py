@@ -206,6 +206,20 @@ def train_language(data_dir, embedding, hidden, dropout, tie_weights, **opts):
     _train("language", task, opts)
 
 
+@train.command("point-process")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Folder of train/dev/test.pkl (neural-Hawkes, EasyTPP) or a sequence,time,mark CSV "
+                   "(default: a simulated two-mark Hawkes process).")
+@click.option("--events", type=click.IntRange(20), help="Simulated events in all (default 50,000).")
+@click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 128).")
+@_with(TRAIN_OPTIONS)
+def train_point_process(data, events, hidden, **opts):
+    """Marked temporal point process with RMTPP (paper Sec. 5.3)."""
+    task = {k: v for k, v in dict(data=None if data is None else str(Path(data).resolve()),
+                                  events=events, hidden=hidden).items() if v is not None}
+    _train("point_process", task, opts)
+
+
 def main(argv=None):
     """Entry point: click's own errors and InputError become one line and exit 2."""
     try:

@@ -54,14 +54,14 @@ def simulate(mu, alpha, beta: float, events: int, rng: np.random.Generator) -> t
             step = gap / bound
             t += step
             decay = math.exp(-beta * step)
-            excess = [x * decay for x in excess]
+            excess = [e * decay for e in excess]
             u *= bound  # accept with probability λ(t) / bound; u then also picks the mark
-            for mark, (m, x) in enumerate(zip(base, excess)):
-                u -= m + x
+            for mark, (m, e) in enumerate(zip(base, excess)):
+                u -= m + e
                 if u < 0:
                     times.append(t)
                     marks.append(mark)
-                    excess = [x + a for x, a in zip(excess, jumps[mark])]
+                    excess = [e + jump for e, jump in zip(excess, jumps[mark])]
                     break
             if len(times) == events:
                 break

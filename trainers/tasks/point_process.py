@@ -68,8 +68,11 @@ Sequence = tuple[np.ndarray, np.ndarray]  # (times, integer marks)
 
 def simulated(cfg: dict) -> tuple[dict[str, list[Sequence]], int]:
     """The embedded Hawkes data: ``events // sequence_events`` sequences from one seeded generator."""
-    rng = np.random.default_rng(cfg["seed"])
     n = cfg["events"] // cfg["sequence_events"]
+    if n < 10 or cfg["sequence_events"] < 2:
+        raise InputError(f"simulate at least 10 sequences of at least 2 events (80/10/10 split), got {n} of "
+                         f"{cfg['sequence_events']}: raise events or lower sequence_events")
+    rng = np.random.default_rng(cfg["seed"])
     sequences = [hawkes.simulate(MU, ALPHA, BETA, cfg["sequence_events"], rng) for _ in range(n)]
     return cut(sequences), len(MU)
 
@@ -135,13 +138,13 @@ def load_csv(path) -> tuple[dict[str, list[Sequence]], int]:
         if not set(CSV_COLUMNS) <= set(header):
             raise InputError(f"{path} needs a header with the columns {', '.join(CSV_COLUMNS)}, found {header}")
         reader.fieldnames = header
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
             try:
-                event = (float(row["time"]), int(row["mark"]))
-            except (TypeError, ValueError):
-                raise InputError(f"{path}, line {line}: time must be a number and mark an integer, "
-                                 f"got time={row['time']!r}, mark={row['mark']!r}") from None
-            rows.setdefault(row["sequence"].strip(), []).append(event)
+                key, event = row["sequence"].strip(), (float(row["time"]), int(row["mark"]))
+            except (AttributeError, TypeError, ValueError):
+                raise InputError(f"{path}, line {reader.line_num}: need a sequence id, a number for time and an "
+                                 f"integer mark, got {', '.join(f'{k}={row[k]!r}' for k in CSV_COLUMNS)}") from None
+            rows.setdefault(key, []).append(event)
     if not rows:
         raise InputError(f"{path} has a header but no events")
     ids = list(rows)
@@ -157,6 +160,7 @@ def load_csv(path) -> tuple[dict[str, list[Sequence]], int]:
 
 
 def load(data) -> tuple[dict[str, list[Sequence]], int]:
+    """The sequences of each split and the number of marks, from a .csv file or a folder of pickles."""
     if Path(data).suffix.lower() == ".csv":
         return load_csv(data)
     return load_pickles(data)
@@ -166,6 +170,8 @@ def stream(sequences: list[Sequence], marks: int, split: str) -> tuple[torch.Ten
     """inputs (N, 3) = [k_i, t_i − t_{i−1}, t_i − t_0], targets (N, 2) = [k_{i+1}, t_{i+1} − t_i]."""
     inputs, targets = [], []
     for times, kinds in sequences:
+        if not np.isfinite(times).all():
+            raise InputError(f"the {split} split has a time that is not a finite number")
         if len(times) < 2:
             continue  # nothing to predict
         if kinds.min() < 0 or kinds.max() >= marks:
@@ -185,10 +191,9 @@ def build(config: dict) -> Task:
     sequences, marks = simulated(cfg) if cfg["data"] is None else load(cfg["data"])
     splits = {split: stream(sequences[split], marks, split) for split in SPLITS}
     train_inputs, train_targets = splits["train"]
-    scales = torch.stack([train_targets[:, 1].mean(), train_inputs[:, 2].mean()])
-    if not scales[0] > 0:
+    gap_unit, time_unit = float(train_targets[:, 1].mean()), float(train_inputs[:, 2].mean())
+    if gap_unit <= 0:
         raise InputError("every training event is simultaneous with the one before: there is no time scale")
-    scales[1] = scales[1] if scales[1] > 0 else scales[0]
     torch.manual_seed(cfg["seed"])
-    model = RMTPP(marks, cfg["embedding"], cfg["hidden"], cfg["layers"], scales)
-    return Task("point_process", model, splits, "NLL", float, extra=metrics)
+    model = RMTPP(marks, cfg["embedding"], cfg["hidden"], cfg["layers"], (gap_unit, time_unit or gap_unit))
+    return Task("point_process", model, splits, "NLL", float, extra=metrics)  # float: the score is the NLL

@@ -18,7 +18,8 @@ sign is free, and dw'/dr = 1.
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,18 +27,18 @@ from torch.nn import functional as F
 import biaskit
 
 W_FLOOR = 1e-3  # ε: the smallest |w| in units of 1 / mean gap
-NODES = 64      # Gauss–Laguerre nodes for the expected time to the next event
-CHUNK = 2**16   # positions per block in the expectation (memory: CHUNK × NODES doubles)
+LOG_Z = (-40.0, 4.5, 0.25)  # the expectation's quadrature grid in log z: first, last, step
+CHUNK = 2**14               # positions per block in the expectation (179 doubles each)
 
 
 class Encoder(nn.Module):
     """One event ``x_t = [mark id, gap since the previous event, time since the first]``
     → [mark embedding, gap / mean gap, time / mean time]."""
 
-    def __init__(self, marks: int, embedding: int, scales: torch.Tensor):
+    def __init__(self, marks: int, embedding: int, scales: tuple[float, float]):
         super().__init__()
         self.embedding = nn.Embedding(marks, embedding)
-        self.register_buffer("scales", torch.as_tensor(scales, dtype=torch.float32))
+        self.register_buffer("scales", torch.tensor(scales, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.embedding(x[..., 0].long()), x[..., 1:] / self.scales], dim=-1)
@@ -51,7 +52,7 @@ class Head(nn.Module):
         self.marks = nn.Linear(hidden, marks)
         self.intensity = nn.Linear(hidden, 1)  # vᵀh + b
         self.w = nn.Parameter(torch.tensor(0.1))  # r; the intensity starts rising slowly
-        self.register_buffer("log_unit", torch.tensor(float(np.log(unit)), dtype=torch.float32))
+        self.register_buffer("log_unit", torch.tensor(math.log(unit), dtype=torch.float32))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         c = self.intensity(h) - self.log_unit
@@ -73,18 +74,22 @@ def _log_softplus(x: torch.Tensor) -> torch.Tensor:
 
 
 def expected_gap(c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """E[Δ | there is a next event] under ``f(Δ) = λ(Δ) exp(−Λ(Δ))``, by Gauss–Laguerre quadrature.
+    """E[Δ | there is a next event] under ``f(Δ) = λ(Δ) exp(−Λ(Δ))``, by quadrature in float64.
 
     Substituting ``y = Λ(Δ)`` (so ``f dΔ = e^{−y} dy`` and ``Δ(y) = log(1 + w y e^{−c}) / w``)
     turns the mean into ``∫ Δ(y) e^{−y} dy``. For w > 0, Λ grows without bound and
     that is the whole answer. For w < 0 the intensity dies out: Λ(∞) = e^c / |w|
     is finite, f integrates to P = 1 − e^{−Λ(∞)} < 1 and the unconditional mean
     is infinite, so the prediction is the mean given that another event comes,
-    ``∫_0^{Λ(∞)} Δ(y) e^{−y} dy / P``; the change of variables
-    ``e^{−y} = 1 − P (1 − e^{−z})`` maps it to ``∫_0^∞ Δ(y(z)) e^{−z} dz`` as well.
-    Computed in float64, in blocks of positions.
+    ``∫_0^{Λ(∞)} Δ(y) e^{−y} dy / P``, which ``e^{−y} = 1 − P (1 − e^{−z})`` maps to
+    ``∫_0^∞ Δ(y(z)) e^{−z} dz`` as well. That integral is taken by the trapezoid rule
+    in ``log z``, where the integrand is smooth and decays exponentially on the left
+    and doubly exponentially on the right, so the rule converges geometrically
+    (relative error below 1e-6 for c in [−10, 10] and |w| in [1e-6, 100]).
     """
-    z, weights = (torch.as_tensor(a, device=c.device) for a in np.polynomial.laguerre.laggauss(NODES))
+    log_z = torch.arange(LOG_Z[0], LOG_Z[1] + LOG_Z[2] / 2, LOG_Z[2], dtype=torch.float64, device=c.device)
+    z = log_z.exp()
+    weights = LOG_Z[2] * z * (-z).exp()  # e^{−z} dz = z e^{−z} d(log z)
     flat_c, flat_w = c.detach().double().reshape(-1, 1), w.detach().double().reshape(-1, 1)
     means = []
     for cb, wb in zip(flat_c.split(CHUNK), flat_w.split(CHUNK)):
@@ -113,11 +118,11 @@ class RMTPP(nn.Module):
     ``scales`` = (mean gap, mean time since the first event) of the training data.
     """
 
-    def __init__(self, marks: int, embedding: int, hidden: int, layers: int, scales):
+    def __init__(self, marks: int, embedding: int, hidden: int, layers: int, scales: tuple[float, float]):
         super().__init__()
         self.encoder = Encoder(marks, embedding, scales)
         self.lstm = nn.LSTM(embedding + 2, hidden, layers, batch_first=True)
-        self.head = Head(hidden, marks, float(scales[0]))
+        self.head = Head(hidden, marks, scales[0])
 
     def forward(self, x: torch.Tensor, state=None):
         out, state = self.lstm(self.encoder(x), state)

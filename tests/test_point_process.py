@@ -1,0 +1,289 @@
+"""The point-process task: likelihood, expectation, Hawkes simulator, loaders, biaskit and a run,
+each against an independent computation."""
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+
+import biaskit
+from biaskit.streams import sample_windows
+from trainers import loop
+from trainers.tasks import hawkes
+from trainers.tasks import point_process as pp
+from trainers.tasks.rmtpp import W_FLOOR, expected_gap, metrics, nll
+
+SMALL = {"events": 2000, "sequence_events": 40, "embedding": 4, "hidden": 8}
+#: (c, w) from a quickly to a slowly decaying and a rising intensity, on both sides of w = 0.
+INTENSITIES = [(-2.0, -3.0), (0.5, -0.5), (1.0, -W_FLOOR), (-1.0, W_FLOOR), (0.0, 0.5), (2.0, 4.0), (-3.0, 1.5)]
+
+
+def outputs_for(logits, c, w):
+    return torch.tensor([[*logits, c, w]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("c, w", INTENSITIES)
+@pytest.mark.parametrize("gap", [0.0, 0.3, 2.5])
+def test_nll_is_cross_entropy_plus_minus_log_intensity_plus_its_quadrature(c, w, gap):
+    logits, mark = [0.2, -1.0, 0.7], 2
+    lam = lambda s: math.exp(c + w * s)
+    compensator = integrate.quad(lam, 0.0, gap, epsabs=1e-13, epsrel=1e-12)[0]
+    cross_entropy = -logits[mark] + math.log(sum(math.exp(v) for v in logits))
+    expected = cross_entropy - math.log(lam(gap)) + compensator
+    got = nll(outputs_for(logits, c, w), torch.tensor([[mark, gap]], dtype=torch.float64))
+    assert got.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def quad_mean(c, w):
+    """E[Δ | a next event] and the mass of the density, by scipy's quadrature."""
+    def log_density(s):  # log λ(s) − Λ(s), finite or −inf, never NaN
+        return c + w * s - math.exp(c) * math.expm1(w * s) / w if w * s < 700 else -math.inf
+
+    mass = integrate.quad(lambda s: math.exp(log_density(s)), 0, math.inf, limit=400)[0]
+    return integrate.quad(lambda s: s * math.exp(log_density(s)), 0, math.inf, limit=400)[0] / mass, mass
+
+
+@pytest.mark.parametrize("c, w", INTENSITIES)
+def test_expected_gap_is_the_mean_of_the_density_given_a_next_event(c, w):
+    mean, mass = quad_mean(c, w)
+    if w > 0:
+        assert mass == pytest.approx(1.0, abs=1e-8)
+    else:  # the intensity dies out: the density lacks the chance of no further event
+        assert mass == pytest.approx(-math.expm1(-math.exp(c) / -w), rel=1e-8)
+    got = expected_gap(torch.tensor([c], dtype=torch.float64), torch.tensor([w], dtype=torch.float64))
+    assert got.item() == pytest.approx(mean, rel=1e-8)
+
+
+def test_metrics_are_the_rmse_of_the_expected_gap_and_the_mark_error_rate():
+    logits = [[2.0, 0.0], [0.0, 1.0], [3.0, -1.0], [0.5, 0.4]]
+    outputs = torch.tensor([[*lg, c, w] for lg, (c, w) in zip(logits, INTENSITIES)], dtype=torch.float64)
+    targets = torch.tensor([[0, 0.1], [0, 2.0], [1, 0.4], [0, 3.0]], dtype=torch.float64)
+    means = np.array([quad_mean(c, w)[0] for c, w in INTENSITIES[:4]])
+    got = metrics(None, outputs[None], targets[None])
+    assert got["rmse"] == pytest.approx(np.sqrt(np.mean((means - targets[:, 1].numpy()) ** 2)), rel=1e-8)
+    assert got["error_rate"] == 0.5
+
+
+def test_intensity_slope_stays_away_from_zero_with_either_sign():
+    model = pp.build({**SMALL, "events": 500}).model
+    unit = model.encoder.scales[0].item()
+    for raw, sign in [(0.0, 1), (1e-6, 1), (-1e-6, -1), (-0.5, -1)]:
+        with torch.no_grad():
+            model.head.w.fill_(raw)
+        w = model.head(torch.zeros(1, 8))[0, -1].item()
+        assert w * unit == pytest.approx(raw + sign * W_FLOOR, rel=1e-6)
+
+
+def test_nll_in_rescaled_time_shifts_by_the_log_of_the_scale():
+    """The density of s·Δ is f(Δ) / s: the time units are the data's, whatever they are."""
+    task = pp.build({**SMALL, "events": 500})
+    scaled = pp.build({**SMALL, "events": 500})  # same seed: same data, same initial weights
+    x, y = task.splits["valid"]
+    s = 60.0
+    xs, ys = scaled.splits["valid"]
+    xs[:, 1:] *= s
+    ys[:, 1] *= s
+    scaled.model.encoder.scales *= s
+    scaled.model.head.log_unit += math.log(s)
+    with torch.no_grad():
+        loss = task.model.loss(task.model(x[None])[0], y[None])
+        loss_scaled = scaled.model.loss(scaled.model(xs[None])[0], ys[None])
+    torch.testing.assert_close(loss_scaled, loss + math.log(s), rtol=1e-5, atol=1e-4)
+
+
+# --- the Hawkes simulator ------------------------------------------------------------------
+
+
+def test_hawkes_rate_matches_the_stationary_rate():
+    """Per-mark counts over the simulated span against Λ = (I − α/β)⁻¹ μ, within four standard
+    deviations of the Hawkes central limit theorem: T·Cov(N(T)/T) → (I − K)⁻¹ diag(Λ) (I − K)⁻ᵀ
+    with K = α/β (Bacry et al. 2013); the start from an empty history costs O(1) events."""
+    events = 40_000
+    times, marks = hawkes.simulate(pp.MU, pp.ALPHA, pp.BETA, events, np.random.default_rng(1))
+    mu, alpha = np.array(pp.MU), np.array(pp.ALPHA)
+    rate = np.linalg.solve(np.eye(2) - alpha / pp.BETA, mu)
+    np.testing.assert_allclose(hawkes.stationary_rate(pp.MU, pp.ALPHA, pp.BETA), [41 / 60, 0.55], rtol=1e-12)
+    assert np.all(np.diff(times) > 0)
+    span = times[-1]
+    measured = np.bincount(marks, minlength=2) / span
+    spread = np.linalg.inv(np.eye(2) - alpha / pp.BETA)
+    sd = np.sqrt(np.diag(spread @ np.diag(rate) @ spread.T) / span)
+    assert np.all(np.abs(measured - rate) < 4 * sd), (measured, rate, sd)
+
+
+def test_hawkes_compensator_increments_are_unit_exponential():
+    """Time rescaling: each mark's compensator between its own events is Exp(1) iff the process
+    has the stated intensity; the compensator is computed in closed form, not by thinning."""
+    times, marks = hawkes.simulate(pp.MU, pp.ALPHA, pp.BETA, 20_000, np.random.default_rng(2))
+    mu, alpha, beta = np.array(pp.MU), np.array(pp.ALPHA), pp.BETA
+    excess, last, total = np.zeros(2), 0.0, np.zeros(2)
+    since = [[], []]  # per mark: compensator values at its events
+    for t, k in zip(times, marks):
+        dt = t - last
+        total += mu * dt + excess * -np.expm1(-beta * dt) / beta
+        excess = excess * np.exp(-beta * dt) + alpha[:, k]
+        since[k].append(total[k])
+        last = t
+    for values in since:
+        increments = np.diff(values, prepend=0.0)
+        assert stats.kstest(increments, "expon").pvalue > 1e-3
+
+
+def test_hawkes_simulation_is_determined_by_the_generator():
+    draw = lambda seed: hawkes.simulate(pp.MU, pp.ALPHA, pp.BETA, 200, np.random.default_rng(seed))
+    (t1, k1), (t2, k2), (t3, _) = draw(5), draw(5), draw(6)
+    np.testing.assert_array_equal(t1, t2)
+    np.testing.assert_array_equal(k1, k2)
+    assert not np.array_equal(t1, t3)
+
+
+def test_a_non_stationary_hawkes_process_is_refused():
+    with pytest.raises(biaskit.InputError, match="spectral radius"):
+        hawkes.stationary_rate([0.1, 0.1], [[1.5, 0.0], [0.0, 0.5]], 1.0)
+
+
+# --- loaders and streams --------------------------------------------------------------------
+
+
+def events(*pairs):
+    """Neural-Hawkes events from (time since start, mark) pairs."""
+    out, last = [], 0.0
+    for t, k in pairs:
+        out.append({"time_since_start": t, "time_since_last_event": t - last, "type_event": k})
+        last = t
+    return out
+
+
+def write_pickles(folder, **splits):
+    folder.mkdir(exist_ok=True)
+    for key, data in splits.items():
+        with open(folder / f"{key}.pkl", "wb") as fh:
+            pickle.dump(data, fh)
+    return folder
+
+
+PICKLED = {
+    "train": [events((0.5, 1), (1.0, 0), (2.5, 2)), events((0.0, 0), (0.25, 1)), events((3.0, 1))],
+    "dev": [events((1.0, 2), (1.5, 2))],
+    "test": [events((0.0, 0), (4.0, 1), (4.0, 0))],
+}
+
+
+@pytest.fixture
+def pickle_folder(tmp_path):
+    return write_pickles(tmp_path / "hawkes", **{k: {k: v, "dim_process": 3} for k, v in PICKLED.items()})
+
+
+def test_pickle_layout_becomes_streams_with_no_event_in_its_own_input(pickle_folder):
+    task = pp.build({"data": str(pickle_folder), **SMALL})
+    x, y = task.splits["train"]
+    # position i reads event i = [mark, gap, time since the first event]; its target is event i + 1
+    torch.testing.assert_close(x, torch.tensor([[1, 0, 0], [0, 0.5, 0.5], [0, 0, 0]]))
+    torch.testing.assert_close(y, torch.tensor([[0, 0.5], [2, 1.5], [1, 0.25]]))
+    torch.testing.assert_close(task.splits["valid"][1], torch.tensor([[2.0, 0.5]]))
+    torch.testing.assert_close(task.splits["test"][0], torch.tensor([[0, 0, 0], [1, 4.0, 4.0]]))
+    torch.testing.assert_close(task.splits["test"][1], torch.tensor([[1, 4.0], [0, 0.0]]))
+    assert task.model.head.marks.out_features == 3
+    torch.testing.assert_close(task.model.encoder.scales, torch.tensor([2.25 / 3, 0.5 / 3]))
+
+
+def test_a_missing_pickle_split_is_named(tmp_path):
+    folder = write_pickles(tmp_path / "d", train={"train": PICKLED["train"], "dim_process": 3},
+                           test={"test": PICKLED["test"], "dim_process": 3})
+    with pytest.raises(biaskit.InputError, match="lacks dev.pkl"):
+        pp.build({"data": str(folder), **SMALL})
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"training": PICKLED["train"], "dim_process": 3}, "keys 'train' and 'dim_process'"),
+    ({"train": PICKLED["train"]}, "keys 'train' and 'dim_process'"),
+    ([1, 2], "must be a dict"),
+    ({"train": [[{"time_since_start": 1.0}]], "dim_process": 3}, "sequence 0: every event"),
+    ({"train": [events((2.0, 0), (1.0, 1))], "dim_process": 3}, "decreases"),
+    ({"train": PICKLED["train"], "dim_process": 2}, "disagree on dim_process"),
+    ({"train": [events((0.5, 0), (1.5, 3))], "dim_process": 3}, "marks outside 0..2"),
+    ({"train": [events((0.5, 0), (math.inf, 1))], "dim_process": 3}, "not a finite number"),
+])
+def test_a_malformed_pickle_is_refused_clearly(pickle_folder, bad, message):
+    write_pickles(pickle_folder, train=bad)
+    with pytest.raises(biaskit.InputError, match=message):
+        pp.build({"data": str(pickle_folder), **SMALL})
+
+
+def test_a_file_that_is_no_pickle_is_refused(pickle_folder):
+    (pickle_folder / "test.pkl").write_text("sequence,time,mark\n")
+    with pytest.raises(biaskit.InputError, match="cannot read .*test.pkl"):
+        pp.build({"data": str(pickle_folder), **SMALL})
+
+
+def test_csv_is_sorted_in_time_and_cut_80_10_10_by_sequence_id(tmp_path):
+    rows = []
+    for seq in range(1, 11):  # ids 1..10: numeric order puts 10 last
+        rows += [f"{seq},{seq + 0.5},1", f"{seq},{float(seq)},0"]  # out of time order
+    rows += ["10,12.0,2"]
+    path = tmp_path / "events.csv"
+    path.write_text("sequence,time,mark\n" + "\n".join(reversed(rows)) + "\n")
+    task = pp.build({"data": str(path), **SMALL})
+    x, y = task.splits["train"]
+    assert x.shape == (8, 3)
+    torch.testing.assert_close(y, torch.tensor([[1, 0.5]] * 8))
+    torch.testing.assert_close(task.splits["valid"][0], torch.tensor([[0, 0, 0.0]]))
+    torch.testing.assert_close(task.splits["test"][0], torch.tensor([[0, 0, 0], [1, 0.5, 0.5]]))
+    torch.testing.assert_close(task.splits["test"][1], torch.tensor([[1, 0.5], [2, 1.5]]))
+    assert task.model.head.marks.out_features == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1,0.5,0\n1,1.0,1\n", "needs a header with the columns sequence, time, mark"),
+    ("sequence,time\n1,0.5\n", "needs a header"),
+    ("sequence,time,mark\n1,0.5,0\n1,soon,1\n", "line 3: need a sequence id, a number for time"),
+    ("sequence,time,mark\n", "no events"),
+])
+def test_a_malformed_csv_is_refused_clearly(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(biaskit.InputError, match=message):
+        pp.build({"data": str(path), **SMALL})
+
+
+def test_a_missing_data_path_is_refused(tmp_path):
+    with pytest.raises(biaskit.InputError, match="neither a folder"):
+        pp.build({"data": str(tmp_path / "nowhere"), **SMALL})
+
+
+def test_too_small_a_simulation_is_refused():
+    with pytest.raises(biaskit.InputError, match="at least 10 sequences"):
+        pp.build({**SMALL, "events": 350})
+
+
+# --- the model as biaskit sees it, and a run --------------------------------------------------
+
+
+def test_biaskit_loss_at_each_window_end_is_the_model_loss_there():
+    task = pp.build(SMALL)
+    model = task.model.eval()
+    x, y = task.splits["train"]
+    windows, last, burn = sample_windows(x, y, 12, 5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, h0 = model(burn)
+        outputs, _ = model(torch.cat([burn, windows], dim=1))
+    ds = biaskit.decompose(model.system(), windows, last, h0=h0, psi=False)
+    expected = model.loss(outputs[:, -1], last)
+    np.testing.assert_allclose(ds["loss"].values, expected.numpy(), rtol=1e-5, atol=1e-6)
+    system = model.system()
+    reached = [*system.params().values(), *system.readout_params().values()]
+    assert {id(p) for p in reached} == {id(p) for p in model.parameters()}
+
+
+def test_a_short_training_run_logs_finite_nll_rmse_and_error_rate(tmp_path):
+    train = {"batch_size": 8, "window": 20, "windows": 8, "K": 5, "K_max": 30, "epochs": 1}
+    cfg = loop.full_config("trainers.tasks.point_process:build", dict(SMALL), {**pp.TRAIN, **train})
+    (line,) = loop.Run(cfg, tmp_path, quiet=True).fit()
+    for key in ("train_nll", "valid_nll", "valid_rmse", "valid_error_rate", "test_rmse", "rel_bias_exact"):
+        assert math.isfinite(line[key]), key
+    assert line["valid_nll"] == line["valid_loss"]
+    assert 0 <= line["valid_error_rate"] <= 1
