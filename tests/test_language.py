@@ -63,10 +63,18 @@ def test_embedded_corpus_is_deterministic_and_split_80_10_10():
 
 
 def test_a_short_language_run_trains(tmp_path):
-    cfg = loop.full_config("trainers.tasks.language:build", {"embedding": 8, "hidden": 8},
-                           {"epochs": 1, "batch_size": 64, "K": 10, "window": 30, "windows": 8, "K_min": 2,
-                            "K_max": 30, "delta": 0.5})
-    lines = loop.Run(cfg, tmp_path, quiet=True).fit()
-    first_loss = torch.log(torch.tensor(float(language.build({}).model.head.out_features))).item()
-    assert lines[0]["valid_loss"] < first_loss  # better than a uniform guess over the vocabulary
-    assert lines[0]["valid_ppl"] == pytest.approx(torch.tensor(lines[0]["valid_loss"]).exp().item(), rel=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    words = [f"w{i}" for i in range(30)]
+
+    def text(lines):  # each line counts up from a random word: learnable, not memorisable
+        starts = torch.randint(0, 20, (lines,), generator=gen).tolist()
+        return "".join(" ".join(words[s:s + 8]) + "\n" for s in starts)
+
+    data = write(tmp_path / "corpus", ("train.txt", "valid.txt", "test.txt"), (text(600), text(60), text(60)))
+    cfg = loop.full_config("trainers.tasks.language:build", {"data_dir": str(data), "embedding": 8, "hidden": 16},
+                           {"epochs": 2, "batch_size": 16, "K": 5, "window": 20, "windows": 8, "K_min": 2,
+                            "K_max": 20, "delta": 0.5})
+    lines = loop.Run(cfg, tmp_path / "run", quiet=True).fit()
+    vocab = len(words) + 2  # <eos> and <unk>
+    assert lines[-1]["valid_loss"] < 0.5 * torch.log(torch.tensor(float(vocab))).item()  # far below a uniform guess
+    assert lines[-1]["valid_ppl"] == pytest.approx(torch.tensor(lines[-1]["valid_loss"]).exp().item(), rel=1e-6)
