@@ -1,9 +1,24 @@
-"""Reference computations the tests check biaskit against: the modules' own
+"""Test systems, and reference computations the tests check biaskit against: the modules' own
 forward passes with detach-based truncation, nothing from biaskit."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+class LinearCell(nn.Module):
+    """h_t = W h_{t-1} + U x_t, so ∂L/∂h_{s-k} = (Wᵀ)^k ∂L/∂h_s exactly."""
+
+    def __init__(self, W, U):
+        super().__init__()
+        self.W = nn.Parameter(W)
+        self.U = nn.Parameter(U)
+
+    def initial_state(self, batch_size):
+        return self.W.new_zeros(batch_size, self.W.shape[0])
+
+    def forward(self, x, h):
+        return h @ self.W.T + x @ self.U.T
 
 
 class LeakyCell(nn.Module):

@@ -8,33 +8,19 @@ import torch
 from torch import nn
 
 import biaskit
+from helpers import LinearCell
 from trainers.adaptive import Controller
 
 
-class LinearCell(nn.Module):
-    """h_t = β Q h_{t-1} + U x_t with Q orthogonal: ||∂L/∂h_{s-k}|| = β^k ||∂L/∂h_s|| exactly."""
+class LinearModel(nn.Module):
+    """The trainer's model protocol around a LinearCell with W = βQ, Q orthogonal, so
+    ||∂L/∂h_{s-k}|| = β^k ||∂L/∂h_s|| exactly; a squared-error readout."""
 
     def __init__(self, beta, n=4, features=2):
         super().__init__()
         q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
-        self.W = nn.Parameter(beta * q)
-        self.U = nn.Parameter(torch.randn(n, features, dtype=torch.float64))
-        self.n = n
-
-    def initial_state(self, batch_size):
-        return torch.zeros(batch_size, self.n, dtype=torch.float64)
-
-    def forward(self, x_t, h):
-        return h @ self.W.T + x_t @ self.U.T
-
-
-class LinearModel(nn.Module):
-    """The trainer's model protocol around LinearCell, with a squared-error readout."""
-
-    def __init__(self, beta):
-        super().__init__()
-        self.cell = LinearCell(beta)
-        self.head = nn.Linear(self.cell.n, 1).double()
+        self.cell = LinearCell(beta * q, torch.randn(n, features, dtype=torch.float64))
+        self.head = nn.Linear(n, 1).double()
 
     def forward(self, x, state=None):
         h = self.cell.initial_state(x.shape[0]) if state is None else state

@@ -11,21 +11,7 @@ import biaskit
 from biaskit import report
 from biaskit.decay import fit_decay
 from biaskit.errors import InputError
-
-
-class LinearCell(nn.Module):
-    """h_t = W h_{t-1} + U x_t, so ∂L/∂h_{s-k} = (Wᵀ)^k ∂L/∂h_s exactly."""
-
-    def __init__(self, W, U):
-        super().__init__()
-        self.W = nn.Parameter(W)
-        self.U = nn.Parameter(U)
-
-    def initial_state(self, batch_size):
-        return self.W.new_zeros(batch_size, self.W.shape[0])
-
-    def forward(self, x, h):
-        return h @ self.W.T + x @ self.U.T
+from helpers import LinearCell
 
 
 class ResettingCell(nn.Module):
