@@ -189,7 +189,8 @@ class Run:
         stream = Stream(batchify(x, S).to(self.device), batchify(y, S).to(self.device))
         adaptive = cfg["delta"] is not None
         total_loss, positions, began = 0.0, 0, time.perf_counter()
-        bar = tqdm(total=stream.length, disable=self.quiet, unit="pos", leave=False, mininterval=1.0,
+        bar = tqdm(total=stream.length, disable=True if self.quiet else None,  # None: off when not a terminal
+                   unit="pos", leave=False, mininterval=1.0,
                    desc=f"epoch {self.epoch + 1}/{cfg['epochs']}")
         while not stream.done:
             progress = self.epoch + stream.pos / stream.length
@@ -209,7 +210,7 @@ class Run:
             total_loss += loss.item() * n
             positions += n
             bar.update(n)
-            bar.set_postfix(loss=f"{total_loss / positions:.3f}", K=self.K,
+            bar.set_postfix(loss=f"{total_loss / positions:.3f}", K=self.K, refresh=False,
                             tok_s=f"{positions * S / (time.perf_counter() - began):.0f}")
         bar.close()
         seconds = time.perf_counter() - began
