@@ -1,10 +1,11 @@
 """biaskit: how wrong is a truncated-BPTT gradient, and how long must the truncation be."""
+from .audit import Audit, audit
 from .bias import bias_bound, calibration
 from .decay import fit_decay
 from .decompose import decompose, truncated_gradient
 from .errors import InputError
 from .recurrent import RecurrentSystem, wrap
 
-__all__ = ["wrap", "decompose", "truncated_gradient", "fit_decay", "bias_bound", "calibration",
-           "RecurrentSystem", "InputError"]
+__all__ = ["wrap", "decompose", "truncated_gradient", "fit_decay", "bias_bound", "calibration", "audit",
+           "Audit", "RecurrentSystem", "InputError"]
 __version__ = "0.1.0"

@@ -8,3 +8,19 @@ def test_ci_runs_the_readme_test_command():
     command = ROOT.joinpath(".ci/run").read_text().strip().splitlines()[-1]
     assert command in ROOT.joinpath("README.md").read_text()
     assert "pytest" in command and "torch==2.13.0" in command
+
+
+def test_the_readme_python_examples_run_as_written(tmp_path, monkeypatch):
+    """The library and custom-cell snippets, in order, in one namespace (they build on each other)."""
+    import re
+
+    readme = ROOT.joinpath("README.md").read_text()
+    section = readme[readme.index("## Measure the bias of your own RNN"):readme.index("## What `decompose` measures")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)  # report.save("audit/") writes here
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert (tmp_path / "audit" / "audit.nc").is_file()
+    assert 0 <= float(namespace["ds"]["rel_bias"].sel(K=10)) < 1
