@@ -65,7 +65,7 @@ def _deltas(ctx, param, value):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("audit"), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def analyze(checkpoint_path, factory, data, windows, window_length, deltas, seed, device, out, fmt):
-    """Audit a trained model: exact bias for every K, decay fits, bounds and their calibration."""
+    """Audit a trained model: the exact bias for every K, and its estimates."""
     interactive = fmt == "text" and sys.stderr.isatty()  # progress for people, not for pipes
     say = (lambda msg: click.echo(msg, err=True)) if interactive else (lambda msg: None)
     dev = _device(device)
@@ -88,7 +88,7 @@ def analyze(checkpoint_path, factory, data, windows, window_length, deltas, seed
 @click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("figures"), show_default=True)
 def plot(run_dirs, out):
-    """Training curves of runs side by side: test metric, K and relative bias versus epoch."""
+    """Training curves of runs side by side (test metric, K, relative bias)."""
     for run_dir in run_dirs:
         if not (run_dir / "metrics.jsonl").is_file():
             raise InputError(f"{run_dir} is not a run directory (no metrics.jsonl)")
@@ -183,7 +183,7 @@ def _train(task_module: str, task_config: dict, opts: dict):
 @click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 50).")
 @_with(TRAIN_OPTIONS)
 def train_copy(m, variable, m_min, m_max, train_tokens, valid_tokens, test_tokens, hidden, **opts):
-    """The copy task (paper Sec. 5.1): remember m symbols, then recall them."""
+    """Copy task (paper section 5.1): remember m symbols, then recall them."""
     task = {k: v for k, v in dict(m=m, variable=variable, m_min=m_min, m_max=m_max, train_tokens=train_tokens,
                                   valid_tokens=valid_tokens, test_tokens=test_tokens, hidden=hidden).items()
             if v is not None}
@@ -199,7 +199,7 @@ def train_copy(m, variable, m_min, m_max, train_tokens, valid_tokens, test_token
 @click.option("--tie-weights", is_flag=True, default=None, help="Share the embedding and output weights.")
 @_with(TRAIN_OPTIONS)
 def train_language(data_dir, embedding, hidden, dropout, tie_weights, **opts):
-    """Word-level language modelling (paper Sec. 5.2)."""
+    """Word-level language modelling (paper section 5.2)."""
     task = {k: v for k, v in dict(data_dir=None if data_dir is None else str(Path(data_dir).resolve()),
                                   embedding=embedding, hidden=hidden, dropout=dropout,
                                   tie_weights=tie_weights).items() if v is not None}
@@ -214,7 +214,7 @@ def train_language(data_dir, embedding, hidden, dropout, tie_weights, **opts):
 @click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 128).")
 @_with(TRAIN_OPTIONS)
 def train_point_process(data, events, hidden, **opts):
-    """Marked temporal point process with RMTPP (paper Sec. 5.3)."""
+    """Marked temporal point process with RMTPP (paper section 5.3)."""
     task = {k: v for k, v in dict(data=None if data is None else str(Path(data).resolve()),
                                   events=events, hidden=hidden).items() if v is not None}
     _train("point_process", task, opts)
