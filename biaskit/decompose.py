@@ -178,7 +178,7 @@ def decompose(
         {
             "phi": (("sample", "lag"), np_(norms.euclidean(b_lag))),
             "phi_state": (("lag", "state"), np_(b_lag.abs().mean(0))),
-            "phi_mahalanobis": (("sample", "lag"), np_(norms.mahalanobis(b_lag, metric.to(b.dtype)))),
+            "phi_mahalanobis": (("sample", "lag"), np_(norms.mahalanobis(b_lag, metric.to(b)))),
             "abs_bias": (("K",), np_(abs_bias)),
             "rel_bias": (("K",), np_(abs_bias / grad_norm)),
             "metric": (("state", "state_"), np_(metric)),
@@ -197,7 +197,7 @@ def decompose(
             **system.describe(),
             "window_length": R,
             "batch": B,
-            "dtype": str(x.dtype).removeprefix("torch."),
+            "dtype": str(b.dtype).removeprefix("torch."),
             "device": str(x.device),
             "grad_norm": float(grad_norm),
             "n_params": n_params + sum(p.numel() for p in readout.values()),

@@ -71,7 +71,7 @@ def test_encoder_parameters_count_in_the_bias():
     system = biaskit.wrap(lstm, head, loss_fn, encoder=emb)
     full = naive_gradient(lstm, head, loss_fn, tokens, y, encoder=emb)
     ds = biaskit.decompose(system, tokens, y)
-    assert ds.attrs["encoder"] == "Embedding"
+    assert ds.attrs["encoder"] == "Embedding" and ds.attrs["dtype"] == "float64"  # the state's, not the tokens'
     for K in (0, 3, R - 2):
         naive = naive_gradient(lstm, head, loss_fn, tokens, y, K, encoder=emb)
         assert distance(biaskit.truncated_gradient(system, tokens, y, K), naive) < 1e-10
