@@ -38,6 +38,7 @@ class Audit:
             low, high = fit.conf_int()
             out["norms"][norm] = {
                 "beta": fit.beta, "beta_low": float(low), "beta_high": float(high), "tau": int(fit.tau),
+                "method": fit.method,
                 "decays": fit.decays,
                 "kappa": dict(zip(map(str, deltas), ds["kappa"].sel(norm=norm).values.tolist())),
                 "bound_holds_fraction": float(ds["fraction_holds"].sel(norm=norm)),
@@ -58,7 +59,8 @@ class Audit:
             f"{'kappa(' + k + ')':>12}" for k in deltas) + f"{'bound holds':>13}"
         lines += [head, "-" * len(head)]
         for norm, r in d["norms"].items():
-            beta = f"{r['beta']:.4f} [{r['beta_low']:.4f}, {r['beta_high']:.4f}]"
+            beta = (f"{r['beta']:.4f} [{r['beta_low']:.4f}, {r['beta_high']:.4f}]" if r["method"] != "vanished"
+                    else "0: exactly 0 past tau")
             lines.append(f"{NORM_NAMES[norm]:<22}{beta:<28}{r['tau']:>5}  {'yes' if r['decays'] else 'no':<4}"
                          + "".join(f"{r['kappa'][k]:>12}" for k in deltas)
                          + f"{100 * r['bound_holds_fraction']:>12.0f}%")

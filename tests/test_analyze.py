@@ -159,3 +159,16 @@ def test_audit_api_matches_decompose_and_round_trips(tmp_path):
     result.save(tmp_path)
     back = report.load(tmp_path / "audit.nc")
     assert float(back["kappa"].sel(norm="phi", delta=0.5)) == result.as_dict()["norms"]["phi"]["kappa"]["0.5"]
+
+
+def test_summary_says_when_the_norm_vanishes():
+    """A nilpotent shift W (W^4 = 0): φ is exactly 0 past lag 3, so β is exactly 0, said in words."""
+    from helpers import LinearCell
+
+    W = torch.diag(torch.ones(3, dtype=torch.float64), -1)  # 4x4 shift, W^4 = 0
+    cell = LinearCell(W, torch.randn(4, 2, dtype=torch.float64))
+    x, y = torch.randn(8, 12, 2, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    result = audit(cell, x, y, readout=nn.Linear(4, 1).double(), loss_fn=lambda o, t: (o.squeeze(-1) - t) ** 2)
+    assert (result.dataset["phi"].sel(lag=slice(4, None)) == 0).all()
+    assert result.as_dict()["norms"]["phi"]["method"] == "vanished"
+    assert "0: exactly 0 past tau" in result.summary()
