@@ -28,7 +28,7 @@ class Controller:
     K_min: int = 2
     K_max: int = 100
     norm: str = "phi"
-    tau: float | str | None = None
+    tau: int | str | None = None  # as fit_decay takes it: a lag, "auto" or None (0.9 W)
 
     def measure(self, model, inputs, targets, K: int, generator: torch.Generator) -> dict:
         """Decompose, fit, bound; return the record of this update with the new K."""
