@@ -31,13 +31,15 @@ def run(jobs: list[tuple[Path, dict]], processes: int):
         pool.map(_train, jobs, chunksize=1)
 
 
-def table(rows: list[tuple[str, str, Path]], metric: str, extra: tuple[str, ...] = ()) -> str:
+def table(rows: list[tuple[str, str, Path]], metric: str, extra: tuple[str, ...] = (),
+          final: tuple[str, ...] = ()) -> str:
     """A markdown table of (group, setting, run directory): best valid and its test metric
     (and the ``extra`` columns of that epoch's line), the K used over epochs, the median
-    exact relative bias at K, seconds per epoch."""
+    exact relative bias at K, the ``final`` columns of the last epoch, seconds per epoch."""
     name = metric.upper()
     header = ["", "setting", f"best valid {name}", f"test {name}", *extra,
-              "K over epochs (first → last; min–max)", "exact rel. bias at K (median)", "s/epoch"]
+              "K over epochs (first → last; min–max)", "exact rel. bias at K (median)",
+              *(f"{f} (last epoch)" for f in final), "s/epoch"]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, setting, run_dir in rows:
         lines = loop.read_metrics(run_dir)
@@ -47,6 +49,7 @@ def table(rows: list[tuple[str, str, Path]], metric: str, extra: tuple[str, ...]
         cells = [group, setting, f"{best[f'valid_{metric}']:.3f}", f"{best[f'test_{metric}']:.3f}",
                  *(f"{best[e]:.3f}" for e in extra), f"{Ks[0]} → {Ks[-1]}; {min(Ks)}–{max(Ks)}",
                  f"{statistics.median(bias):.3g}" if bias else "beyond W",
+                 *("–" if lines[-1].get(f) is None else f"{lines[-1][f]:.3g}" for f in final),
                  f"{statistics.median(line['seconds'] for line in lines):.1f}"]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)

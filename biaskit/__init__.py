@@ -5,7 +5,8 @@ from .decay import fit_decay
 from .decompose import decompose, truncated_gradient
 from .errors import InputError
 from .recurrent import RecurrentSystem, wrap
+from .synthetic import synthetic_bias
 
 __all__ = ["wrap", "decompose", "truncated_gradient", "fit_decay", "bias_bound", "calibration", "audit",
-           "Audit", "RecurrentSystem", "InputError"]
+           "Audit", "synthetic_bias", "RecurrentSystem", "InputError"]
 __version__ = "0.1.0"

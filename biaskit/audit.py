@@ -19,10 +19,15 @@ NORM_NAMES = {"phi": "Euclidean ||dL/dh||", "phi_mahalanobis": "Mahalanobis", "p
 
 
 class Audit:
-    """An audit's results: ``dataset`` holds everything; ``summary()`` says it in words."""
+    """An audit's results: ``dataset`` holds everything; ``summary()`` says it in words.
 
-    def __init__(self, dataset: xr.Dataset, fits: dict, bounds: dict, K: int | None):
-        self.dataset, self.fits, self.bounds, self.K = dataset, fits, bounds, K
+    ``synthetic``, when set, is a ``synthetic_bias`` Dataset: the bias of the
+    model's synthetic-gradient training, reported beside the rest.
+    """
+
+    def __init__(self, dataset: xr.Dataset, fits: dict, bounds: dict, K: int | None,
+                 synthetic: xr.Dataset | None = None):
+        self.dataset, self.fits, self.bounds, self.K, self.synthetic = dataset, fits, bounds, K, synthetic
 
     def as_dict(self) -> dict:
         """The summary's numbers, for ``--format json`` and scripts."""
@@ -47,6 +52,15 @@ class Audit:
         if self.K is not None:
             out["K"] = self.K
             out["rel_bias_at_K"] = _finite(ds["rel_bias"].sel(K=self.K)) if self.K in ds.K else None
+        if self.synthetic is not None:
+            syn = self.synthetic
+            out["synthetic"] = {
+                "K": int(syn.attrs["K"]), "window_length": int(syn.attrs["window_length"]),
+                "lookahead": int(syn.attrs["lookahead"]),
+                "rel_bias_truncated": float(syn["rel_bias_truncated"]),
+                "rel_bias_synthetic": float(syn["rel_bias_synthetic"]),
+                "synthetic_error_median": float(syn["synthetic_error"].median()),
+            }
         return out
 
     def summary(self) -> str:
@@ -70,6 +84,14 @@ class Audit:
             at = d["rel_bias_at_K"]
             lines += ["", f"exact relative bias at the model's own K = {self.K}: "
                           + ("beyond the window" if at is None else f"{at:.4g}")]
+        if "synthetic" in d:
+            syn = d["synthetic"]
+            lines += ["", f"synthetic gradients, BPTT(K, K) chunks at K = {syn['K']} over {d['windows']} windows of "
+                          f"{syn['window_length']} steps (+{syn['lookahead']} later):",
+                      f"  relative bias against full BPTT: {syn['rel_bias_truncated']:.4g} truncated, "
+                      f"{syn['rel_bias_synthetic']:.4g} with the DNI",
+                      f"  the DNI's relative error on the future gradient (median over boundaries): "
+                      f"{syn['synthetic_error_median']:.3g}"]
         return "\n".join(lines)
 
     def save(self, out) -> Path:
@@ -77,6 +99,8 @@ class Audit:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         report.save(self.dataset, out / "audit.nc")
+        if self.synthetic is not None:
+            report.save(self.synthetic, out / "synthetic.nc")
         (out / "summary.txt").write_text(self.summary() + "\n")
         (out / "summary.json").write_text(json.dumps(self.as_dict(), indent=1) + "\n")
         fit = self.fits["phi"]

@@ -59,6 +59,19 @@ def resolve(factory: str):
         raise InputError(f"module {module_name!r} has no {attr!r} (from factory {factory!r})") from None
 
 
+def rebuild_dni(path, device="cpu"):
+    """The DNI a synthetic-gradient run trained beside its model, or None (also for plain state dicts)."""
+    try:
+        entry = load(path).get("dni")
+    except InputError:
+        return None
+    if not entry:
+        return None
+    module = resolve(entry["factory"])(entry["config"])
+    module.load_state_dict(entry["state"])
+    return module.to(device).eval()
+
+
 def rebuild(path, factory: str | None = None, data: str | None = None, device="cpu"):
     """The model, its data streams and its own K, for ``biaskit analyze``.
 

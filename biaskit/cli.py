@@ -15,7 +15,8 @@ import torch
 from . import checkpoint, report
 from .audit import audit
 from .errors import InputError
-from .streams import sample_windows
+from .streams import sample_spans, sample_windows
+from .synthetic import synthetic_bias
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,6 +80,12 @@ def analyze(checkpoint_path, factory, data, windows, window_length, deltas, seed
         _, h0 = model(burn)
     say(f"decomposing {windows} windows of {window_length} steps and fitting every norm")
     result = audit(system, windows_, last, h0=h0, deltas=deltas, K=K, seed=seed)
+    dni = checkpoint.rebuild_dni(checkpoint_path, dev)
+    if dni is not None:
+        say(f"measuring the bias of the run's synthetic gradients at K = {K}")
+        burn, spans, span_targets = (t.to(dev) for t in sample_spans(
+            inputs, targets, window_length, window_length, windows, torch.Generator().manual_seed(seed)))
+        result.synthetic = synthetic_bias(system, spans, span_targets, K, dni, burn=burn, lookahead=window_length)
     say(f"writing {out}")
     result.save(_writable_dir(out))
     click.echo(result.summary() if fmt == "text" else json.dumps(result.as_dict(), indent=1))
@@ -128,12 +135,28 @@ TRAIN_OPTIONS = [
     click.option("--optimizer", help="A torch.optim name (default SGD, as in the paper)."),
     click.option("--optimizer-options", callback=_json_dict, help='JSON, e.g. \'{"momentum": 0.9}\'.'),
     click.option("--clip", type=float, help="Clip the gradient norm to this."),
-    click.option("--schedule", help="constant, cosine or step:EPOCHS:GAMMA."),
+    click.option("--schedule", help="constant, cosine, step:EPOCHS:GAMMA or restarts:EPOCHS."),
     click.option("--seed", type=int),
     click.option("--out", type=click.Path(path_type=Path), help="Run directory."),
     click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this directory."),
     click.option("--device", default="cpu", show_default=True),
     click.option("--quiet", is_flag=True, help="No progress bar or epoch lines."),
+]
+
+
+DNI_OPTIONS = [
+    click.option("--estimator", type=click.Choice(["tbptt", "dni"]),
+                 help="tbptt (default), or dni: synthetic gradients at the ends of BPTT(K, K) chunks."),
+    click.option("--dni", "dni", type=click.Choice(["neuron", "layer"]),
+                 help="The DNI's shape: one shared cell per neuron (default), or one MLP for the whole state."),
+    click.option("--dni-hidden", type=click.IntRange(1), help="The DNI's hidden size (default 8, or D for layer)."),
+    click.option("--dni-lr", type=click.FloatRange(0, min_open=True), help="The DNI's Adam step (default 1e-3)."),
+    click.option("--dni-discount", type=float,
+                 help="Weight of the DNI's own later prediction in its target (default 1; below 1 steadies it)."),
+    click.option("--alternate", is_flag=True, default=None,
+                 help="Real gradients, then synthetic, in turn after each warm restart."),
+    click.option("--restart-base", type=click.FloatRange(0, min_open=True),
+                 help="Warm restarts every 2^i * E epochs, cosine within (default E = 1 with --alternate)."),
 ]
 
 
@@ -160,6 +183,11 @@ def _train(task_module: str, task_config: dict, opts: dict):
         raise InputError("--resume names the run directory; leave out --out or make them equal")
     if resume is None and out is None:
         raise InputError("say where the run goes: --out DIR (or --resume DIR to continue one)")
+    restart_base = opts.pop("restart_base", None)
+    if restart_base is not None or opts.get("alternate"):
+        if opts.get("schedule") is not None:
+            raise InputError("--restart-base and --alternate set the schedule: leave out --schedule")
+        opts["schedule"] = f"restarts:{restart_base or 1}"
     given = {k: v for k, v in opts.items() if v is not None}
     if "seed" in given:
         task_config["seed"] = given["seed"]
@@ -181,7 +209,7 @@ def _train(task_module: str, task_config: dict, opts: dict):
 @click.option("--valid-tokens", type=click.IntRange(1))
 @click.option("--test-tokens", type=click.IntRange(1))
 @click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 50).")
-@_with(TRAIN_OPTIONS)
+@_with(TRAIN_OPTIONS + DNI_OPTIONS)
 def train_copy(m, variable, m_min, m_max, train_tokens, valid_tokens, test_tokens, hidden, **opts):
     """Copy task (paper section 5.1): remember m symbols, then recall them."""
     task = {k: v for k, v in dict(m=m, variable=variable, m_min=m_min, m_max=m_max, train_tokens=train_tokens,
@@ -197,7 +225,7 @@ def train_copy(m, variable, m_min, m_max, train_tokens, valid_tokens, test_token
 @click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 200).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True))
 @click.option("--tie-weights", is_flag=True, default=None, help="Share the embedding and output weights.")
-@_with(TRAIN_OPTIONS)
+@_with(TRAIN_OPTIONS + DNI_OPTIONS)
 def train_language(data_dir, embedding, hidden, dropout, tie_weights, **opts):
     """Word-level language modelling (paper section 5.2)."""
     task = {k: v for k, v in dict(data_dir=None if data_dir is None else str(Path(data_dir).resolve()),

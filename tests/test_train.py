@@ -21,7 +21,11 @@ def strip_timing(lines):
     return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]
 
 
-@pytest.mark.parametrize("train", [{"K": 5}, {"delta": 0.5, "K": 4, "update_every": 0.5}])
+@pytest.mark.parametrize("train", [
+    {"K": 5},
+    {"delta": 0.5, "K": 4, "update_every": 0.5},
+    {"K": 4, "estimator": "dni", "dni": "neuron", "alternate": True, "schedule": "restarts:0.5"},
+])
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, train):
     straight = loop.Run(config(**train), tmp_path / "a", quiet=True).fit()
     loop.Run(config(**{**train, "epochs": 1}), tmp_path / "b", quiet=True).fit()
@@ -79,6 +83,13 @@ def test_cli_trains_and_resumes(run_cli, tmp_path):
         (["train", "copy", "--schedule", "wavy", "--out", "{tmp}/x"], "unknown schedule"),
         (["train", "copy", "--out", "{tmp}/file/sub"], "choose another --out"),
         (["train", "copy", "--resume", "{tmp}/nothing"], "no checkpoint"),
+        (["train", "copy", "--estimator", "dni", "--delta", "0.5", "--out", "{tmp}/x"], "fixed --K"),
+        (["train", "copy", "--estimator", "dni", "--K1", "6", "--K2", "3", "--out", "{tmp}/x"], "fixed --K"),
+        (["train", "copy", "--alternate", "--out", "{tmp}/x"], "--alternate needs --estimator dni"),
+        (["train", "copy", "--estimator", "dni", "--restart-base", "2", "--schedule", "cosine", "--out", "{tmp}/x"],
+         "leave out --schedule"),
+        (["train", "copy", "--estimator", "dni", "--dni", "cell", "--out", "{tmp}/x"], "Invalid value for '--dni'"),
+        (["train", "point-process", "--estimator", "dni", "--out", "{tmp}/x"], "No such option"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(run_cli, tmp_path, args, message):
@@ -104,3 +115,13 @@ def test_training_runs_on_cuda(tmp_path):
     assert next(run.model.parameters()).is_cuda
     lines = run.fit()
     assert lines[0]["valid_ppl"] > 1
+
+
+def test_a_run_from_before_an_option_existed_resumes_with_its_default(tmp_path):
+    loop.Run(config(K=4, epochs=1), tmp_path, quiet=True).fit()
+    path = tmp_path / "checkpoint-last.pt"
+    ckpt = checkpoint.load(path)
+    for key in ("estimator", "dni", "alternate"):
+        del ckpt["config"]["train"][key]
+    torch.save(ckpt, path)
+    assert len(loop.Run(config(K=4, epochs=2), tmp_path, quiet=True, resume=True).fit()) == 2

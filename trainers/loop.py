@@ -18,6 +18,7 @@ from tqdm import tqdm
 from biaskit import checkpoint
 from biaskit.errors import InputError
 
+from . import dni
 from .adaptive import Controller
 from .tbptt import Stream, batchify
 
@@ -41,6 +42,12 @@ TRAIN_DEFAULTS = {
     "update_every": 1.0,   # epochs between K updates (fractions allowed)
     "norm": "phi",
     "tau": None,
+    "estimator": "tbptt",  # tbptt, or dni: synthetic gradients at the ends of BPTT(K, K) chunks
+    "dni": "neuron",       # the DNI's shape: neuron or layer
+    "dni_hidden": None,    # its hidden size; None: the state size (layer), 8 (neuron)
+    "dni_lr": 1e-3,        # its Adam step size
+    "dni_discount": 1.0,   # weight of the bootstrapped term in its target (1: Jaderberg et al.'s)
+    "alternate": False,    # dni: real gradients in even warm restarts, synthetic in odd (schedule restarts:E)
     "seed": 0,
 }
 EVAL_CHUNK = 200
@@ -62,12 +69,46 @@ def full_config(factory: str, task: dict, train: dict) -> dict:
         raise InputError(f"need 1 <= K_min <= K_max, got [{cfg['K_min']}, {cfg['K_max']}]")
     if cfg["update_every"] <= 0:
         raise InputError("--update-every must be positive")
+    if cfg["estimator"] not in ("tbptt", "dni"):
+        raise InputError(f"unknown estimator {cfg['estimator']!r}: use tbptt or dni")
+    if cfg["dni"] not in dni.KINDS:
+        raise InputError(f"unknown DNI {cfg['dni']!r}: use {' or '.join(dni.KINDS)}")
+    if cfg["estimator"] == "dni" and (cfg["delta"] is not None or cfg["K1"] is not None):
+        raise InputError("--estimator dni trains BPTT(K, K) chunks with a fixed --K: "
+                         "leave out --delta, --K1 and --K2")
+    if not 0 <= cfg["dni_discount"] <= 1:
+        raise InputError(f"--dni-discount must be in [0, 1], got {cfg['dni_discount']}")
+    if cfg["alternate"] and (cfg["estimator"] != "dni" or not cfg["schedule"].startswith("restarts:")):
+        raise InputError("--alternate needs --estimator dni and the warm-restart schedule (--restart-base)")
+    lr_factor(cfg, 0.0)  # an unknown schedule fails here, not after the first epoch
     return {"factory": factory, "task": task, "train": cfg}
 
 
 def truncation(cfg: dict, K: int) -> tuple[int, int]:
-    """(K1, K2) for truncation K: explicit when given, else the paper's BPTT(2K, K)."""
+    """(K1, K2) for truncation K: explicit when given, BPTT(K, K) chunks for synthetic
+    gradients, else the paper's BPTT(2K, K)."""
+    if cfg["estimator"] == "dni":
+        return K, K
     return (cfg["K1"], cfg["K2"]) if cfg["K1"] is not None else (2 * K, K)
+
+
+def warm_restart(progress: float, base: float) -> tuple[int, float]:
+    """(i, fraction done) of the warm-restart run at ``progress`` epochs, run i lasting
+    base·2^i epochs (CosineAnnealingWarmRestarts with T_mult = 2)."""
+    i = math.floor(math.log2(progress / base + 1))
+    return i, (progress - base * (2**i - 1)) / (base * 2**i)
+
+
+def synthetic_phase(cfg: dict, progress: float) -> bool:
+    """Whether updates at ``progress`` use synthetic gradients: always for dni, or in odd
+    warm restarts when alternating (real gradients first)."""
+    if cfg["estimator"] != "dni":
+        return False
+    return not cfg["alternate"] or warm_restart(progress, _restart_base(cfg))[0] % 2 == 1
+
+
+def _restart_base(cfg: dict) -> float:
+    return float(cfg["schedule"].split(":")[1])
 
 
 def lr_factor(cfg: dict, progress: float) -> float:
@@ -77,10 +118,15 @@ def lr_factor(cfg: dict, progress: float) -> float:
         return 1.0
     if name == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(progress / cfg["epochs"], 1.0)))
-    if name.startswith("step:"):
-        every, gamma = name.split(":")[1:]
-        return float(gamma) ** math.floor(progress / float(every))
-    raise InputError(f"unknown schedule {name!r}: use constant, cosine or step:EPOCHS:GAMMA")
+    try:
+        if name.startswith("step:"):
+            every, gamma = name.split(":")[1:]
+            return float(gamma) ** math.floor(progress / float(every))
+        if name.startswith("restarts:") and _restart_base(cfg) > 0:
+            return 0.5 * (1 + math.cos(math.pi * warm_restart(progress, _restart_base(cfg))[1]))
+    except ValueError:
+        pass
+    raise InputError(f"unknown schedule {name!r}: use constant, cosine, step:EPOCHS:GAMMA or restarts:EPOCHS")
 
 
 def make_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
@@ -132,6 +178,11 @@ class Run:
         self.task = checkpoint.resolve(config["factory"])(config["task"])
         self.model = self.task.model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
+        self.dni = None
+        if cfg["estimator"] == "dni":
+            self.dni_config = {"kind": cfg["dni"], "size": dni.state_size(self.model), "hidden": cfg["dni_hidden"]}
+            self.dni = dni.build(self.dni_config).to(self.device)
+            self.dni_optimizer = torch.optim.Adam(self.dni.parameters(), lr=cfg["dni_lr"])
         self.controller = Controller(
             cfg["delta"], cfg["window"], cfg["windows"], cfg["K_min"], cfg["K_max"], cfg["norm"], cfg["tau"])
         self.generator = torch.Generator().manual_seed(cfg["seed"])
@@ -149,12 +200,16 @@ class Run:
     # --- resume -----------------------------------------------------------
     def _resume(self):
         ckpt = checkpoint.load(self.out / "checkpoint-last.pt")
-        saved = {**ckpt["config"], "train": {**ckpt["config"]["train"], "epochs": self.config["train"]["epochs"]}}
+        saved = {**ckpt["config"], "train": {**TRAIN_DEFAULTS, **ckpt["config"]["train"],  # options added since
+                                             "epochs": self.config["train"]["epochs"]}}
         if saved != self.config:
             raise InputError(f"{self.out} was trained with another config ({_first_difference(saved, self.config)}); "
                              "resume with the same options, or train into another --out")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.dni is not None:
+            self.dni.load_state_dict(ckpt["dni"]["state"])
+            self.dni_optimizer.load_state_dict(ckpt["dni_optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.generator.set_state(ckpt["rng"]["controller"])
         if ckpt["rng"].get("cuda") is not None and torch.cuda.is_available():
@@ -165,10 +220,13 @@ class Run:
         (self.out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
 
     def _save(self, name: str):
+        synthetic = {} if self.dni is None else {
+            "dni": {"factory": dni.FACTORY, "config": self.dni_config, "state": self.dni.state_dict()},
+            "dni_optimizer": self.dni_optimizer.state_dict()}
         checkpoint.save(
             self.out / name, factory=self.config["factory"], config=self.config, model=self.model.state_dict(),
             optimizer=self.optimizer.state_dict(), epoch=self.epoch, K=self.K, best_valid=self.best,
-            next_update=self.next_update, K_history=self.history, record=self.record,
+            next_update=self.next_update, K_history=self.history, record=self.record, **synthetic,
             rng={"torch": torch.get_rng_state(), "controller": self.generator.get_state(),
                  "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None})
 
@@ -177,6 +235,10 @@ class Run:
         """Measure the bias; when adaptive, set K = κ̂(δ)."""
         x, y = self.task.splits["train"]
         self.record = self.controller.measure(self.model, x, y, self.K, self.generator)
+        if self.dni is not None:
+            cfg = self.config["train"]
+            self.record.update(dni.measure(self.model, self.dni, x, y, self.K, cfg["window"], cfg["windows"],
+                                           self.generator))
         self.record["progress"] = progress
         if self.controller.delta is not None:
             self.K = self.record["K"]
@@ -186,7 +248,9 @@ class Run:
         cfg = self.config["train"]
         x, y = self.task.splits["train"]
         S = cfg["batch_size"]
-        stream = Stream(batchify(x, S).to(self.device), batchify(y, S).to(self.device))
+        xb, yb = batchify(x, S).to(self.device), batchify(y, S).to(self.device)
+        stream = Stream(xb, yb) if self.dni is None else dni.SyntheticStream(xb, yb, self.dni, cfg["dni_discount"])
+        synthetic_updates, updates, dni_loss = 0, 0, 0.0
         adaptive = cfg["delta"] is not None
         total_loss, positions, began = 0.0, 0, time.perf_counter()
         bar = tqdm(total=stream.length, disable=True if self.quiet else None,  # None: off when not a terminal
@@ -201,9 +265,20 @@ class Run:
             lr = cfg["lr"] * lr_factor(cfg, progress) * (math.sqrt(K2) if cfg["scale_lr"] else 1.0)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, n = stream.window_loss(self.model, K1, K2)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.dni is None:
+                loss, n = stream.window_loss(self.model, K1, K2)
+                loss.backward()
+            else:
+                synthetic = synthetic_phase(cfg, progress)
+                loss, n, dni_step_loss = stream.chunk_backward(self.model, K2, synthetic)
+                if dni_step_loss is not None:
+                    self.dni_optimizer.zero_grad(set_to_none=True)
+                    dni_step_loss.backward()
+                    self.dni_optimizer.step()
+                    dni_loss += dni_step_loss.item()
+                synthetic_updates += synthetic
+            updates += 1
             if cfg["clip"]:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip"])
             self.optimizer.step()
@@ -214,8 +289,10 @@ class Run:
                             tok_s=f"{positions * S / (time.perf_counter() - began):.0f}")
         bar.close()
         seconds = time.perf_counter() - began
-        return {"train_loss": total_loss / positions, "lr": lr, "seconds": seconds,
-                "tokens_per_s": positions * S / seconds}
+        line = {"train_loss": total_loss / positions, "lr": lr, "seconds": seconds, "tokens_per_s": positions * S / seconds}
+        if self.dni is not None:
+            line.update(synthetic_share=synthetic_updates / updates, dni_loss=dni_loss / max(1, updates - 1))
+        return line
 
     def fit(self) -> list[dict]:
         cfg = self.config["train"]
@@ -248,6 +325,8 @@ class Run:
                 tqdm.write(f"epoch {self.epoch}: train {line['train_loss']:.4f}  valid {metric} "
                            f"{line[f'valid_{metric}']:.4f}  test {metric} {line[f'test_{metric}']:.4f}  "
                            f"K {K_used}  rel.bias {line.get('rel_bias_exact', float('nan')):.3g}  "
+                           + (f"chunked {line['rel_bias_truncated']:.3g} → DNI {line['rel_bias_synthetic']:.3g}  "
+                              if self.dni is not None else "") +
                            f"{line['tokens_per_s']:.0f} tok/s")
         return read_metrics(self.out)
 

@@ -1,0 +1,84 @@
+"""Synthetic-gradient training speed: a DNI epoch against plain BPTT(K, K) chunks, same run.
+
+Same model and data (the copy task's embedding → 2-layer LSTM 50 → linear,
+256,000 tokens, batch 64), same chunks; the loops alternate over several rounds
+and the median is reported, with the DNI trained as in ``biaskit train``
+(its own backward and Adam step per chunk).
+
+    python benchmarks/bench_dni.py [--K 5] [--rounds 3] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from trainers import dni
+from trainers.tasks import copy
+from trainers.tbptt import Stream, batchify
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_epoch(model, opt, x, y, K, _):
+    stream = Stream(x, y)
+    while not stream.done:
+        loss, _ = stream.window_loss(model, K, K)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def dni_epoch(model, opt, x, y, K, module):
+    stream, dni_opt = dni.SyntheticStream(x, y, module), torch.optim.Adam(module.parameters(), lr=1e-3)
+    while not stream.done:
+        opt.zero_grad(set_to_none=True)
+        _, _, dni_loss = stream.chunk_backward(model, K)
+        if dni_loss is not None:
+            dni_opt.zero_grad(set_to_none=True)
+            dni_loss.backward()
+            dni_opt.step()
+        opt.step()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--K", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=256_000)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    task = copy.build({"train_tokens": args.tokens, "valid_tokens": 1000, "test_tokens": 1000})
+    model = task.model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs, ys = task.splits["train"]
+    x, y = batchify(xs, 64).to(device), batchify(ys, 64).to(device)
+    size = dni.state_size(model)
+    loops = {"BPTT(K, K)": (plain_epoch, None)}
+    for kind in dni.KINDS:
+        loops[f"{kind} DNI"] = (dni_epoch, dni.build({"kind": kind, "size": size}).to(device))
+    times = {name: [] for name in loops}
+    for _ in range(args.rounds):
+        for name, (epoch, module) in loops.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            epoch(model, opt, x, y, args.K, module)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["BPTT(K, K)"])
+    print(f"copy task, {x.numel()} tokens, K = {args.K}, {device}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds}")
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        params = "" if loops[name][1] is None else f", {sum(p.numel() for p in loops[name][1].parameters())} DNI params"
+        print(f"  {name:<12} {t:6.2f} s/epoch  {x.numel() / t:8.0f} tokens/s  {t / base:.2f}x plain{params}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The bias of synthetic-gradient (DNI) training against exact BPTT.
+
+Streaming training with synthetic gradients (Jaderberg et al. 2016) cuts the
+sequence into chunks of K steps, detaches the state between them, and gives
+each chunk's last state h_T a predicted gradient δ̂_T of all later losses. Over
+a window of W steps the gradient that training follows is
+
+    ĝ = Σ_chunks ∇θ [ Σ_{t in chunk} ℓ_t + δ̂_T · h_T ]
+
+and the exact gradient it stands for is full BPTT of every loss, those of the
+``lookahead`` steps after the window included, through the window's steps
+(parameters used after the window are held fixed: their gradient belongs to
+later windows). With δ̂ = 0 this is plain truncation, BPTT(K, K); with δ̂ the
+exact future gradient it is full BPTT. Both gradients are normalised by 1/(B·W).
+
+A DNI is any callable ``dni(state, memory) -> (gradient, memory)`` on flat
+states (batch, D) in the system's layout, returning the per-sample gradient of
+the sum of all later losses; ``memory`` is its own recurrent state, ``None`` at
+the start (a stateless DNI passes it through).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .errors import InputError
+from .recurrent import wrap
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def synthetic_bias(system, inputs, targets, K: int, dni=None, *, burn=None, lookahead: int = 0) -> xr.Dataset:
+    """Relative bias of BPTT(K, K) with and without ``dni``'s synthetic gradients.
+
+    ``inputs`` and ``targets`` are batch-first, (B, W + lookahead, ...) and
+    (B, W + lookahead, ...): a loss at every step. ``burn`` (B, steps, ...), if
+    given, runs first to set the state entering the window and to warm the
+    DNI's memory at its chunk boundaries. Returns the scalars
+    ``rel_bias_truncated`` and ``rel_bias_synthetic`` and, per boundary, the
+    exact future gradient's mean norm, the DNI's, and the DNI's relative error.
+    """
+    system = wrap(system)
+    x = system.batch_first(inputs)
+    B, T = x.shape[:2]
+    W = T - lookahead
+    if not 0 <= lookahead < T:
+        raise InputError(f"lookahead must be in 0..{T - 1} for {T} steps, got {lookahead}")
+    if not torch.is_tensor(targets) or tuple(targets.shape[:2]) != (B, T):
+        got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
+        raise InputError(f"targets must be (batch, steps) = ({B}, {T}), one per step, got {got}")
+    if not 1 <= K <= W:
+        raise InputError(f"K must be in 1..{W} for a window of {W} steps, got {K}")
+    params, readout = system.params(), system.readout_params()
+    trained = [*params.values(), *readout.values()]
+    fixed = {n: p.detach() for n, p in params.items()}
+    fixed_readout = {n: p.detach() for n, p in readout.items()}
+    ends = [*range(K, W, K), W]  # steps after which a chunk ends
+
+    with torch.no_grad():
+        state, memory = system.initial_state(None, B), None
+        if burn is not None:
+            xb = system.batch_first(burn)
+            for t in range(xb.shape[1]):
+                state = system.step(fixed, state, xb[:, t])
+                if dni is not None and (xb.shape[1] - t - 1) % K == 0:  # boundaries aligned to the window
+                    _, memory = dni(state, memory)
+
+    with torch.enable_grad():
+        # Exact: full BPTT; each boundary's continuing state is its own node, so its
+        # gradient is the gradient of the later losses alone.
+        h, loss, carried = state, 0.0, []
+        for t in range(T):
+            inside = t < W
+            h = system.step(params if inside else fixed, h, x[:, t])
+            loss = loss + system.loss(readout if inside else fixed_readout, h, targets[:, t]).sum()
+            if t + 1 in ends:
+                h = h.clone()
+                carried.append(h)
+        grads = torch.autograd.grad(loss / (B * W), [*trained, *carried], allow_unused=True)
+        exact = _flat(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, trained))
+        future = [g * (B * W) for g in grads[len(trained):]]  # per sample, Σ of later losses
+
+        # Truncated: the state entering each chunk detached; the DNI's term at each end.
+        h, loss, term, predicted = state, 0.0, 0.0, []
+        for t in range(W):
+            if t % K == 0:
+                h = h.detach()
+            h = system.step(params, h, x[:, t])
+            loss = loss + system.loss(readout, h, targets[:, t]).sum()
+            if dni is not None and t + 1 in ends:
+                with torch.no_grad():
+                    delta, memory = dni(h.detach(), memory)
+                predicted.append(delta)
+                term = term + (delta * h).sum()
+        grads = torch.autograd.grad(loss / (B * W), trained, allow_unused=True, retain_graph=dni is not None)
+        truncated = _flat(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, trained))
+        if dni is not None:
+            grads = torch.autograd.grad(term / (B * W), trained, allow_unused=True)
+            synthetic = truncated + _flat(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, trained))
+
+    norm = exact.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise InputError("the exact gradient is zero or not finite on these windows: nothing to compare against")
+    nan = float("nan")
+    future_norm = torch.stack([f.norm(dim=1).mean() for f in future])
+    ds = xr.Dataset(
+        {
+            "rel_bias_truncated": float((truncated - exact).norm() / norm),
+            "rel_bias_synthetic": float((synthetic - exact).norm() / norm) if dni is not None else nan,
+            "future_norm": (("boundary",), future_norm.detach().cpu().numpy()),
+        },
+        coords={"boundary": np.asarray(ends)},
+        attrs={**system.describe(), "K": K, "window_length": W, "lookahead": lookahead, "batch": B,
+               "grad_norm": float(norm), "burn_in": 0 if burn is None else int(burn.shape[1])},
+    )
+    if dni is not None:
+        ds["synthetic_norm"] = ("boundary", torch.stack([p.norm(dim=1).mean() for p in predicted]).cpu().numpy())
+        errors = [(p - f).norm(dim=1).mean() / f.norm(dim=1).mean().clamp_min(1e-30) for p, f in zip(predicted, future)]
+        ds["synthetic_error"] = ("boundary", torch.stack(errors).detach().cpu().numpy())
+    ds["future_norm"].attrs["long_name"] = "mean ||d(later losses)/dh_T||"
+    return ds
