@@ -151,7 +151,7 @@ DNI_OPTIONS = [
                  help="The DNI's shape: one shared cell per neuron (default), or one MLP for the whole state."),
     click.option("--dni-hidden", type=click.IntRange(1), help="The DNI's hidden size (default 8, or D for layer)."),
     click.option("--dni-lr", type=click.FloatRange(0, min_open=True), help="The DNI's Adam step (default 1e-3)."),
-    click.option("--dni-discount", type=float,
+    click.option("--dni-discount", type=click.FloatRange(0, 1),
                  help="Weight of the DNI's own later prediction in its target (default 1; below 1 steadies it)."),
     click.option("--alternate", is_flag=True, default=None,
                  help="Real gradients, then synthetic, in turn after each warm restart."),

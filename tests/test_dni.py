@@ -2,13 +2,15 @@
 BPTT, plain truncation and finite differences computed with the model's own forward pass."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
 
 import biaskit
-from biaskit import synthetic_bias
+from biaskit import checkpoint, report, synthetic_bias
 from trainers import dni, loop
 from trainers.tasks.token_model import TokenLSTM
 from trainers.tbptt import Stream
@@ -80,6 +82,16 @@ def stream_gradient(model, stream, K, synthetic=True):
     return total, losses
 
 
+def plain_chunk_gradient(model, x, y, K):
+    """The same total from the plain streaming trainer's BPTT(K, K) windows."""
+    stream, total = Stream(x, y), [torch.zeros_like(p) for p in model.parameters()]
+    while not stream.done:
+        loss, n = stream.window_loss(model, K, K)
+        for acc, g in zip(total, torch.autograd.grad(loss, list(model.parameters()))):
+            acc += g * (S * n)
+    return total
+
+
 @pytest.mark.parametrize("K", [4, 5, 7])
 def test_oracle_dni_turns_the_chunked_stream_into_full_bptt(K):
     model = tiny_model()
@@ -98,12 +110,7 @@ def test_zero_dni_is_plain_truncation():
     x, y = data()
     zero = dni.build({"kind": "layer", "size": 16, "hidden": 6}).double()
     got, _ = stream_gradient(model, dni.SyntheticStream(x, y, zero), K)
-    stream, want = Stream(x, y), [torch.zeros_like(p) for p in model.parameters()]
-    while not stream.done:
-        loss, n = stream.window_loss(model, K, K)
-        for acc, g in zip(want, torch.autograd.grad(loss, list(model.parameters()))):
-            acc += g * (S * n)
-    for g, w in zip(got, want):
+    for g, w in zip(got, plain_chunk_gradient(model, x, y, K)):
         torch.testing.assert_close(g, w)
 
 
@@ -112,12 +119,7 @@ def test_real_phase_leaves_the_dni_out_of_the_model_gradient_but_not_out_of_its_
     x, y = data()
     future, _ = future_gradients(model, x, y, list(range(K, LENGTH, K)))
     real, losses = stream_gradient(model, dni.SyntheticStream(x, y, Oracle(future)), K, synthetic=False)
-    stream, plain = Stream(x, y), [torch.zeros_like(p) for p in model.parameters()]
-    while not stream.done:
-        loss, n = stream.window_loss(model, K, K)
-        for acc, g in zip(plain, torch.autograd.grad(loss, list(model.parameters()))):
-            acc += g * (S * n)
-    for g, w in zip(real, plain):
+    for g, w in zip(real, plain_chunk_gradient(model, x, y, K)):
         torch.testing.assert_close(g, w)
     assert all(float(loss) < 1e-20 for loss in losses[1:])
 
@@ -283,12 +285,11 @@ def test_a_dni_run_logs_both_biases_and_analyze_reports_them(run_cli, tmp_path, 
     res = run_cli("analyze", run_dir / "checkpoint-last.pt", "--window-length", "20", "--windows", "8",
                   "--out", tmp_path / "audit", "--format", "json")
     assert res.code == 0, res.err
-    import json
     syn = json.loads(res.out)["synthetic"]
     assert syn["K"] == 4 and syn["lookahead"] == 20 and syn["rel_bias_synthetic"] > 0
     assert (tmp_path / "audit" / "synthetic.nc").is_file()
+    assert len(report.plot_training([run_dir]).axes) == 4  # a panel for the DNI's bias
     # The checkpoint's DNI is the one the run trained, and it rebuilds by name.
-    from biaskit import checkpoint
     rebuilt = checkpoint.rebuild_dni(run_dir / "checkpoint-last.pt")
     saved = checkpoint.load(run_dir / "checkpoint-last.pt")["dni"]["state"]
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in saved.items())

@@ -89,6 +89,7 @@ def test_cli_trains_and_resumes(run_cli, tmp_path):
         (["train", "copy", "--estimator", "dni", "--restart-base", "2", "--schedule", "cosine", "--out", "{tmp}/x"],
          "leave out --schedule"),
         (["train", "copy", "--estimator", "dni", "--dni", "cell", "--out", "{tmp}/x"], "Invalid value for '--dni'"),
+        (["train", "copy", "--estimator", "dni", "--dni-discount", "2", "--out", "{tmp}/x"], "--dni-discount"),
         (["train", "point-process", "--estimator", "dni", "--out", "{tmp}/x"], "No such option"),
     ],
 )
