@@ -10,22 +10,15 @@ and the median is reported, with the DNI trained as in ``biaskit train``
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from copy_timing import copy_setup, interleaved_medians
 
 from trainers import dni
-from trainers.tasks import copy
-from trainers.tbptt import Stream, batchify
+from trainers.tbptt import Stream
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def plain_epoch(model, opt, x, y, K, _):
+def plain_epoch(model, opt, x, y, K):
     stream = Stream(x, y)
     while not stream.done:
         loss, _ = stream.window_loss(model, K, K)
@@ -54,29 +47,18 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    task = copy.build({"train_tokens": args.tokens, "valid_tokens": 1000, "test_tokens": 1000})
-    model = task.model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    xs, ys = task.splits["train"]
-    x, y = batchify(xs, 64).to(device), batchify(ys, 64).to(device)
-    size = dni.state_size(model)
-    loops = {"BPTT(K, K)": (plain_epoch, None)}
-    for kind in dni.KINDS:
-        loops[f"{kind} DNI"] = (dni_epoch, dni.build({"kind": kind, "size": size}).to(device))
-    times = {name: [] for name in loops}
-    for _ in range(args.rounds):
-        for name, (epoch, module) in loops.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            epoch(model, opt, x, y, args.K, module)
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["BPTT(K, K)"])
+    model, opt, _, (x, y) = copy_setup(args.tokens, device)
+    modules = {kind: dni.build({"kind": kind, "size": dni.state_size(model)}).to(device) for kind in dni.KINDS}
+    loops = {"BPTT(K, K)": lambda: plain_epoch(model, opt, x, y, args.K)}
+    for kind, module in modules.items():
+        loops[f"{kind} DNI"] = lambda module=module: dni_epoch(model, opt, x, y, args.K, module)
+    seconds = interleaved_medians(loops, args.rounds, device)
+    base = seconds["BPTT(K, K)"]
     print(f"copy task, {x.numel()} tokens, K = {args.K}, {device}, {torch.get_num_threads()} threads, "
           f"median of {args.rounds}")
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        params = "" if loops[name][1] is None else f", {sum(p.numel() for p in loops[name][1].parameters())} DNI params"
+    for name, t in seconds.items():
+        kind = name.removesuffix(" DNI")
+        params = f", {sum(p.numel() for p in modules[kind].parameters())} DNI params" if kind in modules else ""
         print(f"  {name:<12} {t:6.2f} s/epoch  {x.numel() / t:8.0f} tokens/s  {t / base:.2f}x plain{params}")
 
 

@@ -11,18 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from copy_timing import copy_setup, interleaved_medians
 
 from trainers.adaptive import Controller
-from trainers.tasks import copy
-from trainers.tbptt import Stream, batchify
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from trainers.tbptt import Stream
 
 
 def trainer_loop(model, opt, x, y, K):
@@ -60,22 +54,11 @@ def main():
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    task = copy.build({"train_tokens": args.tokens, "valid_tokens": 1000, "test_tokens": 1000})
-    model = task.model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    xs, ys = task.splits["train"]
-    x, y = batchify(xs, 64).to(device), batchify(ys, 64).to(device)
+    model, opt, (xs, ys), (x, y) = copy_setup(args.tokens, device)
     tokens = x.numel()
-
-    times = {"trainer": [], "hand-written": []}
-    for _ in range(args.rounds):
-        for name, loop in (("trainer", trainer_loop), ("hand-written", hand_written_loop)):
-            _sync(device)
-            t0 = time.perf_counter()
-            loop(model, opt, x, y, args.K)
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    epoch = {k: statistics.median(v) for k, v in times.items()}
+    epoch = interleaved_medians({"trainer": lambda: trainer_loop(model, opt, x, y, args.K),
+                                 "hand-written": lambda: hand_written_loop(model, opt, x, y, args.K)},
+                                args.rounds, device)
 
     controller = Controller(delta=0.5, window=100, windows=64, K_min=2, K_max=100)
     gen = torch.Generator().manual_seed(0)

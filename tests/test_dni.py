@@ -220,6 +220,7 @@ def test_synthetic_bias_with_an_oracle_is_zero_and_without_matches_naive_truncat
     assert ds.attrs["window_length"] == W and ds.attrs["lookahead"] == L
     torch.testing.assert_close(torch.tensor(ds["future_norm"].values),
                                torch.stack([f.norm(dim=1).mean() for f in future]))
+    torch.testing.assert_close(ds["synthetic_norm"].values, ds["future_norm"].values)  # the oracle's own
 
 
 def test_synthetic_bias_of_a_zero_dni_is_the_truncation_bias():
