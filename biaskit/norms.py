@@ -7,10 +7,33 @@ the parameter-space contribution a cotangent ``b`` makes at a typical step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.func import jvp, vmap
 
 from .recurrent import Params, RecurrentSystem
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One per-lag gradient norm that ``decompose`` measures and the decay fits read."""
+
+    name: str         #: its variable in decompose's Dataset, (sample, lag)
+    label: str        #: how tables name it
+    units: str        #: the units of the bias bound Ê(K) built on it
+    description: str  #: what it is, in one line
+
+
+#: The one list of norms: decompose writes them, fit_decay, the audit, the command line and the docs read it.
+NORMS = {norm.name: norm for norm in (
+    Norm("phi", "Euclidean ||dL/dh||", "multiples of M = sup ||dH/dtheta|| (M is not estimated)",
+         "||dL_s/dh_{s-k}||, the Euclidean norm of the state gradient"),
+    Norm("phi_mahalanobis", "Mahalanobis", "parameter-gradient norm (the metric carries dH/dtheta)",
+         "sqrt(b^T M b) for b = dL_s/dh_{s-k}, M = E[J J^T] with J = dH/dtheta"),
+    Norm("psi", "exact psi", "parameter-gradient norm (psi carries dH/dtheta)",
+         "||dL_s/dh_{s-k} . dH/dtheta||, the exact parameter-space contribution of lag k"),
+)}
 
 
 def euclidean(cotangents: torch.Tensor) -> torch.Tensor:
