@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 import grid
-from trainers import loop
+from trainers import config as configs
 from trainers.tasks import copy
 
 HERE = Path(__file__).parent
@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
     dirs = {(v, grid.label(s)): args.runs / v / grid.label(s) for v in VARIANTS for s in SETTINGS}
-    jobs = [(dirs[v, grid.label(s)], loop.full_config("trainers.tasks.copy:build", dict(VARIANTS[v]),
+    jobs = [(dirs[v, grid.label(s)], configs.full_config("copy", dict(VARIANTS[v]),
                                                       {**copy.TRAIN, "epochs": args.epochs, **s}))
             for v in VARIANTS for s in SETTINGS]
     grid.run(jobs, args.jobs)

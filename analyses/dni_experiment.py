@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 import grid
-from trainers import loop
+from trainers import config as configs
 from trainers.tasks import copy, language
 
 HERE = Path(__file__).parent
@@ -34,9 +34,9 @@ SETTINGS = {
     "neuron DNI, alternating": {"estimator": "dni", "dni": "neuron", "alternate": True, "schedule": "restarts:1"},
 }
 TASKS = {
-    "copy": ("trainers.tasks.copy:build", {"variable": True}, {**copy.TRAIN, "K": 5},
+    "copy": ("copy", {"variable": True}, {**copy.TRAIN, "K": 5},
              "copy task, variable m in [5, 10], 2-layer LSTM 50, K = 5"),
-    "language": ("trainers.tasks.language:build", {"embedding": 128, "hidden": 128},
+    "language": ("language", {"embedding": 128, "hidden": 128},
                  {**language.TRAIN, "K": 10, "window": 100, "windows": 32},
                  "embedded language corpus, LSTM 128, K = 10"),
 }
@@ -58,7 +58,7 @@ def main():
     args = parser.parse_args()
     epochs = {"copy": args.copy_epochs, "language": args.language_epochs}
     dirs = {(t, s): args.runs / t / s.replace(" ", "_").replace(",", "") for t in TASKS for s in SETTINGS}
-    jobs = [(dirs[t, s], loop.full_config(TASKS[t][0], dict(TASKS[t][1]),
+    jobs = [(dirs[t, s], configs.full_config(TASKS[t][0], dict(TASKS[t][1]),
                                           train_config(TASKS[t][2], SETTINGS[s], epochs[t])))
             for t in TASKS for s in SETTINGS]
     grid.run(jobs, args.jobs)

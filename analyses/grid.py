@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from biaskit import report
-from trainers import loop
+from trainers import loop, runs
 
 
 def label(setting: dict) -> str:
@@ -19,7 +18,7 @@ def label(setting: dict) -> str:
 def _train(job):
     out, config = job
     torch.set_num_threads(1)
-    done = loop.read_metrics(out) if (out / "checkpoint-last.pt").exists() else []
+    done = runs.read_metrics(out) if (out / "checkpoint-last.pt").exists() else []
     if len(done) < config["train"]["epochs"]:
         loop.Run(config, out, quiet=True, resume=bool(done)).fit()
     print(f"done {out}", flush=True)
@@ -42,7 +41,7 @@ def table(rows: list[tuple[str, str, Path]], metric: str, extra: tuple[str, ...]
               *(f"{f} (last epoch)" for f in final), "s/epoch"]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, setting, run_dir in rows:
-        lines = loop.read_metrics(run_dir)
+        lines = runs.read_metrics(run_dir)
         best = min(lines, key=lambda line: line["valid_loss"])
         Ks = [line["K"] for line in lines]
         bias = [line["rel_bias_exact"] for line in lines if line.get("rel_bias_exact") is not None]
@@ -56,5 +55,5 @@ def table(rows: list[tuple[str, str, Path]], metric: str, extra: tuple[str, ...]
 
 
 def figure(run_dirs: list[Path], labels: list[str], title: str, path: Path):
-    fig = report.plot_training(run_dirs, labels, title=title)
+    fig = runs.plot_training(run_dirs, labels, title=title)
     fig.savefig(path, dpi=120, bbox_inches="tight")

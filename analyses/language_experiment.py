@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 
 import grid
-from trainers import loop
+from trainers import config as configs
 from trainers.tasks import language
 
 HERE = Path(__file__).parent
@@ -43,7 +43,7 @@ def main():
     args = parser.parse_args()
     task = {**MODEL, "data_dir": args.data_dir}
     dirs = [args.runs / grid.label(s) for s in SETTINGS]
-    jobs = [(d, loop.full_config("trainers.tasks.language:build", task,
+    jobs = [(d, configs.full_config("language", task,
                                  {**language.TRAIN, "epochs": args.epochs, **s})) for d, s in zip(dirs, SETTINGS)]
     grid.run(jobs, args.jobs)
 

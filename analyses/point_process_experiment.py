@@ -24,7 +24,7 @@ import argparse
 from pathlib import Path
 
 import grid
-from trainers import loop
+from trainers import config as configs
 from trainers.tasks import point_process
 
 HERE = Path(__file__).parent
@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
     dirs = [args.runs / grid.label(s) for s in SETTINGS]
-    jobs = [(d, loop.full_config("trainers.tasks.point_process:build", {"data": args.data},
+    jobs = [(d, configs.full_config("point-process", {"data": args.data},
                                  {**point_process.TRAIN, "epochs": args.epochs, **s}))
             for d, s in zip(dirs, SETTINGS)]
     grid.run(jobs, args.jobs)

@@ -28,7 +28,8 @@ def plain_epoch(model, opt, x, y, K):
 
 
 def dni_epoch(model, opt, x, y, K, module):
-    stream, dni_opt = dni.SyntheticStream(x, y, module), torch.optim.Adam(module.parameters(), lr=1e-3)
+    stream = dni.SyntheticStream(x, y, module, model.system())
+    dni_opt = torch.optim.Adam(module.parameters(), lr=1e-3)
     while not stream.done:
         opt.zero_grad(set_to_none=True)
         _, _, dni_loss = stream.chunk_backward(model, K)
@@ -48,7 +49,8 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     model, opt, _, (x, y) = copy_setup(args.tokens, device)
-    modules = {kind: dni.build({"kind": kind, "size": dni.state_size(model)}).to(device) for kind in dni.KINDS}
+    size = model.system().layout.size
+    modules = {kind: shape({"size": size}).to(device) for kind, shape in dni.SHAPES.items()}
     loops = {"BPTT(K, K)": lambda: plain_epoch(model, opt, x, y, args.K)}
     for kind, module in modules.items():
         loops[f"{kind} DNI"] = lambda module=module: dni_epoch(model, opt, x, y, args.K, module)

@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import report
+from . import atomic, report
 from .bias import bias_bound, calibration
 from .decay import fit_decay
 from .decompose import decompose
 from .recurrent import wrap
 
-NORMS = ("phi", "phi_mahalanobis", "psi")
-NORM_NAMES = {"phi": "Euclidean ||dL/dh||", "phi_mahalanobis": "Mahalanobis", "psi": "exact psi"}
+from .norms import NORMS
+
+#: What ``Audit.save`` writes: a folder holding only these is an earlier audit, which it replaces.
+FILES = {"audit.nc", "synthetic.nc", "summary.txt", "summary.json", "decay.png", "bias.png", "state.png"}
 
 
 class Audit:
@@ -75,7 +77,7 @@ class Audit:
         for norm, r in d["norms"].items():
             beta = (f"{r['beta']:.4f} [{r['beta_low']:.4f}, {r['beta_high']:.4f}]" if r["method"] != "vanished"
                     else "0: exactly 0 past tau")
-            lines.append(f"{NORM_NAMES[norm]:<22}{beta:<28}{r['tau']:>5}  {'yes' if r['decays'] else 'no':<4}"
+            lines.append(f"{NORMS[norm].label:<22}{beta:<28}{r['tau']:>5}  {'yes' if r['decays'] else 'no':<4}"
                          + "".join(f"{r['kappa'][k]:>12}" for k in deltas)
                          + f"{100 * r['bound_holds_fraction']:>12.0f}%")
         lines.append(f"{'exact':<22}{'':<28}{'':>5}  {'':<4}" + "".join(
@@ -95,19 +97,20 @@ class Audit:
         return "\n".join(lines)
 
     def save(self, out) -> Path:
-        """Write audit.nc, summary.txt, summary.json and the figures into ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        report.save(self.dataset, out / "audit.nc")
-        if self.synthetic is not None:
-            report.save(self.synthetic, out / "synthetic.nc")
-        (out / "summary.txt").write_text(self.summary() + "\n")
-        (out / "summary.json").write_text(json.dumps(self.as_dict(), indent=1) + "\n")
-        fit = self.fits["phi"]
-        report.plot_decay(self.dataset, fit).savefig(out / "decay.png", dpi=120)
-        report.plot_bias(self.dataset, self.bounds["phi"], K=self.K).savefig(out / "bias.png", dpi=120)
-        report.plot_state_heatmap(self.dataset).savefig(out / "state.png", dpi=120)
-        return out
+        """Write audit.nc, summary.txt, summary.json and the figures into the folder ``out``, all
+        at once: they are written beside it and renamed into place, so a failure leaves nothing
+        half-written. An earlier audit in ``out`` is replaced; a folder with other files refused."""
+        with atomic.staged_folder(out, FILES, "the audit folder") as stage:
+            report.save(self.dataset, stage / "audit.nc")
+            if self.synthetic is not None:
+                report.save(self.synthetic, stage / "synthetic.nc")
+            (stage / "summary.txt").write_text(self.summary() + "\n")
+            (stage / "summary.json").write_text(json.dumps(self.as_dict(), indent=1) + "\n")
+            fit = self.fits["phi"]
+            report.plot_decay(self.dataset, fit).savefig(stage / "decay.png", dpi=120)
+            report.plot_bias(self.dataset, self.bounds["phi"], K=self.K).savefig(stage / "bias.png", dpi=120)
+            report.plot_state_heatmap(self.dataset).savefig(stage / "state.png", dpi=120)
+        return Path(out)
 
 
 def _finite(value) -> float | None:
@@ -115,7 +118,7 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def audit(module, inputs, targets, readout=None, loss_fn=None, encoder=None, h0=None, *,
+def audit(module, inputs, targets, readout=None, loss_fn=None, encoder=None, *, start=None,
           deltas=(0.9, 0.5, 0.1), K: int | None = None, method: str = "regression", tau=None,
           seed: int = 0) -> Audit:
     """Decompose, fit the decay of every norm, bound the bias for every δ and calibrate
@@ -125,7 +128,7 @@ def audit(module, inputs, targets, readout=None, loss_fn=None, encoder=None, h0=
     truncation the model trains with, whose exact bias the summary reports.
     """
     system = wrap(module, readout, loss_fn, encoder)
-    ds = decompose(system, inputs, targets, h0, seed=seed)
+    ds = decompose(system, inputs, targets, start=start, seed=seed)
     R = ds.attrs["window_length"]
     fits = {norm: fit_decay(ds, norm=norm, method=method, tau=tau) for norm in NORMS}
     bounds = {norm: bias_bound(ds, fit, deltas, (0, R - 1)) for norm, fit in fits.items()}

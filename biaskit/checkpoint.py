@@ -1,115 +1,230 @@
-"""The self-describing checkpoint: enough to rebuild model and data without task code.
+"""The checkpoint layout and its safe loading: a file is data, never code.
 
-A checkpoint is a ``torch.save``d dict holding the import path of the factory
-that rebuilds its task (``"trainers.tasks.copy:build"``), the config it was
-called with, the model's and optimizer's state, RNG states and the history of
-the truncation length K.  ``biaskit analyze`` calls the factory by name, so it
-needs no task-specific code.
+A checkpoint is a ``torch.save``d dict of plain data:
+
+========== =============================================================
+format     ``"biaskit-checkpoint"``; ``version`` 2
+task       the *registered name* of the task that rebuilds model and data
+task_config its config (a dict of plain values)
+model      the model's state dict
+K          the truncation the model trained with (None if not known)
+K_history  the truncation's updates, a list of dicts
+dni        optional: ``{"shape": registered name, "config": {...}, "state": state dict}``
+trainer    the trainer's own state (optimizer, RNG, epoch, metrics); biaskit never reads it
+========== =============================================================
+
+Tasks are found by name in the ``biaskit.tasks`` entry-point group, DNI shapes
+in ``biaskit.dni`` (a package registers its own in its ``pyproject.toml``), so
+``biaskit analyze`` needs no task code and never imports or calls code because
+a file names it. Code the user names on the command line (``--factory``,
+``--data``) is trusted: the same rule as ``trust_remote_code`` in the Hugging
+Face libraries. Weights load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import errno
 import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
+from . import atomic
 from .errors import InputError
+from .probe import check_model
 
 FORMAT = "biaskit-checkpoint"
-VERSION = 1
+VERSION = 2
+TASKS = "biaskit.tasks"
+DNI_SHAPES = "biaskit.dni"
 
 
-def save(path, *, factory: str, config: dict, model: dict, **fields: Any) -> Path:
-    """Write a checkpoint atomically (a crash never leaves half a file)."""
+def registered(group: str) -> dict[str, EntryPoint]:
+    """The names registered in an entry-point group, e.g. ``registered("biaskit.tasks")``."""
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def _registered_name(group: str, named: str) -> str:
+    """The registered name ``named`` stands for: itself, or (checkpoints of version 1) the name
+    whose entry point is exactly the import path it holds. Anything else is refused."""
+    found = registered(group)
+    if named in found:
+        return named
+    by_path = {ep.value: name for name, ep in found.items()}
+    if named in by_path:
+        return by_path[named]
+    kind = "task" if group == TASKS else "DNI shape"
+    raise InputError(f"the checkpoint names {kind} {named!r}, which is not registered (known: "
+                     f"{', '.join(sorted(found)) or 'none'}): biaskit runs no code a file names; if you trust "
+                     f"that code, pass --factory package.module:function")
+
+
+def load_registered(group: str, name: str) -> Callable:
+    """The factory registered under ``name`` in ``group``."""
+    return registered(group)[_registered_name(group, name)].load()
+
+
+def save(path, *, task: str, task_config: dict, model: dict, K: int | None = None,
+         K_history: list | None = None, dni: dict | None = None, trainer: dict | None = None) -> Path:
+    """Write a checkpoint atomically: a crash or a full disk never leaves half a file."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, "factory": factory, "config": config,
-                "model": model, **fields}, tmp)
-    tmp.replace(path)
+    fields = {"format": FORMAT, "version": VERSION, "task": task, "task_config": task_config, "model": model,
+              "K": K, "K_history": K_history or [], "dni": dni, "trainer": trainer or {}}
+    with atomic.writing(path, "the checkpoint") as tmp:
+        try:
+            torch.save(fields, tmp)
+        except RuntimeError as err:  # torch reports a failed write (a full disk, say) this way
+            raise OSError(errno.EIO, str(err).strip().splitlines()[0]) from None
     return path
 
 
 def load(path, map_location="cpu") -> dict:
-    """Read a checkpoint, with a clear error for a missing file or another kind of file."""
+    """Read a checkpoint's dict (weights only: no pickled code can run)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many kinds for a file that is not its own
-        raise InputError(f"{path} is not a torch checkpoint ({type(err).__name__})") from None
+        raise InputError(f"{path} is not a torch checkpoint, or holds more than plain data "
+                         f"({type(err).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise InputError(f"{path} is a torch file but not a biaskit checkpoint (no factory); pass --factory")
+        raise InputError(f"{path} is a torch file but not a biaskit checkpoint; for a plain state dict "
+                         "pass --factory and --data")
+    if ckpt.get("version") == 1:  # the first layout: "factory" held an import path, the config its task
+        config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        ckpt = {**ckpt, "task": ckpt.get("factory"), "task_config": config.get("task")}
+        if isinstance(ckpt.get("dni"), dict):  # its config's kind is the registered shape's name
+            ckpt["dni"] = {**ckpt["dni"], "shape": (ckpt["dni"].get("config") or {}).get("kind")}
+    for key, kind in (("task", str), ("task_config", dict), ("model", dict)):
+        if not isinstance(ckpt.get(key), kind):
+            raise InputError(f"{path} is damaged: its {key!r} field is missing or not a {kind.__name__}")
     return ckpt
 
 
-def resolve(factory: str):
-    """The callable named by ``"package.module:function"``."""
-    module_name, _, attr = factory.partition(":")
+def resolve(spec: str) -> Callable:
+    """The callable the user named as ``"package.module:function"`` (a module in the current
+    folder imports too, as with ``python -m``). Only for code named on the command line."""
+    module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise InputError(f"factory {factory!r} must look like 'package.module:function'")
+        raise InputError(f"{spec!r} must look like 'package.module:function'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise InputError(f"factory module {module_name!r} does not import: {err}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise InputError(f"module {module_name!r} has no {attr!r} (from factory {factory!r})") from None
+        raise InputError(f"module {module_name!r} does not import: {err}") from None
+    target = getattr(module, attr, None)
+    if target is None:
+        raise InputError(f"module {module_name!r} has no {attr!r} (from {spec!r})")
+    if not callable(target):
+        raise InputError(f"{spec} is a {type(target).__name__}, not a function")
+    return target
 
 
-def rebuild_dni(path, device="cpu"):
-    """The DNI a synthetic-gradient run trained beside its model, or None (also for plain state dicts)."""
+@dataclass
+class Rebuilt:
+    """A model rebuilt for an audit: the model, its data streams (time first), the K it trained
+    with and the DNI it trained beside (None for each when the file does not say)."""
+
+    model: nn.Module
+    streams: tuple[torch.Tensor, torch.Tensor] | None
+    K: int | None = None
+    task: str | None = None
+    dni: nn.Module | None = None
+    K_history: list = field(default_factory=list)
+
+
+def _call(factory: Callable, what: str, *args) -> Any:
     try:
-        entry = load(path).get("dni")
+        return factory(*args)
     except InputError:
-        return None
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise InputError(f"{what} failed: {type(err).__name__}: {first}") from None
+
+
+def _streams(value, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(torch.is_tensor(v) for v in value)):
+        raise InputError(f"{what} must return (inputs, targets), two tensors with time first; "
+                         f"got {type(value).__name__}")
+    inputs, targets = value
+    if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
+        raise InputError(f"{what} returned inputs of shape {tuple(inputs.shape)} and targets of shape "
+                         f"{tuple(targets.shape)}: both need the same number of steps first")
+    return inputs, targets
+
+
+def _load_weights(model: nn.Module, state, path: Path):
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise InputError(f"the weights in {path} do not fit the model: {first}") from None
+
+
+def _dni(entry, path: Path, device) -> nn.Module | None:
     if not entry:
         return None
-    module = resolve(entry["factory"])(entry["config"])
-    module.load_state_dict(entry["state"])
+    if not isinstance(entry, dict) or not isinstance(entry.get("shape"), str):
+        raise InputError(f"{path} is damaged: its 'dni' field names no DNI shape")
+    module = _call(load_registered(DNI_SHAPES, entry["shape"]), f"the DNI shape {entry['shape']!r}",
+                   entry.get("config") or {})
+    if not isinstance(module, nn.Module):
+        raise InputError(f"the DNI shape {entry['shape']!r} did not build a torch module")
+    _load_weights(module, entry.get("state"), path)
     return module.to(device).eval()
 
 
-def rebuild(path, factory: str | None = None, data: str | None = None, device="cpu"):
-    """The model, its data streams and its own K, for ``biaskit analyze``.
+def rebuild(path, factory: str | None = None, data: str | None = None, device="cpu") -> Rebuilt:
+    """The model, its data, K and DNI of a checkpoint (loaded once), for ``biaskit analyze``.
 
-    A biaskit checkpoint rebuilds its task through the factory it names (or
-    ``factory``, which overrides it) and takes the training split as data. A
-    plain ``torch.save``d state dict needs ``factory``: a callable with no
-    arguments returning the model. The model must have ``system()`` (the
-    recurrence as biaskit sees it) and ``model(x, state) -> (outputs, state)``
-    for the burn-in. ``data`` names a callable returning (inputs, targets)
-    streams, time first; it is required when the checkpoint has no task.
-    Returns (model, (inputs, targets), K or None).
+    A biaskit checkpoint rebuilds its task by registered name (or with ``factory``,
+    code the user trusts, called with the task config) and takes the training
+    split as data. A plain ``torch.save``d state dict needs ``factory``, called
+    with no arguments, and ``data``. ``data`` names a callable returning
+    (inputs, targets) streams, time first; it replaces the task's data.
     """
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {path}")
     try:
         ckpt = load(path)
     except InputError:
-        if factory is None or not path.is_file():
+        if factory is None:
             raise
         ckpt = None
     if ckpt is not None:
-        task = resolve(factory or ckpt["factory"])(ckpt["config"]["task"])
-        model, state, K = task.model, ckpt["model"], ckpt.get("K")
-        streams = task.splits["train"]
+        if factory is not None:
+            task = _call(resolve(factory), f"the factory {factory}", ckpt["task_config"])
+            name = ckpt["task"]
+        else:
+            name = _registered_name(TASKS, ckpt["task"])
+            task = _call(load_registered(TASKS, name), f"the task {name!r}", ckpt["task_config"])
+        model, splits = getattr(task, "model", None), getattr(task, "splits", None)
+        if not isinstance(splits, dict) or "train" not in splits:
+            raise InputError(f"the task {name!r} built no training split (a task has .model and .splits['train'])")
+        streams = _streams(splits["train"], f"the task {name!r}'s training split")
+        state, K, history, dni_entry = ckpt["model"], ckpt.get("K"), ckpt.get("K_history") or [], ckpt.get("dni")
     else:
-        model, K, streams = resolve(factory)(), None, None
+        model, name, streams, K, history, dni_entry = _call(resolve(factory), f"the factory {factory}"), None, \
+            None, None, [], None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise InputError(f"{path} is not a torch state dict ({type(err).__name__})") from None
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise InputError(f"the weights in {path} do not fit the factory's model: {first}") from None
-    if not callable(getattr(model, "system", None)):
-        raise InputError(f"{type(model).__name__} has no system() method: see 'Auditing your own RNN' in the README")
+    check_model(model)
+    _load_weights(model, state, path)
     if data is not None:
-        streams = resolve(data)()
+        streams = _streams(_call(resolve(data), f"the data function {data}"), f"the data function {data}")
     if streams is None:
         raise InputError("this file holds no data: pass --data package.module:function returning (inputs, targets)")
-    return model.to(device), streams, K
+    if K is not None and not isinstance(K, int):
+        raise InputError(f"{path} is damaged: its K is {K!r}, not a whole number")
+    return Rebuilt(model.to(device), streams, K, name, _dni(dni_entry, path, device), history)

@@ -13,6 +13,8 @@ comes out for every K.  Memory is O(R·state + chunk·|θ|).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import xarray as xr
@@ -24,6 +26,39 @@ from .recurrent import wrap
 
 #: Elements of per-step parameter gradients held at once in the parameter pass.
 CHUNK_ELEMENTS = 2**24
+#: Tensors the unrolled graph keeps per state element and step (states, gates, activations),
+#: an upper figure over the built-in cells, for ``memory_estimate``.
+GRAPH_ELEMENTS_PER_STATE = 12
+
+
+def memory_estimate(system, batch: int, length: int) -> int:
+    """Bytes a decomposition of ``batch`` windows of ``length`` steps needs, about: the unrolled
+    graph and cotangents, O(length·batch·state), and the parameter pass's chunk."""
+    system = wrap(system)
+    like = system._like()
+    per_step = batch * (GRAPH_ELEMENTS_PER_STATE * system.layout.size + (system.input_size or 1))
+    return like.element_size() * (length * per_step + 2 * CHUNK_ELEMENTS)
+
+
+def available_memory(device) -> int:
+    """Free bytes on ``device``: the CUDA allocator's free memory, or the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(system, batch: int, length: int, device):
+    """Refuse, with the figures, a decomposition that cannot fit in the device's free memory."""
+    need, free = memory_estimate(system, batch, length), available_memory(device)
+    if need > free:
+        raise InputError(f"{batch} windows of {length} steps need about {need / 2**30:.1f} GiB to decompose, "
+                         f"but {torch.device(device)} has {free / 2**30:.1f} GiB free: use fewer or shorter windows")
 
 
 def _unroll(system, params, x, state, detach_before=None):
@@ -43,10 +78,11 @@ def _check_targets(targets, batch):
         raise InputError(f"targets must have one entry per window ({batch},...), got {got}")
 
 
-def truncated_gradient(system, inputs, targets, K=None, h0=None) -> dict[str, torch.Tensor]:
+def truncated_gradient(system, inputs, targets, K=None, *, start=None) -> dict[str, torch.Tensor]:
     """ĝ_K: the gradient of the batch-mean last-step loss with the state entering step R-K detached.
 
-    ``K=None`` is full BPTT through the whole window.  Names follow
+    ``K=None`` is full BPTT through the whole window, from ``start`` (the state
+    entering the window in the module's own format; None: zeros).  Names follow
     ``module.named_parameters()``, with a ``readout.`` prefix for the readout.
     """
     system = wrap(system)
@@ -57,7 +93,7 @@ def truncated_gradient(system, inputs, targets, K=None, h0=None) -> dict[str, to
         raise InputError(f"K must be in 0..{R - 1} for a window of length {R}, got {K}")
     params, readout = system.params(), system.readout_params()
     with torch.enable_grad():
-        state = system.initial_state(h0, x.shape[0])
+        state = system.initial_state(start, x.shape[0])
         states = _unroll(system, params, x, state, None if K is None else R - 1 - K)
         loss = system.loss(readout, states[-1], targets).mean()
         names = list(params) + ["readout." + n for n in readout]
@@ -106,8 +142,8 @@ def decompose(
     system,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    h0=None,
     *,
+    start=None,
     metric: torch.Tensor | None = None,
     probes: int = 8,
     metric_rows: int = 512,
@@ -117,7 +153,9 @@ def decompose(
     """Per-lag gradient norms and the exact bias of TBPTT for every K in 0..R-1.
 
     The loss is taken at the last step of each window (the paper's BPTT(R, 1));
-    the objective is its mean over the batch.  ``metric`` is the (D, D)
+    the objective is its mean over the batch, and full BPTT runs back to ``start``
+    (the state entering each window in the module's own format, e.g. what the
+    model's forward over a burn-in returns; None: zeros).  ``metric`` is the (D, D)
     Mahalanobis metric; by default it is estimated from ``metric_rows``
     random (step, sample) pairs of these windows with ``probes`` random
     probes each (see ``norms.estimate_metric``).  ``psi=False`` skips the per-sample
@@ -132,7 +170,7 @@ def decompose(
 
     # Forward, then one backward pass for every state cotangent and the direct term.
     with torch.enable_grad():
-        state = system.initial_state(h0, B).detach().requires_grad_()
+        state = system.initial_state(start, B).detach().requires_grad_()
         states = _unroll(system, params, x, state)
         losses = system.loss(readout, states[-1], targets)
         grads = torch.autograd.grad(losses.sum(), [*states[1:], *readout.values()], allow_unused=True)

@@ -145,6 +145,14 @@ class RecurrentSystem:
         """The flat initial state from the module's own h0 format (zeros if None)."""
         raise NotImplementedError
 
+    def flatten(self, native) -> torch.Tensor:
+        """A state in the module's own format as the flat (batch, D) state of this layout."""
+        return self.initial_state(native, _batch_of(native))
+
+    def unflatten(self, flat: torch.Tensor):
+        """The flat (batch, D) state in the module's own format."""
+        raise NotImplementedError
+
     def _like(self) -> torch.Tensor:
         """A tensor with the module's dtype and device, for new states."""
         return next(self.module.parameters())
@@ -264,6 +272,12 @@ class TorchRecurrent(RecurrentSystem):
             return torch.cat(parts, dim=1)
         return torch.cat([part[l] for l in range(self.num_layers) for part in parts], dim=1)
 
+    def unflatten(self, flat):
+        layers = self._split(flat)
+        parts = [torch.stack([hs[i] for hs in layers]) if not self.is_cell else layers[0][i]
+                 for i in range(len(self.components))]
+        return tuple(parts) if len(parts) > 1 else parts[0]
+
 
 class CustomStep(RecurrentSystem):
     """A user module with ``initial_state(batch)`` and ``forward(x_t, state) -> state``."""
@@ -300,6 +314,9 @@ class CustomStep(RecurrentSystem):
         native = self._unflatten(state)
         return native[0] if self.is_tuple else native
 
+    def unflatten(self, flat):
+        return self._unflatten(flat)
+
     def initial_state(self, h0, batch):
         if h0 is None:
             return self._flatten(self.module.initial_state(batch)).to(self._like())
@@ -307,6 +324,11 @@ class CustomStep(RecurrentSystem):
         if tuple(flat.shape) != (batch, self.layout.size):
             raise InputError(f"h0 flattens to {tuple(flat.shape)}, expected {(batch, self.layout.size)}")
         return flat
+
+
+def _batch_of(native) -> int:
+    first = native[0] if isinstance(native, (tuple, list)) else native
+    return first.shape[-2]
 
 
 def wrap(module: nn.Module, readout: nn.Module | None = None, loss_fn: Callable | None = None,

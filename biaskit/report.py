@@ -74,60 +74,6 @@ def plot_bias(ds: xr.Dataset, bound: xr.Dataset, K: int | None = None, ax=None):
     return ax.figure
 
 
-def _read_jsonl(path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def plot_training(run_dirs, labels=None, title=None):
-    """Training curves of run directories, like the paper's Figures 1-2.
-
-    Test metric, truncation K and relative bias (exact, solid; bound Δ̂,
-    dashed) versus epoch, one colour per run. When a run trained with
-    synthetic gradients, a fourth panel shows the chunked bias with its DNI
-    (solid) and without (dotted). Reads each ``metrics.jsonl``.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    runs = [_read_jsonl(Path(run_dir) / "metrics.jsonl") for run_dir in run_dirs]
-    synthetic = any("rel_bias_synthetic" in line for lines in runs for line in lines)
-    fig = Figure(figsize=(17 if synthetic else 13, 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 4 if synthetic else 3)
-    labels = labels or [Path(d).name for d in run_dirs]
-    metric = None
-    for i, (lines, label) in enumerate(zip(runs, labels)):
-        if not lines:
-            continue
-        metric = metric or next(k for k in ("test_ppl", "test_nll", "test_loss") if k in lines[0])
-        epoch = [line["epoch"] for line in lines]
-        color = f"C{i % 10}"
-        axes[0].plot(epoch, [line[metric] for line in lines], color=color, label=label)
-        axes[1].plot(epoch, [line["K"] for line in lines], color=color, label=label)
-        for key, style in (("rel_bias_exact", "-"), ("rel_bias_bound", "--")):
-            values = [line.get(key) for line in lines]
-            axes[2].plot(epoch, [float("nan") if v is None else v for v in values], style, color=color)
-        for key, style in (("rel_bias_synthetic", "-"), ("rel_bias_truncated", ":")):
-            if synthetic and key in lines[0]:
-                axes[3].plot(epoch, [line[key] for line in lines], style, color=color)
-    axes[0].set_ylabel(metric.replace("_", " ") if metric else "test metric")
-    axes[0].set_yscale("log")
-    axes[1].set_ylabel("truncation K")
-    axes[2].set_ylabel("relative bias at K (solid exact, dashed bound)")
-    axes[2].set_yscale("log", nonpositive="mask")
-    if synthetic:
-        axes[3].set_ylabel("BPTT(K, K) relative bias (solid DNI, dotted none)")
-        axes[3].set_yscale("log", nonpositive="mask")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-    axes[0].legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
 def plot_state_heatmap(ds: xr.Dataset, ax=None):
     """Mean |∂L/∂h| per state dimension (rows, grouped by layer and component) versus lag,
     on a log colour scale: the rows that stay bright at long lags decay slowly."""

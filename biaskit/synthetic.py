@@ -32,13 +32,31 @@ def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.flatten() for t in tensors])
 
 
-def synthetic_bias(system, inputs, targets, K: int, dni=None, *, burn=None, lookahead: int = 0) -> xr.Dataset:
+def warm_up(system, dni, burn: torch.Tensor, K: int, start=None):
+    """Run the burn-in ``burn`` (batch first) from ``start`` and the DNI at its chunk boundaries,
+    aligned so that a boundary falls at the burn-in's end. Returns ``(start, memory)`` for
+    ``synthetic_bias``: the state entering the window (module format) and the DNI's memory."""
+    system = wrap(system)
+    xb = system.batch_first(burn)
+    params = {n: p.detach() for n, p in system.params().items()}
+    memory = None
+    with torch.no_grad():
+        state = system.initial_state(start, xb.shape[0])
+        for t in range(xb.shape[1]):
+            state = system.step(params, state, xb[:, t])
+            if (xb.shape[1] - t - 1) % K == 0:
+                _, memory = dni(state, memory)
+    return system.unflatten(state), memory
+
+
+def synthetic_bias(system, inputs, targets, K: int, dni=None, *, start=None, memory=None,
+                   lookahead: int = 0) -> xr.Dataset:
     """Relative bias of BPTT(K, K) with and without ``dni``'s synthetic gradients.
 
     ``inputs`` and ``targets`` are batch-first, (B, W + lookahead, ...) and
-    (B, W + lookahead, ...): a loss at every step. ``burn`` (B, steps, ...), if
-    given, runs first to set the state entering the window and to warm the
-    DNI's memory at its chunk boundaries. Returns the scalars
+    (B, W + lookahead, ...): a loss at every step. ``start`` is the state
+    entering the window (module format; None: zeros) and ``memory`` the DNI's
+    memory there (``warm_up`` gives both from a burn-in). Returns the scalars
     ``rel_bias_truncated`` and ``rel_bias_synthetic`` and, per boundary, the
     exact future gradient's mean norm, the DNI's, and the DNI's relative error.
     """
@@ -58,15 +76,8 @@ def synthetic_bias(system, inputs, targets, K: int, dni=None, *, burn=None, look
     fixed = {n: p.detach() for n, p in params.items()}
     fixed_readout = {n: p.detach() for n, p in readout.items()}
     ends = [*range(K, W, K), W]  # steps after which a chunk ends
-
     with torch.no_grad():
-        state, memory = system.initial_state(None, B), None
-        if burn is not None:
-            xb = system.batch_first(burn)
-            for t in range(xb.shape[1]):
-                state = system.step(fixed, state, xb[:, t])
-                if dni is not None and (xb.shape[1] - t - 1) % K == 0:  # boundaries aligned to the window
-                    _, memory = dni(state, memory)
+        state = system.initial_state(start, B)
 
     with torch.enable_grad():
         # Exact: full BPTT; each boundary's continuing state is its own node, so its
@@ -114,7 +125,7 @@ def synthetic_bias(system, inputs, targets, K: int, dni=None, *, burn=None, look
         },
         coords={"boundary": np.asarray(ends)},
         attrs={**system.describe(), "K": K, "window_length": W, "lookahead": lookahead, "batch": B,
-               "grad_norm": float(norm), "burn_in": 0 if burn is None else int(burn.shape[1])},
+               "grad_norm": float(norm)},
     )
     if dni is not None:
         ds["synthetic_norm"] = ("boundary", torch.stack([p.norm(dim=1).mean() for p in predicted]).cpu().numpy())

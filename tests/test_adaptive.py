@@ -77,19 +77,35 @@ def test_controller_keeps_K_when_only_measuring():
 
 
 def test_too_short_a_stream_is_refused():
-    with pytest.raises(biaskit.InputError, match="longer than the data"):
+    with pytest.raises(biaskit.InputError, match="fewer than the 64 asked for"):
         Controller(delta=0.5, window=40).measure(LinearModel(0.5), torch.zeros(60, 2), torch.zeros(60), 5,
                                                  torch.Generator())
 
 
-def test_sampled_windows_line_up_with_the_stream():
-    from biaskit.streams import sample_windows
+def test_sampled_windows_line_up_with_the_stream_and_are_distinct():
+    from biaskit.probe import sample_windows
 
     inputs, targets = torch.arange(100).float()[:, None], torch.arange(100) * 10
-    windows, last, burn = sample_windows(inputs, targets, 7, 20, torch.Generator().manual_seed(0))
-    assert windows.shape == burn.shape == (20, 7, 1) and last.shape == (20,)
-    starts = windows[:, 0, 0].long()
-    assert torch.equal(windows[:, :, 0].long(), starts[:, None] + torch.arange(7))
-    assert torch.equal(burn[:, :, 0].long(), starts[:, None] - 7 + torch.arange(7))
-    assert torch.equal(last, (starts + 6) * 10)
-    assert starts.min() >= 7 and starts.max() <= 93
+    drawn = sample_windows(inputs, targets, 7, 20, torch.Generator().manual_seed(0), lookahead=3)
+    assert drawn.inputs.shape == (20, 10, 1) and drawn.burn.shape == (20, 7, 1) and drawn.targets.shape == (20, 10)
+    starts = drawn.inputs[:, 0, 0].long()
+    assert torch.equal(starts, drawn.starts)
+    assert torch.equal(drawn.inputs[:, :, 0].long(), starts[:, None] + torch.arange(10))
+    assert torch.equal(drawn.burn[:, :, 0].long(), starts[:, None] - 7 + torch.arange(7))
+    assert torch.equal(drawn.targets, (starts[:, None] + torch.arange(10)) * 10)
+    assert starts.min() >= 7 and starts.max() <= 100 - 10
+    assert len(set(starts.tolist())) == 20
+
+
+def test_as_many_windows_as_the_stream_offers_and_no_more():
+    """A stream of N steps offers N − 2W − lookahead + 1 distinct windows: all of them can be drawn,
+    one more is refused, and the message's advice is itself feasible."""
+    from biaskit.probe import sample_windows
+
+    inputs, targets = torch.arange(60).float()[:, None], torch.arange(60)
+    every = sample_windows(inputs, targets, 20, 21, torch.Generator().manual_seed(0))
+    assert sorted(every.starts.tolist()) == list(range(20, 41))
+    with pytest.raises(biaskit.InputError, match="offers 21 distinct windows") as err:
+        sample_windows(inputs, targets, 20, 22, torch.Generator())
+    longest = int(str(err.value).split("at most ")[-1].split()[0])
+    assert len(sample_windows(inputs, targets, longest, 22, torch.Generator()).starts.unique()) == 22

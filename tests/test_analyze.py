@@ -11,8 +11,9 @@ from torch import nn
 import biaskit
 from biaskit import checkpoint, report
 from biaskit.audit import audit
-from biaskit.streams import sample_windows
+from biaskit.probe import sample_windows
 from helpers import flat_norm, naive_gradient
+from trainers import config as configs
 from trainers import loop
 
 WINDOW, WINDOWS = 12, 6
@@ -21,9 +22,8 @@ WINDOW, WINDOWS = 12, 6
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = loop.full_config("trainers.tasks.copy:build",
-                           {"train_tokens": 3000, "valid_tokens": 600, "test_tokens": 600, "hidden": 6},
-                           {"epochs": 1, "batch_size": 8, "K": 4, "window": 20, "windows": 8})
+    cfg = configs.full_config("copy", {"train_tokens": 3000, "valid_tokens": 600, "test_tokens": 600, "hidden": 6},
+                              {"epochs": 1, "batch_size": 8, "K": 4, "window": 20, "windows": 8})
     loop.Run(cfg, out, quiet=True).fit()
     return out
 
@@ -43,9 +43,11 @@ def test_analyze_reports_the_exact_bias_at_the_checkpoints_K(run_cli, run_dir, t
                   "--seed", 3, "--out", tmp_path / "audit", "--format", "json")
     assert res.code == 0, res.err
     summary = json.loads(res.out)
-    model, (inputs, targets), K = checkpoint.rebuild(run_dir / "checkpoint-last.pt")
+    rebuilt = checkpoint.rebuild(run_dir / "checkpoint-last.pt")
+    model, (inputs, targets), K = rebuilt.model, rebuilt.streams, rebuilt.K
     assert summary["K"] == K == checkpoint.load(run_dir / "checkpoint-last.pt")["K"]
-    windows, last, burn = sample_windows(inputs, targets, WINDOW, WINDOWS, torch.Generator().manual_seed(3))
+    drawn = sample_windows(inputs, targets, WINDOW, WINDOWS, torch.Generator().manual_seed(3))
+    windows, last, burn = drawn.inputs, drawn.targets[:, -1], drawn.burn
     model.eval()
     assert summary["rel_bias_at_K"] == pytest.approx(exact_rel_bias(model, windows, last, burn, K), rel=1e-4)
     exact = [exact_rel_bias(model, windows, last, burn, k) for k in range(WINDOW)]
@@ -103,6 +105,28 @@ def test_analyze_plain_state_dict_with_factory_and_data(run_cli, tmp_path, monke
     assert res.code == 2 and "pass --data" in res.err and not (tmp_path / "c").exists()
 
 
+def test_a_factory_module_in_the_current_folder_imports(run_cli, tmp_path, monkeypatch):
+    """As with python -m: --factory names a module beside the user, not only an installed one."""
+    (tmp_path / "beside.py").write_text(
+        "import torch\n"
+        "from trainers.tasks.token_model import TokenLSTM\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return TokenLSTM(5, 3, 4, 1)\n"
+        "def data():\n"
+        "    x = torch.randint(0, 5, (200,), generator=torch.Generator().manual_seed(1))\n"
+        "    return x[:-1], x[1:]\n")
+    monkeypatch.chdir(tmp_path)
+    import sys
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    from trainers.tasks.token_model import TokenLSTM
+    torch.save(TokenLSTM(5, 3, 4, 1).state_dict(), tmp_path / "w.pt")
+    res = run_cli("analyze", "w.pt", "--factory", "beside:build", "--data", "beside:data", "--windows", 4,
+                  "--window-length", 10, "--out", "a")
+    assert res.code == 0, res.err
+    assert (tmp_path / "a" / "audit.nc").is_file()
+
+
 def _nan_checkpoint(run_dir, path):
     ckpt = checkpoint.load(run_dir / "checkpoint-last.pt")
     ckpt["model"] = {k: torch.full_like(v, float("nan")) for k, v in ckpt["model"].items()}
@@ -116,19 +140,29 @@ def _nan_checkpoint(run_dir, path):
     [
         (lambda d, t: [t / "missing.pt"], "no checkpoint at"),
         (lambda d, t: [d / "metrics.jsonl"], "is not a torch checkpoint"),
-        (lambda d, t: [_state_dict(t)], "not a biaskit checkpoint (no factory); pass --factory"),
+        (lambda d, t: [_state_dict(t)], "not a biaskit checkpoint; for a plain state dict pass --factory"),
         (lambda d, t: [d / "checkpoint-last.pt", "--factory", "no_such_pkg.models:build"], "does not import"),
         (lambda d, t: [d / "checkpoint-last.pt", "--factory", "trainers.tasks.copy:nothing"], "has no 'nothing'"),
-        (lambda d, t: [d / "checkpoint-last.pt", "--window-length", 5000], "longer than the data"),
+        (lambda d, t: [d / "checkpoint-last.pt", "--window-length", 5000], "distinct windows"),
+        (lambda d, t: [d / "checkpoint-last.pt", "--windows", 10**10], "distinct windows"),
+        (lambda d, t: [d / "checkpoint-last.pt", "--device", "meta"], "runs on cpu or cuda"),
+        (lambda d, t: [d / "checkpoint-last.pt", "--out", t / "file"], "is a file"),
+        (lambda d, t: [d / "checkpoint-last.pt", "--out", t / "foreign"], "already holds other files"),
         (lambda d, t: [_nan_checkpoint(d, t / "nan.pt"), "--window-length", WINDOW], "NaN or infinite"),
         (lambda d, t: [d / "checkpoint-last.pt", "--deltas", "0.5,2"], "each delta must be in (0, 1)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run_cli, run_dir, tmp_path, make_args, message):
-    res = run_cli("analyze", *make_args(run_dir, tmp_path), "--out", tmp_path / "out")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    args = make_args(run_dir, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = run_cli("analyze", "--out", tmp_path / "out", *args)
     assert res.code == 2, res.err
     assert len(res.err.strip().splitlines()) == 1 and message in res.err
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary left
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
 
 
 def _state_dict(tmp_path):
@@ -142,6 +176,11 @@ def test_plot_draws_training_curves_and_refuses_non_runs(run_cli, run_dir, tmp_p
     assert (tmp_path / "figs" / "training.png").stat().st_size > 1000
     res = run_cli("plot", tmp_path, "--out", tmp_path / "figs2")
     assert res.code == 2 and "not a run directory" in res.err and not (tmp_path / "figs2").exists()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "trunc')
+    res = run_cli("plot", damaged, "--out", tmp_path / "figs3")
+    assert res.code == 2 and "line 2, is not JSON" in res.err and len(res.err.strip().splitlines()) == 1
 
 
 def test_audit_api_matches_decompose_and_round_trips(tmp_path):

@@ -173,13 +173,13 @@ def test_float32_agrees_with_float64():
     np.testing.assert_allclose(ds32["phi"].values, ds64["phi"].values, rtol=1e-4, atol=1e-7)
 
 
-def test_h0_is_the_start_of_full_bptt():
+def test_start_is_the_start_of_full_bptt():
     module, head, loss_fn, x, inputs, y = setup(dict(kind="LSTM", layers=2, batch_first=True))
     h0 = (torch.randn(2, B, 5, dtype=torch.float64), torch.randn(2, B, 5, dtype=torch.float64))
     out, _ = module(x, h0)
     loss = loss_fn(head(out[:, -1]), y).mean()
     want = torch.autograd.grad(loss, list(module.parameters()))
-    got = biaskit.truncated_gradient(biaskit.wrap(module, head, loss_fn), inputs, y, h0=h0)
+    got = biaskit.truncated_gradient(biaskit.wrap(module, head, loss_fn), inputs, y, start=h0)
     for (name, _), g in zip(module.named_parameters(), want):
         torch.testing.assert_close(got[name], g)
 

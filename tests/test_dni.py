@@ -10,8 +10,9 @@ from torch import nn
 from torch.func import functional_call
 
 import biaskit
-from biaskit import checkpoint, report, synthetic_bias
-from trainers import dni, loop
+from biaskit import checkpoint, synthetic_bias
+from biaskit.synthetic import warm_up
+from trainers import dni, runs, schedule
 from trainers.tasks.token_model import TokenLSTM
 from trainers.tbptt import Stream
 
@@ -98,7 +99,7 @@ def test_oracle_dni_turns_the_chunked_stream_into_full_bptt(K):
     x, y = data()
     ends = list(range(K, LENGTH, K))
     future, full = future_gradients(model, x, y, ends)
-    got, dni_losses = stream_gradient(model, dni.SyntheticStream(x, y, Oracle(future)), K)
+    got, dni_losses = stream_gradient(model, dni.SyntheticStream(x, y, Oracle(future), model.system()), K)
     for g, w in zip(got, full):
         torch.testing.assert_close(g, w)
     # The bootstrapped target is exact when the next boundary's prediction is.
@@ -108,8 +109,8 @@ def test_oracle_dni_turns_the_chunked_stream_into_full_bptt(K):
 def test_zero_dni_is_plain_truncation():
     model, K = tiny_model(), 5
     x, y = data()
-    zero = dni.build({"kind": "layer", "size": 16, "hidden": 6}).double()
-    got, _ = stream_gradient(model, dni.SyntheticStream(x, y, zero), K)
+    zero = dni.SHAPES["layer"]({"size": 16, "hidden": 6}).double()
+    got, _ = stream_gradient(model, dni.SyntheticStream(x, y, zero, model.system()), K)
     for g, w in zip(got, plain_chunk_gradient(model, x, y, K)):
         torch.testing.assert_close(g, w)
 
@@ -118,7 +119,7 @@ def test_real_phase_leaves_the_dni_out_of_the_model_gradient_but_not_out_of_its_
     model, K = tiny_model(), 5
     x, y = data()
     future, _ = future_gradients(model, x, y, list(range(K, LENGTH, K)))
-    real, losses = stream_gradient(model, dni.SyntheticStream(x, y, Oracle(future)), K, synthetic=False)
+    real, losses = stream_gradient(model, dni.SyntheticStream(x, y, Oracle(future), model.system()), K, synthetic=False)
     for g, w in zip(real, plain_chunk_gradient(model, x, y, K)):
         torch.testing.assert_close(g, w)
     assert all(float(loss) < 1e-20 for loss in losses[1:])
@@ -129,9 +130,9 @@ def test_bootstrapped_target_against_finite_differences(discount, synthetic):
     model, K = tiny_model(), 4
     x, y = data(length=3 * K, batch=2)
     torch.manual_seed(3)
-    guess = dni.build({"kind": "layer", "size": 16, "hidden": 5}).double()
+    guess = dni.SHAPES["layer"]({"size": 16, "hidden": 5}).double()
     nn.init.normal_(guess.net[-1].weight, std=0.3)  # a DNI that predicts something
-    stream = dni.SyntheticStream(x, y, guess, discount)
+    stream = dni.SyntheticStream(x, y, guess, model.system(), discount)
     for _ in range(2):
         model.zero_grad()
         stream.chunk_backward(model, K, synthetic)
@@ -155,13 +156,13 @@ def test_bootstrapped_target_against_finite_differences(discount, synthetic):
     torch.testing.assert_close(stream.target, numeric, rtol=1e-6, atol=1e-8)
 
 
-def test_flat_layout_is_biaskits():
+def test_the_flat_layout_the_dni_sees_is_biaskits():
     model = tiny_model().eval()
     _, state = model(data()[0])
-    flat = dni.flatten(state)
-    torch.testing.assert_close(flat, model.system().initial_state(state, S))
+    system = model.system()
+    flat = system.flatten(state)
     torch.testing.assert_close(flat, native_flat(state))
-    back = dni.unflatten(flat, state)
+    back = system.unflatten(flat)
     assert all(torch.equal(a, b) for a, b in zip(back, state))
 
 
@@ -170,12 +171,12 @@ def count(module):
 
 
 def test_neuron_dni_size_does_not_grow_with_the_width_and_it_acts_per_neuron():
-    narrow, wide = (dni.build({"kind": "neuron", "size": D, "hidden": 8}) for D in (10, 1000))
+    narrow, wide = (dni.SHAPES["neuron"]({"size": D, "hidden": 8}) for D in (10, 1000))
     assert count(narrow) == count(wide) == 601
-    assert count(dni.build({"kind": "layer", "size": 1000, "hidden": None})) > 100 * count(
-        dni.build({"kind": "layer", "size": 10, "hidden": None}))
+    assert count(dni.SHAPES["layer"]({"size": 1000, "hidden": None})) > 100 * count(
+        dni.SHAPES["layer"]({"size": 10, "hidden": None}))
     torch.manual_seed(0)
-    neuron = dni.build({"kind": "neuron", "size": 6, "hidden": 4})
+    neuron = dni.SHAPES["neuron"]({"size": 6, "hidden": 4})
     nn.init.normal_(neuron.down.weight)
     h = torch.randn(3, 6)
     out, memory = neuron(h)
@@ -202,8 +203,11 @@ def test_synthetic_bias_with_an_oracle_is_zero_and_without_matches_naive_truncat
     model, x, y, burn, h0, W, L, K = audit_setup()
     ends = [*range(K, W, K), W]
     future, full = future_gradients(model, x, y, ends, frozen_after=W, state=h0)
-    warm_up = [torch.zeros_like(future[0])] * (burn.shape[1] // K)  # the burn-in's boundaries come first
-    ds = synthetic_bias(model.system(), x, y, K, Oracle(warm_up + future), burn=burn, lookahead=L)
+    warm = [torch.zeros_like(future[0])] * (burn.shape[1] // K)  # the burn-in's boundaries come first
+    oracle = Oracle(warm + future)
+    start, memory = warm_up(model.system(), oracle, burn, K)
+    torch.testing.assert_close(start, h0)
+    ds = synthetic_bias(model.system(), x, y, K, oracle, start=start, memory=memory, lookahead=L)
     assert float(ds["rel_bias_synthetic"]) < 1e-10
     assert float(ds["synthetic_error"].max()) < 1e-10
     # Plain truncation by hand: detach at each chunk start, window losses only.
@@ -225,8 +229,9 @@ def test_synthetic_bias_with_an_oracle_is_zero_and_without_matches_naive_truncat
 
 def test_synthetic_bias_of_a_zero_dni_is_the_truncation_bias():
     model, x, y, burn, _, W, L, K = audit_setup()
-    zero = dni.build({"kind": "neuron", "size": 16, "hidden": 3}).double()
-    ds = synthetic_bias(model.system(), x, y, K, zero, burn=burn, lookahead=L)
+    zero = dni.SHAPES["neuron"]({"size": 16, "hidden": 3}).double()
+    start, memory = warm_up(model.system(), zero, burn, K)
+    ds = synthetic_bias(model.system(), x, y, K, zero, start=start, memory=memory, lookahead=L)
     assert float(ds["rel_bias_synthetic"]) == pytest.approx(float(ds["rel_bias_truncated"]), rel=1e-12)
     assert 0 < float(ds["rel_bias_truncated"]) < 2
     assert ds["synthetic_error"].values == pytest.approx(1.0)  # predicting 0 misses all of it
@@ -250,20 +255,17 @@ def test_synthetic_bias_rejects_bad_input(kwargs, message):
 
 @pytest.mark.parametrize("base", [1, 2])
 def test_warm_restarts_follow_torchs_scheduler(base):
-    cfg = {"schedule": f"restarts:{base}", "epochs": 30}
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=base, T_mult=2)
     for epoch in [0, 0.5, 1, 1.25, 2.5, 3, 5.5, 7, 9.75, 15, 20]:
         sched.step(epoch)
-        assert loop.lr_factor(cfg, epoch) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
+        assert schedule.lr_factor(f"restarts:{base}", 30, epoch) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
 
 
 def test_alternating_uses_real_gradients_first_then_synthetic_after_each_restart():
-    cfg = {"estimator": "dni", "alternate": True, "schedule": "restarts:1"}
-    phases = [loop.synthetic_phase(cfg, p) for p in (0, 0.9, 1, 2.9, 3, 6.9, 7, 14.9, 15)]
+    phases = [schedule.synthetic_phase("restarts:1", True, p) for p in (0, 0.9, 1, 2.9, 3, 6.9, 7, 14.9, 15)]
     assert phases == [False, False, True, True, False, False, True, True, False]
-    assert loop.synthetic_phase({**cfg, "alternate": False}, 0.5)
-    assert not loop.synthetic_phase({**cfg, "estimator": "tbptt"}, 1.5)
+    assert schedule.synthetic_phase("restarts:1", False, 0.5)
 
 
 # --- runs, checkpoints and the command line -----------------------------------------------
@@ -278,7 +280,7 @@ def test_a_dni_run_logs_both_biases_and_analyze_reports_them(run_cli, tmp_path, 
     res = run_cli("train", "copy", "--K", "4", "--epochs", "2", "--estimator", "dni", "--dni", kind,
                   "--alternate", "--out", run_dir, *TINY)
     assert res.code == 0, res.err
-    lines = loop.read_metrics(run_dir)
+    lines = runs.read_metrics(run_dir)
     assert [line["synthetic_share"] for line in lines] == [0.0, 1.0]  # real first, synthetic after the restart
     assert [(line["K1"], line["K2"]) for line in lines] == [(4, 4)] * 2
     for line in lines:
@@ -289,11 +291,12 @@ def test_a_dni_run_logs_both_biases_and_analyze_reports_them(run_cli, tmp_path, 
     syn = json.loads(res.out)["synthetic"]
     assert syn["K"] == 4 and syn["lookahead"] == 20 and syn["rel_bias_synthetic"] > 0
     assert (tmp_path / "audit" / "synthetic.nc").is_file()
-    assert len(report.plot_training([run_dir]).axes) == 4  # a panel for the DNI's bias
+    assert len(runs.plot_training([run_dir]).axes) == 4  # a panel for the DNI's bias
     # The checkpoint's DNI is the one the run trained, and it rebuilds by name.
-    rebuilt = checkpoint.rebuild_dni(run_dir / "checkpoint-last.pt")
-    saved = checkpoint.load(run_dir / "checkpoint-last.pt")["dni"]["state"]
-    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in saved.items())
+    rebuilt = checkpoint.rebuild(run_dir / "checkpoint-last.pt").dni
+    saved = checkpoint.load(run_dir / "checkpoint-last.pt")["dni"]
+    assert saved["shape"] == kind
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in saved["state"].items())
 
 
 def test_analyze_of_a_tbptt_run_has_no_synthetic_section(run_cli, tmp_path):

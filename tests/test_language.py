@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from biaskit import InputError
+from trainers import config as configs
 from trainers import loop
 from trainers.tasks import language
 
@@ -71,8 +72,8 @@ def test_a_short_language_run_trains(tmp_path):
         return "".join(" ".join(words[s:s + 8]) + "\n" for s in starts)
 
     data = write(tmp_path / "corpus", ("train.txt", "valid.txt", "test.txt"), (text(600), text(60), text(60)))
-    cfg = loop.full_config("trainers.tasks.language:build", {"data_dir": str(data), "embedding": 8, "hidden": 16},
-                           {"epochs": 2, "batch_size": 16, "K": 5, "window": 20, "windows": 8, "K_min": 2,
+    cfg = configs.full_config("language", {"data_dir": str(data), "embedding": 8, "hidden": 16},
+                              {"epochs": 2, "batch_size": 16, "K": 5, "window": 20, "windows": 8, "K_min": 2,
                             "K_max": 20, "delta": 0.5})
     lines = loop.Run(cfg, tmp_path / "run", quiet=True).fit()
     vocab = len(words) + 2  # <eos> and <unk>

@@ -11,7 +11,8 @@ import torch
 from scipy import integrate, stats
 
 import biaskit
-from biaskit.streams import sample_windows
+from biaskit.probe import sample_windows
+from trainers import config as configs
 from trainers import loop
 from trainers.tasks import hawkes
 from trainers.tasks import point_process as pp
@@ -267,11 +268,12 @@ def test_biaskit_loss_at_each_window_end_is_the_model_loss_there():
     task = pp.build(SMALL)
     model = task.model.eval()
     x, y = task.splits["train"]
-    windows, last, burn = sample_windows(x, y, 12, 5, torch.Generator().manual_seed(0))
+    drawn = sample_windows(x, y, 12, 5, torch.Generator().manual_seed(0))
+    windows, last, burn = drawn.inputs, drawn.targets[:, -1], drawn.burn
     with torch.no_grad():
         _, h0 = model(burn)
         outputs, _ = model(torch.cat([burn, windows], dim=1))
-    ds = biaskit.decompose(model.system(), windows, last, h0=h0, psi=False)
+    ds = biaskit.decompose(model.system(), windows, last, start=h0, psi=False)
     expected = model.loss(outputs[:, -1], last)
     np.testing.assert_allclose(ds["loss"].values, expected.numpy(), rtol=1e-5, atol=1e-6)
     system = model.system()
@@ -281,7 +283,7 @@ def test_biaskit_loss_at_each_window_end_is_the_model_loss_there():
 
 def test_a_short_training_run_logs_finite_nll_rmse_and_error_rate(tmp_path):
     train = {"batch_size": 8, "window": 20, "windows": 8, "K": 5, "K_max": 30, "epochs": 1}
-    cfg = loop.full_config("trainers.tasks.point_process:build", dict(SMALL), {**pp.TRAIN, **train})
+    cfg = configs.full_config("point-process", dict(SMALL), {**pp.TRAIN, **train})
     (line,) = loop.Run(cfg, tmp_path, quiet=True).fit()
     for key in ("train_nll", "valid_nll", "valid_rmse", "valid_error_rate", "test_rmse", "rel_bias_exact"):
         assert math.isfinite(line[key]), key

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from biaskit import checkpoint
-from trainers import loop
+from trainers import config as configs
+from trainers import loop, runs
 
 TINY = {"train_tokens": 4000, "valid_tokens": 800, "test_tokens": 800, "hidden": 8}
 FAST = {"batch_size": 8, "window": 20, "windows": 8, "K_max": 30}
@@ -14,7 +15,7 @@ TIMING = {"seconds", "tokens_per_s", "update_seconds"}
 
 
 def config(**train):
-    return loop.full_config("trainers.tasks.copy:build", dict(TINY), {**FAST, "epochs": 2, **train})
+    return configs.full_config("copy", dict(TINY), {**FAST, "epochs": 2, **train})
 
 
 def strip_timing(lines):
@@ -42,14 +43,14 @@ def test_run_directory_holds_config_metrics_and_self_describing_checkpoints(tmp_
                 "tokens_per_s", "seconds"):
         assert key in lines[-1]
     ckpt = checkpoint.load(tmp_path / "checkpoint-last.pt")
-    assert ckpt["factory"] == "trainers.tasks.copy:build" and ckpt["epoch"] == 2
+    assert ckpt["task"] == "copy" and ckpt["trainer"]["epoch"] == 2
     assert [h["K"] for h in ckpt["K_history"]] == [line["next_K"] for line in lines]
-    task = checkpoint.resolve(ckpt["factory"])(ckpt["config"]["task"])
+    task = checkpoint.load_registered(checkpoint.TASKS, ckpt["task"])(ckpt["task_config"])
     task.model.load_state_dict(ckpt["model"])
     valid, _ = loop.evaluate(task.model, *task.splits["valid"], cfg["train"]["batch_size"])
     assert valid == pytest.approx(lines[-1]["valid_loss"], rel=1e-6)
     best = min(lines, key=lambda line: line["valid_loss"])
-    assert checkpoint.load(tmp_path / "checkpoint-best.pt")["epoch"] == best["epoch"]
+    assert checkpoint.load(tmp_path / "checkpoint-best.pt")["trainer"]["epoch"] == best["epoch"]
 
 
 def test_logged_perplexity_is_exp_of_the_mean_token_loss(tmp_path):
@@ -67,7 +68,7 @@ def test_cli_trains_and_resumes(run_cli, tmp_path):
     assert "best valid ppl" in res.out
     res = run_cli("train", "copy", "--K", "4", "--epochs", "2", "--resume", str(tmp_path / "r"), *TINY_ARGS)
     assert res.code == 0, res.err
-    assert len(loop.read_metrics(tmp_path / "r")) == 2
+    assert len(runs.read_metrics(tmp_path / "r")) == 2
 
 
 @pytest.mark.parametrize(
@@ -77,12 +78,25 @@ def test_cli_trains_and_resumes(run_cli, tmp_path):
         (["train", "copy", "--K", "4"], "--out DIR"),
         (["train", "copy", "--K1", "5", "--out", "{tmp}/x"], "give both --K1 and --K2"),
         (["train", "copy", "--K1", "3", "--K2", "5", "--out", "{tmp}/x"], "1 <= K2 <= K1"),
-        (["train", "copy", "--delta", "1.5", "--out", "{tmp}/x"], "--delta must be in (0, 1)"),
+        (["train", "copy", "--delta", "1.5", "--out", "{tmp}/x"], "'1.5' is not a finite number in (0, 1)"),
+        (["train", "copy", "--clip", "-1", "--out", "{tmp}/x"], "Invalid value for '--clip'"),
+        (["train", "copy", "--update-every", "nan", "--out", "{tmp}/x"], "Invalid value for '--update-every'"),
+        (["train", "copy", "--lr", "nan", "--out", "{tmp}/x"], "Invalid value for '--lr'"),
+        (["train", "copy", "--lr", "inf", "--out", "{tmp}/x"], "Invalid value for '--lr'"),
+        (["train", "copy", "--device", "meta", "--out", "{tmp}/x"], "runs on cpu or cuda"),
+        (["train", "copy", "--device", "mps", "--out", "{tmp}/x"], "runs on cpu or cuda"),
+        (["train", "copy", "--device", "gpu7", "--out", "{tmp}/x"], "unknown device"),
+        (["train", "copy", "--valid-tokens", "10", "--out", "{tmp}/x"], "the valid split has 10 positions"),
+        (["train", "copy", "--windows", "5000", "--out", "{tmp}/x"], "distinct windows"),
+        (["train", "copy", "--K-min", "9", "--K-max", "3", "--out", "{tmp}/x"], "K_min <= K_max"),
+        (["train", "copy", "--out", "{tmp}/file"], "is a file"),
         (["train", "copy", "--optimizer", "Nope", "--out", "{tmp}/x"], "unknown optimizer"),
         (["train", "copy", "--optimizer-options", "{bad", "--out", "{tmp}/x"], "not JSON"),
         (["train", "copy", "--schedule", "wavy", "--out", "{tmp}/x"], "unknown schedule"),
         (["train", "copy", "--out", "{tmp}/file/sub"], "choose another --out"),
         (["train", "copy", "--resume", "{tmp}/nothing"], "no checkpoint"),
+        (["train", "copy", "--resume", "{tmp}/started"], "start it again with --out"),
+        (["train", "copy", "--out", "{tmp}/foreign"], "is not a run directory and not empty"),
         (["train", "copy", "--estimator", "dni", "--delta", "0.5", "--out", "{tmp}/x"], "fixed --K"),
         (["train", "copy", "--estimator", "dni", "--K1", "6", "--K2", "3", "--out", "{tmp}/x"], "fixed --K"),
         (["train", "copy", "--alternate", "--out", "{tmp}/x"], "--alternate needs --estimator dni"),
@@ -95,9 +109,16 @@ def test_cli_trains_and_resumes(run_cli, tmp_path):
 )
 def test_cli_errors_are_one_line_and_exit_2(run_cli, tmp_path, args, message):
     (tmp_path / "file").write_text("")
-    res = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args], *TINY_ARGS[:-1])
+    (tmp_path / "started").mkdir()  # a run killed before its first checkpoint
+    (tmp_path / "started" / "config.json").write_text("{}")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "thesis.tex").write_text("precious")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    res = run_cli(*args[:2], *TINY_ARGS[:-1], *args[2:])  # the case's options win over the tiny defaults
     assert res.code == 2, res.err
     assert len(res.err.strip().splitlines()) == 1 and message in res.err
+    assert not (tmp_path / "x").exists()  # checked before a run directory is made
+    assert (tmp_path / "foreign" / "thesis.tex").read_text() == "precious"
 
 
 def test_resume_with_another_config_is_refused(run_cli, tmp_path):
@@ -123,6 +144,6 @@ def test_a_run_from_before_an_option_existed_resumes_with_its_default(tmp_path):
     path = tmp_path / "checkpoint-last.pt"
     ckpt = checkpoint.load(path)
     for key in ("estimator", "dni", "alternate"):
-        del ckpt["config"]["train"][key]
+        del ckpt["trainer"]["config"]["train"][key]
     torch.save(ckpt, path)
     assert len(loop.Run(config(K=4, epochs=2), tmp_path, quiet=True, resume=True).fit()) == 2

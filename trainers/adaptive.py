@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import biaskit
-from biaskit.streams import sample_windows
+from biaskit.probe import probing
 
 
 @dataclass
@@ -33,17 +33,8 @@ class Controller:
     def measure(self, model, inputs, targets, K: int, generator: torch.Generator) -> dict:
         """Decompose, fit, bound; return the record of this update with the new K."""
         began = time.perf_counter()
-        device = next(model.parameters()).device
-        sampled = sample_windows(inputs, targets, self.window, self.windows, generator)
-        windows, last, burn = (t.to(device) for t in sampled)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                _, h0 = model(burn)
-            ds = biaskit.decompose(model.system(), windows, last, h0=h0, psi=False)
-        finally:
-            model.train(was_training)
+        with probing(model, inputs, targets, length=self.window, count=self.windows, generator=generator) as probe:
+            ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False)
         fit = biaskit.fit_decay(ds, norm=self.norm, tau=self.tau)
         deltas = [self.delta] if self.delta is not None else [0.5]
         bound = biaskit.bias_bound(ds, fit, deltas=deltas, K_range=(self.K_min, self.K_max))

@@ -24,14 +24,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import biaskit
-from biaskit.streams import sample_spans
-from biaskit import synthetic_bias
+from biaskit.probe import evaluating, probing
+from biaskit.recurrent import RecurrentSystem
+from biaskit.synthetic import synthetic_bias, warm_up
 
+from .schedule import synthetic_phase
 from .tbptt import Stream, detach
-
-FACTORY = "trainers.dni:build"
-KINDS = ("neuron", "layer")
 
 
 class LayerDNI(nn.Module):
@@ -64,48 +62,26 @@ class NeuronDNI(nn.Module):
         return self.down(h).view_as(state), (h, c)
 
 
-def build(config: dict) -> nn.Module:
-    """The DNI named by ``{"kind": "neuron"|"layer", "size": D, "hidden": m or None}``."""
-    kind, size, hidden = config["kind"], config["size"], config.get("hidden")
-    if kind == "layer":
-        return LayerDNI(size, hidden or size)
-    if kind == "neuron":
-        return NeuronDNI(hidden or 8)
-    raise biaskit.InputError(f"unknown DNI {kind!r}: use {' or '.join(KINDS)}")
+def layer(config: dict) -> LayerDNI:
+    """The layer-wise DNI of ``{"size": D, "hidden": m or None (D)}``, registered as ``layer``."""
+    return LayerDNI(config["size"], config.get("hidden") or config["size"])
 
 
-def state_size(model) -> int:
-    """D, the flat state size of a model's recurrence, as biaskit lays it out."""
-    was_training = model.training
-    model.eval()  # biaskit refuses a recurrence in training mode with dropout
-    try:
-        return model.system().layout.size
-    finally:
-        model.train(was_training)
+def neuron(config: dict) -> NeuronDNI:
+    """The neuron-wise DNI of ``{"hidden": m or None (8)}``, registered as ``neuron``."""
+    return NeuronDNI(config.get("hidden") or 8)
 
 
-def flatten(state) -> torch.Tensor:
-    """A stacked module's (h, c) or h, each (layers, batch, H), as biaskit's flat (batch, D):
-    layer by layer, h then c."""
-    parts = state if isinstance(state, tuple) else (state,)
-    return torch.cat([part[layer] for layer in range(parts[0].shape[0]) for part in parts], dim=1)
-
-
-def unflatten(flat: torch.Tensor, like):
-    """The inverse of ``flatten``, in the format of the state ``like``."""
-    n = len(like) if isinstance(like, tuple) else 1
-    layers = (like[0] if isinstance(like, tuple) else like).shape[0]
-    chunks = flat.chunk(n * layers, dim=1)
-    parts = tuple(torch.stack(chunks[i::n]) for i in range(n))
-    return parts if isinstance(like, tuple) else parts[0]
+SHAPES = {"layer": layer, "neuron": neuron}
 
 
 class SyntheticStream(Stream):
     """Walks BPTT(K, K) chunks, adding the DNI's synthetic gradient at each chunk's end."""
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, dni: nn.Module, discount: float = 1.0):
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, dni: nn.Module, system: RecurrentSystem,
+                 discount: float = 1.0):
         super().__init__(inputs, targets)
-        self.dni, self.discount = dni, discount
+        self.dni, self.system, self.discount = dni, system, discount
         self.memory = None    # the DNI's memory after the last boundary
         self.boundary = None  # (flat state, DNI memory) at the start of the next chunk
         self.target = None    # the bootstrapped target δ_T at the last chunk's start, per sample
@@ -115,18 +91,18 @@ class SyntheticStream(Stream):
 
         ``synthetic``: whether the model's gradient includes the DNI's term
         (either way the DNI's target is computed, so it keeps learning).
-        Returns (mean loss, positions, the DNI's loss against ``self.target``,
-        the bootstrapped target at the chunk's start; None for the first chunk).
+        Returns (mean loss, positions, the DNI's loss against the bootstrapped target
+        ``self.target`` at the chunk's start, None for the first chunk).
         """
         start, end = self.pos, min(self.pos + K, self.length)
         S, n = self.inputs.shape[0], end - start
         entering = None
         if self.boundary is not None:
             entering = self.boundary[0].detach().requires_grad_()
-        state = None if entering is None else unflatten(entering, self.carry)
+        state = None if entering is None else self.system.unflatten(entering)
         out, state = model(self.inputs[:, start:end], state)
         loss = model.loss(out, self.targets[:, start:end]).mean()
-        flat = flatten(state)
+        flat = self.system.flatten(state)
         term = flat.new_zeros(())
         memory = self.memory
         if end < self.length:  # no later losses after the stream's end
@@ -148,17 +124,67 @@ class SyntheticStream(Stream):
         return loss.detach(), n, dni_loss
 
 
-def measure(model, dni, inputs, targets, K: int, window: int, windows: int, generator: torch.Generator) -> dict:
-    """The chunked bias of this model at K, with and without the DNI, over ``windows``
-    windows of ``window`` steps (as many again after each for the future losses)."""
-    device = next(model.parameters()).device
-    burn, x, y = (t.to(device) for t in sample_spans(inputs, targets, window, window, windows, generator))
-    was_training = model.training
-    model.eval()
-    try:
-        ds = synthetic_bias(model.system(), x, y, K, dni, burn=burn, lookahead=window)
-    finally:
-        model.train(was_training)
-    return {"rel_bias_truncated": float(ds["rel_bias_truncated"]),
-            "rel_bias_synthetic": float(ds["rel_bias_synthetic"]),
-            "synthetic_error": float(ds["synthetic_error"].median())}
+class SyntheticGradients:
+    """A DNI trained beside the model: its module, optimizer and settings, how a step uses it,
+    its checkpoint entry and its audit. The training loop's one handle on synthetic gradients."""
+
+    def __init__(self, model: nn.Module, cfg: dict, device):
+        with evaluating(model):  # biaskit refuses a recurrence in training mode with dropout
+            self.system = model.system()
+        self.shape, self.config = cfg["dni"], {"size": self.system.layout.size, "hidden": cfg["dni_hidden"]}
+        self.module = SHAPES[self.shape](self.config).to(device)
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=cfg["dni_lr"])
+        self.discount, self.schedule, self.alternate = cfg["dni_discount"], cfg["schedule"], cfg["alternate"]
+        self._reset()
+
+    def _reset(self):
+        self.updates = self.synthetic_updates = 0
+        self.dni_loss = 0.0
+
+    def stream(self, inputs: torch.Tensor, targets: torch.Tensor) -> SyntheticStream:
+        return SyntheticStream(inputs, targets, self.module, self.system, self.discount)
+
+    def backward(self, stream: SyntheticStream, model: nn.Module, K1: int, K2: int, progress: float):
+        """One BPTT(K, K) chunk into the model's ``.grad`` (with the DNI's term in synthetic phases),
+        and one Adam step of the DNI on its target. Returns (mean loss, positions)."""
+        synthetic = synthetic_phase(self.schedule, self.alternate, progress)
+        loss, n, dni_loss = stream.chunk_backward(model, K2, synthetic)
+        if dni_loss is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            dni_loss.backward()
+            self.optimizer.step()
+            self.dni_loss += dni_loss.item()
+        self.updates += 1
+        self.synthetic_updates += synthetic
+        return loss, n
+
+    def epoch_stats(self) -> dict:
+        """The epoch's share of synthetic updates and the DNI's mean loss; starts a new count."""
+        stats = {"synthetic_share": self.synthetic_updates / max(1, self.updates),
+                 "dni_loss": self.dni_loss / max(1, self.updates - 1)}
+        self._reset()
+        return stats
+
+    def checkpoint_entry(self) -> dict:
+        """What a biaskit checkpoint records of the DNI: registered shape, config, weights."""
+        return {"shape": self.shape, "config": self.config, "state": self.module.state_dict()}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load(self, entry: dict, state: dict):
+        self.module.load_state_dict(entry["state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def measure(self, model: nn.Module, inputs, targets, K: int, window: int, windows: int,
+                generator: torch.Generator) -> dict:
+        """The chunked bias of this model at K, with and without the DNI, over ``windows`` windows
+        of ``window`` steps (as many again after each for the later losses)."""
+        with probing(model, inputs, targets, length=window, count=windows, generator=generator,
+                     lookahead=window, every_step=True) as probe:
+            start, memory = warm_up(probe.system, self.module, probe.burn, K)
+            ds = synthetic_bias(probe.system, probe.inputs, probe.targets, K, self.module, start=start,
+                                memory=memory, lookahead=window)
+        return {"rel_bias_truncated": float(ds["rel_bias_truncated"]),
+                "rel_bias_synthetic": float(ds["rel_bias_synthetic"]),
+                "synthetic_error": float(ds["synthetic_error"].median())}

@@ -9,13 +9,17 @@ pass. The fused module runs over whole chunks; nothing here is step by step.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from biaskit.errors import InputError
 
 
 def batchify(stream: torch.Tensor, streams: int) -> torch.Tensor:
     """(N, ...) → (streams, N // streams, ...): S contiguous streams, the remainder dropped."""
     length = stream.shape[0] // streams
     if length == 0:
-        raise ValueError(f"a stream of {stream.shape[0]} positions cannot feed {streams} streams")
+        raise InputError(f"a stream of {stream.shape[0]} positions cannot feed {streams} parallel streams: "
+                         "use a smaller --batch-size or more data")
     return stream[: length * streams].reshape(streams, length, *stream.shape[1:])
 
 
@@ -65,3 +69,31 @@ class Stream:
         loss = model.loss(out, self.targets[:, start:end]).mean()
         self.carry, self.carry_pos, self.pos = next_carry, split, end
         return loss, end - start
+
+
+class Truncation:
+    """Plain BPTT(K1, K2), as the training loop uses it (``dni.SyntheticGradients`` is the other kind)."""
+
+    def stream(self, inputs: torch.Tensor, targets: torch.Tensor) -> Stream:
+        return Stream(inputs, targets)
+
+    def backward(self, stream: Stream, model: nn.Module, K1: int, K2: int, progress: float):
+        """The next window's gradient into the model's ``.grad``. Returns (mean loss, positions)."""
+        loss, n = stream.window_loss(model, K1, K2)
+        loss.backward()
+        return loss.detach(), n
+
+    def epoch_stats(self) -> dict:
+        return {}
+
+    def checkpoint_entry(self) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load(self, entry, state: dict):
+        pass
+
+    def measure(self, model, inputs, targets, K, window, windows, generator) -> dict:
+        return {}

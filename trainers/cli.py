@@ -1,0 +1,219 @@
+"""``biaskit train ...`` and ``biaskit plot``: the trainers' commands, added to biaskit's group.
+
+The ``biaskit`` console script runs ``main`` here, so the user types one
+command while the library stays free of the trainers (biaskit never imports
+this package; an import-linter contract checks it).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from biaskit import atomic
+from biaskit.cli import cli, device
+from biaskit.cli import main as biaskit_main
+from biaskit.errors import InputError
+from biaskit.norms import NORMS
+
+from . import config as configs
+from .loop import Run
+from .runs import plot_training, read_metrics
+from .tasks import copy, language, point_process
+
+#: Each task's registered name (the ``biaskit.tasks`` entry point) and its training defaults.
+TRAIN_DEFAULTS = {"copy": copy.TRAIN, "language": language.TRAIN, "point-process": point_process.TRAIN}
+CONTROL_NORMS = [name for name in NORMS if name != "psi"]  # the controller decomposes without psi
+
+
+class Number(click.ParamType):
+    """A finite number in a range (bounds open or closed), refused at parse time otherwise."""
+
+    name = "number"
+
+    def __init__(self, low=None, high=None, low_open=False, high_open=False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        below = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        above = self.high is not None and (number >= self.high if self.high_open else number > self.high)
+        if not math.isfinite(number) or below or above:
+            low = "" if self.low is None else f"{'(' if self.low_open else '['}{self.low}"
+            high = "" if self.high is None else f"{self.high}{')' if self.high_open else ']'}"
+            span = f"in {low}, {high}" if low and high else (f"> {self.low}" if self.low_open else f">= {self.low}")
+            self.fail(f"{value!r} is not a finite number {span}", param, ctx)
+        return number
+
+
+POSITIVE = Number(0, low_open=True)
+
+
+def _json_dict(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise click.BadParameter(f"not JSON: {value}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter('must be a JSON object, e.g. \'{"momentum": 0.9}\'')
+    return parsed
+
+
+TRAIN_OPTIONS = [
+    click.option("--epochs", type=click.IntRange(1), help="Epochs to train (may grow on --resume)."),
+    click.option("--delta", type=Number(0, 1, True, True), help="Tolerated relative bias: adaptive TBPTT."),
+    click.option("--K", "K", type=click.IntRange(1), help="Fixed truncation, BPTT(2K, K); K0 when adaptive."),
+    click.option("--K1", "K1", type=click.IntRange(1), help="Explicit BPTT(K1, K2): steps back-propagated."),
+    click.option("--K2", "K2", type=click.IntRange(1), help="Explicit BPTT(K1, K2): losses per update."),
+    click.option("--K-min", "K_min", type=click.IntRange(1)),
+    click.option("--K-max", "K_max", type=click.IntRange(1)),
+    click.option("--window", type=click.IntRange(2), help="Controller window length W."),
+    click.option("--windows", type=click.IntRange(2), help="Windows per controller update."),
+    click.option("--update-every", type=POSITIVE, help="Epochs between K updates (fractions allowed)."),
+    click.option("--norm", type=click.Choice(CONTROL_NORMS), help="Norm whose decay sets K."),
+    click.option("--batch-size", type=click.IntRange(1), help="Parallel streams S."),
+    click.option("--lr", type=POSITIVE, help="Base step size (times sqrt(K) unless --no-scale-lr)."),
+    click.option("--scale-lr/--no-scale-lr", default=None, help="Scale the step size by sqrt(K)."),
+    click.option("--optimizer", help="A torch.optim name (default SGD, as in the paper)."),
+    click.option("--optimizer-options", callback=_json_dict, help='JSON, e.g. \'{"momentum": 0.9}\'.'),
+    click.option("--clip", type=POSITIVE, help="Clip the gradient norm to this."),
+    click.option("--schedule", help="constant, cosine, step:EPOCHS:GAMMA or restarts:EPOCHS."),
+    click.option("--seed", type=int),
+    click.option("--out", type=click.Path(path_type=Path), help="Run directory."),
+    click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this directory."),
+    click.option("--device", "device_name", default="cpu", show_default=True),
+    click.option("--quiet", is_flag=True, help="No progress bar or epoch lines."),
+]
+
+DNI_OPTIONS = [
+    click.option("--estimator", type=click.Choice(["tbptt", "dni"]),
+                 help="tbptt (default), or dni: synthetic gradients at the ends of BPTT(K, K) chunks."),
+    click.option("--dni", "dni", type=click.Choice(list(configs.DNI_SHAPES)),
+                 help="The DNI's shape: one shared cell per neuron (default), or one MLP for the whole state."),
+    click.option("--dni-hidden", type=click.IntRange(1), help="The DNI's hidden size (default 8, or D for layer)."),
+    click.option("--dni-lr", type=POSITIVE, help="The DNI's Adam step (default 1e-3)."),
+    click.option("--dni-discount", type=Number(0, 1),
+                 help="Weight of the DNI's own later prediction in its target (default 1; below 1 steadies it)."),
+    click.option("--alternate", is_flag=True, default=None,
+                 help="Real gradients, then synthetic, in turn after each warm restart."),
+    click.option("--restart-base", type=POSITIVE,
+                 help="Warm restarts every 2^i * E epochs, cosine within (default E = 1 with --alternate)."),
+]
+
+
+def _with(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+@cli.group()
+def train():
+    """Train an RNN with fixed or adaptive truncated BPTT."""
+
+
+def _train(task: str, task_config: dict, opts: dict):
+    """Shared by every task: merge defaults, check everything, set up the run directory, train."""
+    dev = device(opts.pop("device_name"))
+    quiet, out, resume = opts.pop("quiet"), opts.pop("out"), opts.pop("resume")
+    if resume is not None and out is not None and Path(out) != Path(resume):
+        raise InputError("--resume names the run directory; leave out --out or make them equal")
+    if resume is None and out is None:
+        raise InputError("say where the run goes: --out DIR (or --resume DIR to continue one)")
+    restart_base = opts.pop("restart_base", None)
+    if restart_base is not None or opts.get("alternate"):
+        if opts.get("schedule") is not None:
+            raise InputError("--restart-base and --alternate set the schedule: leave out --schedule")
+        opts["schedule"] = f"restarts:{restart_base or 1}"
+    given = {k: v for k, v in opts.items() if v is not None}
+    if "seed" in given:
+        task_config["seed"] = given["seed"]
+    config = configs.full_config(task, task_config, {**TRAIN_DEFAULTS[task], **given})
+    run = Run(config, resume or out, device=dev, quiet=quiet, resume=resume is not None)
+    metrics = run.fit()
+    best = min(metrics, key=lambda m: m["valid_loss"] if m["valid_loss"] is not None else math.inf)
+    metric = run.task.metric.lower()
+    click.echo(f"best valid {metric} {best[f'valid_{metric}']:.4f} (epoch {best['epoch']}), "
+               f"test {metric} {best[f'test_{metric}']:.4f}; run in {resume or out}")
+
+
+@train.command("copy")
+@click.option("--m", "m", type=click.IntRange(1), help="Fixed sequence length m (default 10).")
+@click.option("--variable", is_flag=True, default=None, help="Draw m uniformly from [m-min, m-max].")
+@click.option("--m-min", "m_min", type=click.IntRange(1))
+@click.option("--m-max", "m_max", type=click.IntRange(1))
+@click.option("--train-tokens", type=click.IntRange(1))
+@click.option("--valid-tokens", type=click.IntRange(1))
+@click.option("--test-tokens", type=click.IntRange(1))
+@click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 50).")
+@_with(TRAIN_OPTIONS + DNI_OPTIONS)
+def train_copy(m, variable, m_min, m_max, train_tokens, valid_tokens, test_tokens, hidden, **opts):
+    """Copy task (paper section 5.1): remember m symbols, then recall them."""
+    task = {k: v for k, v in dict(m=m, variable=variable, m_min=m_min, m_max=m_max, train_tokens=train_tokens,
+                                  valid_tokens=valid_tokens, test_tokens=test_tokens, hidden=hidden).items()
+            if v is not None}
+    _train("copy", task, opts)
+
+
+@train.command("language")
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="PTB, WikiText-2 or train/valid/test.txt folder (default: the embedded corpus).")
+@click.option("--embedding", type=click.IntRange(1), help="Embedding size (default 200; paper 900 PTB, 512 WT2).")
+@click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 200).")
+@click.option("--dropout", type=Number(0, 1, high_open=True))
+@click.option("--tie-weights", is_flag=True, default=None, help="Share the embedding and output weights.")
+@_with(TRAIN_OPTIONS + DNI_OPTIONS)
+def train_language(data_dir, embedding, hidden, dropout, tie_weights, **opts):
+    """Word-level language modelling (paper section 5.2)."""
+    task = {k: v for k, v in dict(data_dir=None if data_dir is None else str(Path(data_dir).resolve()),
+                                  embedding=embedding, hidden=hidden, dropout=dropout,
+                                  tie_weights=tie_weights).items() if v is not None}
+    _train("language", task, opts)
+
+
+@train.command("point-process")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Folder of train/dev/test.pkl (neural-Hawkes, EasyTPP) or a sequence,time,mark CSV "
+                   "(default: a simulated two-mark Hawkes process).")
+@click.option("--events", type=click.IntRange(20), help="Simulated events in all (default 50,000).")
+@click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 128).")
+@_with(TRAIN_OPTIONS)
+def train_point_process(data, events, hidden, **opts):
+    """Marked temporal point process with RMTPP (paper section 5.3)."""
+    task = {k: v for k, v in dict(data=None if data is None else str(Path(data).resolve()),
+                                  events=events, hidden=hidden).items() if v is not None}
+    _train("point-process", task, opts)
+
+
+@cli.command()
+@click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("figures"), show_default=True)
+def plot(run_dirs, out):
+    """Training curves of runs side by side (test metric, K, relative bias)."""
+    for run_dir in run_dirs:
+        read_metrics(run_dir)  # a missing or damaged log is refused before anything is drawn
+    fig = plot_training(run_dirs, [d.name for d in run_dirs])
+    path = Path(out) / "training.png"
+    if Path(out).exists() and not Path(out).is_dir():
+        raise InputError(f"--out {out} is a file: choose a folder")
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot write to {out}: {err.strerror}; choose another --out") from None
+    with atomic.writing(path, "the figure") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    click.echo(f"wrote {path}")
+
+
+def main(argv=None):
+    """The ``biaskit`` console script: biaskit's group with the trainers' commands."""
+    biaskit_main(argv)

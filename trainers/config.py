@@ -1,0 +1,121 @@
+"""The run config: one dict, its defaults, and every check made before a run starts.
+
+A config is ``{"task": registered name, "task_config": {...}, "train": {...}}``;
+``config.json`` holds it and checkpoints carry it, so a run can be resumed and
+audited without the command line that made it.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from biaskit.errors import InputError
+
+from . import schedule
+
+TRAIN_DEFAULTS = {
+    "epochs": 20,
+    "batch_size": 64,      # S parallel streams
+    "lr": 1.0,
+    "optimizer": "SGD",
+    "optimizer_options": {},
+    "clip": None,          # max gradient norm, or None
+    "schedule": "constant",  # see schedule.SCHEDULES
+    "scale_lr": True,      # step size times sqrt(K)
+    "K": 15,               # fixed truncation: BPTT(2K, K); the initial K0 when adaptive
+    "K1": None,            # explicit BPTT(K1, K2) instead of (2K, K)
+    "K2": None,
+    "delta": None,         # tolerated relative bias: adaptive when set
+    "K_min": 2,
+    "K_max": 100,
+    "window": 100,         # W, the controller's window length
+    "windows": 64,         # windows per controller update
+    "update_every": 1.0,   # epochs between K updates (fractions allowed)
+    "norm": "phi",
+    "tau": None,
+    "estimator": "tbptt",  # tbptt, or dni: synthetic gradients at the ends of BPTT(K, K) chunks
+    "dni": "neuron",       # the DNI's shape: neuron or layer
+    "dni_hidden": None,    # its hidden size; None: the state size (layer), 8 (neuron)
+    "dni_lr": 1e-3,        # its Adam step size
+    "dni_discount": 1.0,   # weight of the bootstrapped term in its target (1: Jaderberg et al.'s)
+    "alternate": False,    # dni: real gradients in even warm restarts, synthetic in odd (schedule restarts:E)
+    "seed": 0,
+}
+DNI_SHAPES = ("neuron", "layer")
+
+
+def _positive(cfg: dict, key: str, option: str, integer: bool = False, allow_none: bool = False):
+    value = cfg[key]
+    if value is None and allow_none:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+        what = "a positive whole number" if integer else "a positive finite number"
+        raise InputError(f"{option} must be {what}, got {value!r}")
+
+
+def check(cfg: dict) -> dict:
+    """The training options ``cfg``, checked: every error here is one a user can fix."""
+    unknown = set(cfg) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise InputError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    for key in ("epochs", "batch_size", "K", "K_min", "K_max", "window", "windows"):
+        _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True)
+    for key in ("K1", "K2", "dni_hidden"):
+        _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True, allow_none=True)
+    for key in ("lr", "update_every", "dni_lr"):
+        _positive(cfg, key, f"--{key.replace('_', '-')}")
+    _positive(cfg, "clip", "--clip", allow_none=True)
+    if (cfg["K1"] is None) != (cfg["K2"] is None):
+        raise InputError("give both --K1 and --K2, or neither")
+    if cfg["K1"] is not None and not 1 <= cfg["K2"] <= cfg["K1"]:
+        raise InputError(f"BPTT(K1, K2) needs 1 <= K2 <= K1, got K1={cfg['K1']}, K2={cfg['K2']}")
+    if cfg["delta"] is not None and not (isinstance(cfg["delta"], numbers.Real) and 0 < cfg["delta"] < 1):
+        raise InputError(f"--delta must be in (0, 1), got {cfg['delta']}")
+    if cfg["K_min"] > cfg["K_max"]:
+        raise InputError(f"need K_min <= K_max, got [{cfg['K_min']}, {cfg['K_max']}]")
+    if cfg["window"] < 2 or cfg["windows"] < 2:
+        raise InputError("the controller needs --window and --windows of at least 2")
+    if cfg["estimator"] not in ("tbptt", "dni"):
+        raise InputError(f"unknown estimator {cfg['estimator']!r}: use tbptt or dni")
+    if cfg["dni"] not in DNI_SHAPES:
+        raise InputError(f"unknown DNI {cfg['dni']!r}: use {' or '.join(DNI_SHAPES)}")
+    if cfg["estimator"] == "dni" and (cfg["delta"] is not None or cfg["K1"] is not None):
+        raise InputError("--estimator dni trains BPTT(K, K) chunks with a fixed --K: "
+                         "leave out --delta, --K1 and --K2")
+    if not (isinstance(cfg["dni_discount"], numbers.Real) and 0 <= cfg["dni_discount"] <= 1):
+        raise InputError(f"--dni-discount must be in [0, 1], got {cfg['dni_discount']}")
+    kind, _ = schedule.parse(cfg["schedule"])
+    if cfg["alternate"] and (cfg["estimator"] != "dni" or kind != "restarts"):
+        raise InputError("--alternate needs --estimator dni and the warm-restart schedule (--restart-base)")
+    optimizer = getattr(torch.optim, str(cfg["optimizer"]), None)
+    if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+        raise InputError(f"unknown optimizer {cfg['optimizer']!r}: use a torch.optim name such as SGD or Adam")
+    if not isinstance(cfg["optimizer_options"], dict):
+        raise InputError("--optimizer-options must be a JSON object, e.g. '{\"momentum\": 0.9}'")
+    return cfg
+
+
+def full_config(task: str, task_config: dict, train: dict) -> dict:
+    """The complete config of a run: the defaults overridden by ``train``, checked."""
+    return {"task": task, "task_config": dict(task_config), "train": check({**TRAIN_DEFAULTS, **train})}
+
+
+def truncation(cfg: dict, K: int) -> tuple[int, int]:
+    """(K1, K2) for truncation K: explicit when given, BPTT(K, K) chunks for synthetic
+    gradients, else the paper's BPTT(2K, K)."""
+    if cfg["estimator"] == "dni":
+        return K, K
+    return (cfg["K1"], cfg["K2"]) if cfg["K1"] is not None else (2 * K, K)
+
+
+def first_difference(a: dict, b: dict, prefix: str = "") -> str:
+    """The first key where two configs differ, as 'key: old then, new now'."""
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+                return first_difference(a[key], b[key], f"{prefix}{key}.")
+            return f"{prefix}{key}: {a.get(key)!r} then, {b.get(key)!r} now"
+    return "none"
