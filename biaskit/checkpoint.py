@@ -101,10 +101,15 @@ def load(path, map_location="cpu") -> dict:
         ckpt = {**ckpt, "task": ckpt.get("factory"), "task_config": config.get("task")}
         if isinstance(ckpt.get("dni"), dict):  # its config's kind is the registered shape's name
             ckpt["dni"] = {**ckpt["dni"], "shape": (ckpt["dni"].get("config") or {}).get("kind")}
-    for key, kind in (("task", str), ("task_config", dict), ("model", dict)):
-        if not isinstance(ckpt.get(key), kind):
-            raise InputError(f"{path} is damaged: its {key!r} field is missing or not a {kind.__name__}")
+    for key, kind in (("task", str), ("model", dict)):
+        _field(ckpt, key, kind, path)
     return ckpt
+
+
+def _field(ckpt: dict, key: str, kind: type, path: Path):
+    if not isinstance(ckpt.get(key), kind):
+        raise InputError(f"{path} is damaged: its {key!r} field is missing or not a {kind.__name__}")
+    return ckpt[key]
 
 
 def resolve(spec: str) -> Callable:
@@ -201,12 +206,10 @@ def rebuild(path, factory: str | None = None, data: str | None = None, device="c
             raise
         ckpt = None
     if ckpt is not None:
-        if factory is not None:
-            task = _call(resolve(factory), f"the factory {factory}", ckpt["task_config"])
-            name = ckpt["task"]
-        else:
-            name = _registered_name(TASKS, ckpt["task"])
-            task = _call(load_registered(TASKS, name), f"the task {name!r}", ckpt["task_config"])
+        name = ckpt["task"] if factory is not None else _registered_name(TASKS, ckpt["task"])
+        build = resolve(factory) if factory is not None else load_registered(TASKS, name)
+        task = _call(build, f"the factory {factory}" if factory else f"the task {name!r}",
+                     _field(ckpt, "task_config", dict, path))
         model, splits = getattr(task, "model", None), getattr(task, "splits", None)
         if not isinstance(splits, dict) or "train" not in splits:
             raise InputError(f"the task {name!r} built no training split (a task has .model and .splits['train'])")

@@ -9,6 +9,7 @@ and ``biaskit analyze`` audits the model by its task's registered name.
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -79,7 +80,11 @@ class Run:
         self.next_update, self.history, self.record = cfg["update_every"], [], {}
         self.dir = RunDirectory(out, resume=resume, config=config)
         if resume:
-            self._resume()
+            try:
+                self._resume()
+            except BaseException:
+                self.dir.close()
+                raise
 
     @property
     def adaptive(self) -> bool:
@@ -93,7 +98,6 @@ class Run:
         saved = {**saved, "train": {**configs.TRAIN_DEFAULTS, **saved["train"],  # options added since
                                     "epochs": self.config["train"]["epochs"]}}
         if saved != self.config:
-            self.dir.close()
             raise InputError(f"{self.dir.path} was trained with another config "
                              f"({configs.first_difference(saved, self.config)}); resume with the same options, "
                              "or train into another --out")
@@ -108,8 +112,8 @@ class Run:
         self.next_update, self.history, self.record = state["next_update"], ckpt["K_history"], state["record"]
         self.lines = state["metrics"]
         note = self.dir.restore(self.lines)
-        if note and not self.quiet:
-            tqdm.write(note)
+        if note:
+            tqdm.write(note, file=sys.stderr)
 
     def _save(self, name: str):
         trainer = {"config": self.config, "optimizer": self.optimizer.state_dict(),

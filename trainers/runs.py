@@ -58,15 +58,17 @@ class RunDirectory:
         self._lock.write(str(os.getpid()))
         self._lock.flush()
         if not resume:
-            self._start(config)
+            try:
+                self._start(config)
+            except BaseException:
+                self.close()
+                raise
 
     def _start(self, config: dict):
         if (self.path / LAST).exists():
-            self.close()
             raise InputError(f"{self.path} already holds a run: pass --resume to continue it, or another --out")
         foreign = sorted(p.name for p in self.path.iterdir() if p.name not in OWNED and not p.name.startswith("."))
         if foreign:
-            self.close()
             raise InputError(f"{self.path} is not a run directory and not empty ({', '.join(foreign[:3])}): "
                              "choose a new or empty folder for --out")
         atomic.write_text(self.path / CONFIG, json.dumps(config, indent=1) + "\n", "the run config")

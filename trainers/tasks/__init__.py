@@ -1,7 +1,9 @@
 """Tasks: the data, the model and the metric of one experiment, rebuilt from a config.
 
-Each task module has ``build(config) -> Task``; its import path is what a
-checkpoint names, so ``biaskit analyze`` can rebuild model and data.
+Each task module has ``build(config) -> Task``, registered under the task's name
+in the ``biaskit.tasks`` entry-point group (pyproject.toml); a checkpoint names
+the task by that name, so ``biaskit analyze`` can rebuild model and data without
+running code a file names.
 """
 from __future__ import annotations
 
