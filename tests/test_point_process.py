@@ -3,6 +3,7 @@ each against an independent computation."""
 from __future__ import annotations
 
 import math
+import os
 import pickle
 
 import numpy as np
@@ -218,6 +219,62 @@ def test_a_file_that_is_no_pickle_is_refused(pickle_folder):
     (pickle_folder / "test.pkl").write_text("sequence,time,mark\n")
     with pytest.raises(biaskit.InputError, match="cannot read .*test.pkl"):
         pp.build({"data": str(pickle_folder), **SMALL})
+
+
+class RunsOnLoad:
+    """A crafted pickle: loading it calls ``call(*args)``."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+#: Pickles that would run code, each given the marker file it would create.
+CRAFTED = {
+    "os.system": lambda marker: pickle.dumps(RunsOnLoad(os.system, f"touch {marker}")),
+    "builtins.eval": lambda marker: pickle.dumps(RunsOnLoad(eval, f"open({str(marker)!r}, 'w').close()")),
+    "builtins.exec": lambda marker: pickle.dumps(RunsOnLoad(exec, f"open({str(marker)!r}, 'w').close()")),
+    "inside honest data": lambda marker: pickle.dumps(
+        {"train": [[RunsOnLoad(os.system, f"touch {marker}")]], "dim_process": 3}),
+    "protocol 0 GLOBAL": lambda marker: f"cos\nsystem\n(S'touch {marker}'\ntR.".encode(),
+    "protocol 0 INST": lambda marker: f"(S'touch {marker}'\nios\nsystem\n.".encode(),
+}
+
+
+@pytest.mark.parametrize("craft", CRAFTED.values(), ids=CRAFTED.keys())
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(pickle_folder, craft):
+    marker = pickle_folder.parent / "ran"
+    (pickle_folder / "train.pkl").write_bytes(craft(marker))
+    with pytest.raises(biaskit.InputError, match=r"train\.pkl refuses to load (os|posix|nt|builtins)\.(system|eval|exec): "
+                       "data pickles may hold only lists, dicts, numbers and strings"):
+        pp.build({"data": str(pickle_folder), **SMALL})
+    assert not marker.exists()
+
+
+def test_a_pickled_numpy_value_is_refused_with_the_fix(pickle_folder):
+    write_pickles(pickle_folder, train={"train": PICKLED["train"], "dim_process": np.int64(3)})
+    with pytest.raises(biaskit.InputError, match="refuses to load numpy.*save the data again as plain Python values"):
+        pp.build({"data": str(pickle_folder), **SMALL})
+
+
+#: The first training sequence of PICKLED as Python 2 writes it: protocol 0, byte strings.
+PYTHON2_TRAIN = (b"(dp0\nS'dim_process'\np1\nI3\nsS'train'\np2\n(lp3\n(lp4\n(dp5\nS'time_since_start'\np6\n"
+                 b"F0.5\nsS'type_event'\np7\nI1\nsa(dp8\ng6\nF1.0\nsg7\nI0\nsaas.")
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_honest_pickles_of_every_protocol_and_python_2_load(pickle_folder, protocol):
+    for key, data in PICKLED.items():
+        with open(pickle_folder / f"{key}.pkl", "wb") as fh:
+            pickle.dump({key: data, "dim_process": 3}, fh, protocol=protocol)
+    reference = pp.build({"data": str(pickle_folder), **SMALL}).splits
+    assert reference["train"][0].shape == (3, 3)
+    (pickle_folder / "train.pkl").write_bytes(PYTHON2_TRAIN)
+    x, y = pp.build({"data": str(pickle_folder), **SMALL}).splits["train"]
+    torch.testing.assert_close(x, reference["train"][0][:1])
+    torch.testing.assert_close(y, reference["train"][1][:1])
 
 
 def test_csv_is_sorted_in_time_and_cut_80_10_10_by_sequence_id(tmp_path):

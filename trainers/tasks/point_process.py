@@ -10,7 +10,9 @@ Data, from ``config["data"]``:
   (``'train'``, ``'dev'``, ``'test'``) and ``'dim_process'`` (the number of
   marks); a split is a list of sequences, a sequence a list of events
   ``{'time_since_start', 'time_since_last_event', 'type_event'}``. Times are
-  read from ``time_since_start``. Unpickling runs code: load only files you trust.
+  read from ``time_since_start``. The pickles are read as plain data: lists,
+  dicts, tuples, numbers and strings, nothing that names a class or a function
+  (DataUnpickler), so a crafted pickle cannot run code.
 - a ``.csv`` file with a header and the columns ``sequence, time, mark``
   (integer marks from 0); events are sorted by time within a sequence and
   the sequences, in id order, are cut 80/10/10 into train/valid/test.
@@ -27,8 +29,10 @@ NLL per predicted event; RMSE and the mark error rate come as extra metrics.
 from __future__ import annotations
 
 import csv
+import io
 import pickle
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -83,11 +87,32 @@ def cut(sequences: list[Sequence]) -> dict[str, list[Sequence]]:
     return {"train": sequences[:a], "valid": sequences[a:b], "test": sequences[b:]}
 
 
+class DataUnpickler(pickle.Unpickler):
+    """An unpickler for plain data: it refuses every global, so no pickle can name code to run.
+
+    Lists, dicts, tuples, numbers, strings, booleans and None each have their own
+    opcodes; everything else a pickle can build (a class instance, a set before
+    protocol 4, a numpy value, a call of any function) is named by a global, and
+    the unpickler asks ``find_class`` for it before anything runs.
+    """
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")  # the neural-Hawkes files are Python 2 pickles
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> NoReturn:
+        raise InputError(f"{self.path} refuses to load {module}.{name}: data pickles may hold only lists, dicts, "
+                         "numbers and strings; save the data again as plain Python values")
+
+
 def _unpickle(path: Path):
+    """The plain data in ``path`` (see DataUnpickler), or an InputError."""
     try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")  # the neural-Hawkes files are Python 2 pickles
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+        return DataUnpickler(io.BytesIO(path.read_bytes()), path).load()
+    except InputError:
+        raise
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            OverflowError, MemoryError) as err:
         raise InputError(f"cannot read {path} as a pickle: {err}") from None
 
 
