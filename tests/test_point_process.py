@@ -208,6 +208,18 @@ def test_a_missing_pickle_split_is_named(tmp_path):
     ({"train": PICKLED["train"], "dim_process": 2}, "disagree on dim_process"),
     ({"train": [events((0.5, 0), (1.5, 3))], "dim_process": 3}, "marks outside 0..2"),
     ({"train": [events((0.5, 0), (math.inf, 1))], "dim_process": 3}, "not a finite number"),
+    ({"train": [events((0.5, 0), (1.5, 1.5))], "dim_process": 3}, "sequence 0: marks outside 0..2; type_event must "
+                                                                   "be a whole number below dim_process = 3"),
+    ({"train": [events((0.5, 0), (1.5, 1e300))], "dim_process": 3}, "marks outside 0..2"),
+    ({"train": [events((0.5, 0), (1.5, 10**400))], "dim_process": 3}, "every event must be a dict with numeric"),
+    ({"train": 7, "dim_process": 3}, "'train' must be a list of sequences, found int"),
+    ({"train": PICKLED["train"], "dim_process": "three"}, "dim_process must be a whole number of marks, 1 or more, "
+                                                          "found 'three'"),
+    ({"train": PICKLED["train"], "dim_process": 0}, "dim_process must be a whole number"),
+    ({"train": PICKLED["train"], "dim_process": 2.5}, "dim_process must be a whole number"),
+    ({"train": PICKLED["train"], "dim_process": 2_000_000}, r"declares dim_process = 2000000 marks, more than the "
+                                                            r"limit of 10,000 \(point_process.MAX_MARKS\)"),
+    ({"train": PICKLED["train"], "dim_process": 10**5000}, "declares dim_process = an int of 16610 bits"),
 ])
 def test_a_malformed_pickle_is_refused_clearly(pickle_folder, bad, message):
     write_pickles(pickle_folder, train=bad)

@@ -46,6 +46,9 @@ SPLITS = ("train", "valid", "test")
 PICKLES = {"train": "train", "valid": "dev", "test": "test"}  # our split → file stem and key
 EVENT_KEYS = ("time_since_start", "type_event")
 CSV_COLUMNS = ("sequence", "time", "mark")
+#: The most marks a data set may have: the model has one output per mark, so
+#: one stray id of 2,000,000 would otherwise build a model of gigabytes.
+MAX_MARKS = 10_000
 
 #: The embedded process: mark 0 and mark 1 each excite themselves more than each
 #: other. Stationary rates (I − α/β)⁻¹ μ = (0.683, 0.55) events per unit time;
@@ -117,7 +120,11 @@ def _unpickle(path: Path):
 
 
 def load_pickles(folder) -> tuple[dict[str, list[Sequence]], int]:
-    """The neural-Hawkes / EasyTPP layout: train.pkl, dev.pkl, test.pkl in one folder."""
+    """The neural-Hawkes / EasyTPP layout: train.pkl, dev.pkl, test.pkl in one folder.
+
+    ``dim_process`` declares the marks, so mark ids stay as they are and must lie
+    in 0..dim_process − 1; a dim_process above MAX_MARKS is refused.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"data {root} is neither a folder of pickles nor a .csv file")
@@ -125,30 +132,58 @@ def load_pickles(folder) -> tuple[dict[str, list[Sequence]], int]:
     if missing:
         raise InputError(f"{root} lacks {', '.join(missing)}: the pickle layout needs train.pkl, dev.pkl "
                          "and test.pkl")
-    splits, dims = {}, set()
+    contents, dims = {}, {}
     for split, key in PICKLES.items():
         path = root / f"{key}.pkl"
         data = _unpickle(path)
         if not isinstance(data, dict) or key not in data or "dim_process" not in data:
-            found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            found = sorted(map(_show, data)) if isinstance(data, dict) else type(data).__name__
             raise InputError(f"{path} must be a dict with keys {key!r} and 'dim_process', found {found}")
-        dims.add(int(data["dim_process"]))
-        splits[split] = [_events(seq, path, n) for n, seq in enumerate(data[key])]
-    if len(dims) > 1:
-        raise InputError(f"the pickles of {root} disagree on dim_process: {sorted(dims)}")
-    return splits, dims.pop()
+        if not isinstance(data[key], (list, tuple)):
+            raise InputError(f"{path}: {key!r} must be a list of sequences, found {type(data[key]).__name__}")
+        contents[split], dims[split] = (path, data[key]), _declared_marks(data["dim_process"], path)
+    if len(set(dims.values())) > 1:
+        raise InputError(f"the pickles of {root} disagree on dim_process: {sorted(set(dims.values()))}")
+    marks = dims["train"]
+    splits = {split: [_events(seq, path, n, marks) for n, seq in enumerate(data)]
+              for split, (path, data) in contents.items()}
+    return splits, marks
 
 
-def _events(sequence, path: Path, n: int) -> Sequence:
+def _declared_marks(value, path: Path) -> int:
+    """``dim_process`` as a number of marks from 1 to MAX_MARKS."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{path}: dim_process must be a whole number of marks, 1 or more, found {_show(value)}")
+    if value > MAX_MARKS:
+        raise InputError(f"{path} declares dim_process = {_show(value)} marks, more than the limit of "
+                         f"{MAX_MARKS:,} (point_process.MAX_MARKS): the model has one output per mark")
+    return value
+
+
+def _events(sequence, path: Path, n: int, marks: int) -> Sequence:
     try:
         times = np.array([float(event["time_since_start"]) for event in sequence])
-        marks = np.array([int(event["type_event"]) for event in sequence], dtype=np.int64)
-    except (KeyError, TypeError, ValueError) as err:
+        kinds = [float(event["type_event"]) for event in sequence]
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise InputError(f"{path}, sequence {n}: every event must be a dict with numeric "
                          f"{' and '.join(map(repr, EVENT_KEYS))} ({type(err).__name__}: {err})") from None
+    if not all(k.is_integer() and 0 <= k < marks for k in kinds):
+        raise InputError(f"{path}, sequence {n}: marks outside 0..{marks - 1}; type_event must be a whole number "
+                         f"below dim_process = {marks}")
     if (np.diff(times) < 0).any():
         raise InputError(f"{path}, sequence {n}: time_since_start decreases; events must be in time order")
-    return times, marks
+    return times, np.array(kinds, dtype=np.int64)
+
+
+def _show(value) -> str:
+    """A short repr for a message, even of an int too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than sys.get_int_max_str_digits() digits
+        return f"an int of {value.bit_length()} bits"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_csv(path) -> tuple[dict[str, list[Sequence]], int]:
