@@ -13,9 +13,14 @@ Data, from ``config["data"]``:
   read from ``time_since_start``. The pickles are read as plain data: lists,
   dicts, tuples, numbers and strings, nothing that names a class or a function
   (DataUnpickler), so a crafted pickle cannot run code.
-- a ``.csv`` file with a header and the columns ``sequence, time, mark``
-  (integer marks from 0); events are sorted by time within a sequence and
-  the sequences, in id order, are cut 80/10/10 into train/valid/test.
+- a ``.csv`` file, UTF-8, with a header and the columns ``sequence, time,
+  mark`` (finite times, integer mark ids from 0); events are sorted by time
+  within a sequence and the sequences, in id order, are cut 80/10/10 into
+  train/valid/test. Mark ids are labels: the file's distinct ids, sorted,
+  become 0..n − 1, so sparse ids cost no unused outputs.
+
+Either way a data set has at most MAX_MARKS marks (the model has one output
+per mark).
 
 Streams: a sequence of n events gives n − 1 positions, one per event but the
 last. Position i reads event i, ``[mark k_i, gap t_i − t_{i−1}, time t_i − t_0]``,
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import pickle
 from pathlib import Path
 from typing import NoReturn
@@ -49,6 +55,7 @@ CSV_COLUMNS = ("sequence", "time", "mark")
 #: The most marks a data set may have: the model has one output per mark, so
 #: one stray id of 2,000,000 would otherwise build a model of gigabytes.
 MAX_MARKS = 10_000
+MAX_MARK_ID = 2**63 - 1  # a CSV's mark ids are int64
 
 #: The embedded process: mark 0 and mark 1 each excite themselves more than each
 #: other. Stationary rates (I − α/β)⁻¹ μ = (0.683, 0.55) events per unit time;
@@ -187,24 +194,34 @@ def _show(value) -> str:
 
 
 def load_csv(path) -> tuple[dict[str, list[Sequence]], int]:
-    """A CSV with a header and columns sequence, time, mark; split 80/10/10 by sequence id."""
+    """A CSV with a header and columns sequence, time, mark; split 80/10/10 by sequence id.
+
+    Times are finite numbers; marks are integer ids from 0 to 2⁶³ − 1, labels
+    only: see _dense_marks. Lines whose cells are all blank are skipped.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data {path} is not a file")
+    text = _decode(path)
+    if not text.strip():
+        raise InputError(f"{path} is empty: write a header line sequence,time,mark and one line per event")
+    reader = csv.reader(io.StringIO(text, newline=""))
     rows: dict[str, list[tuple[float, int]]] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = [name.strip() for name in reader.fieldnames or []]
+    try:
+        header = [name.strip() for name in next(reader)]
         if not set(CSV_COLUMNS) <= set(header):
-            raise InputError(f"{path} needs a header with the columns {', '.join(CSV_COLUMNS)}, found {header}")
-        reader.fieldnames = header
+            raise InputError(f"{path} needs a header with the columns {', '.join(CSV_COLUMNS)}, found "
+                             f"{[name[:40] for name in header[:10]]}")
+        twice = [name for name in CSV_COLUMNS if header.count(name) > 1]
+        if twice:
+            raise InputError(f"{path}: the header names {', '.join(twice)} more than once")
+        columns = [header.index(name) for name in CSV_COLUMNS]
         for row in reader:
-            try:
-                key, event = row["sequence"].strip(), (float(row["time"]), int(row["mark"]))
-            except (AttributeError, TypeError, ValueError):
-                raise InputError(f"{path}, line {reader.line_num}: need a sequence id, a number for time and an "
-                                 f"integer mark, got {', '.join(f'{k}={row[k]!r}' for k in CSV_COLUMNS)}") from None
-            rows.setdefault(key, []).append(event)
+            if any(cell.strip() for cell in row):
+                key, event = _csv_event(row, columns, f"{path}, line {reader.line_num}")
+                rows.setdefault(key, []).append(event)
+    except csv.Error as err:
+        raise InputError(f"{path}, line {reader.line_num}: not readable as CSV: {err}") from None
     if not rows:
         raise InputError(f"{path} has a header but no events")
     ids = list(rows)
@@ -212,11 +229,59 @@ def load_csv(path) -> tuple[dict[str, list[Sequence]], int]:
         ids.sort(key=int)  # numeric ids in numeric order
     except ValueError:
         ids.sort()
+    dense = _dense_marks({k for events in rows.values() for _, k in events}, path)
     sequences = []
     for key in ids:
         events = sorted(rows[key], key=lambda event: event[0])  # stable: ties keep the file's order
-        sequences.append((np.array([t for t, _ in events]), np.array([k for _, k in events], dtype=np.int64)))
-    return cut(sequences), 1 + max(int(marks.max()) for _, marks in sequences)
+        sequences.append((np.array([t for t, _ in events]), np.array([dense[k] for _, k in events], dtype=np.int64)))
+    return cut(sequences), len(dense)
+
+
+def _csv_event(row: list[str], columns: list[int], where: str) -> tuple[str, tuple[float, int]]:
+    """The sequence id and the (time, mark) of one CSV row."""
+    key, time, mark = (row[i].strip() if i < len(row) else "" for i in columns)
+    try:
+        event = float(time), int(mark)
+    except ValueError:
+        event = None
+    if not key or event is None:
+        raise InputError(f"{where}: need a sequence id, a number for time and an integer mark, got "
+                         f"sequence={_show(key)}, time={_show(time)}, mark={_show(mark)}")
+    if not math.isfinite(event[0]):
+        raise InputError(f"{where}: time {_show(time)} is not a finite number")
+    if not 0 <= event[1] <= MAX_MARK_ID:
+        raise InputError(f"{where}: mark {_show(mark)} is not an id from 0 to 2^63 - 1")
+    return key, event
+
+
+def _dense_marks(ids: set[int], path: Path) -> dict[int, int]:
+    """Mark ids to 0..n−1 in sorted order, so a model has one output per mark that occurs.
+
+    The ids are those of the whole file, all three splits: the file is one data
+    set whose marks are a property of it, as dim_process is of the pickles; with
+    train's ids alone an event of a mark first seen in valid or test would have
+    no output to score it. The mapping depends only on the set of ids, so the
+    same file always gives the same model; dense id i is the i-th smallest id.
+    """
+    if len(ids) > MAX_MARKS:
+        raise InputError(f"{path} has {len(ids):,} distinct marks, more than the limit of {MAX_MARKS:,} "
+                         "(point_process.MAX_MARKS): the model has one output per mark; merge rare marks into one")
+    return {k: i for i, k in enumerate(sorted(ids))}
+
+
+def _decode(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark dropped), or an InputError at the first bad byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + len(data) - len(err.object)  # err counts from after a byte-order mark
+        line = data.count(b"\n", 0, start) + 1
+        raise InputError(f"{path} is not UTF-8 text: byte {start} (line {line}) is {data[start:start + 1]!r}; "
+                         "save the file as UTF-8") from None
 
 
 def load(data) -> tuple[dict[str, list[Sequence]], int]:
@@ -241,8 +306,10 @@ def stream(sequences: list[Sequence], marks: int, split: str) -> tuple[torch.Ten
         targets.append(np.stack([kinds, gaps], axis=1)[1:])
     if not inputs:
         raise InputError(f"the {split} split has no sequence of two or more events")
-    return (torch.as_tensor(np.concatenate(inputs), dtype=torch.float32),
-            torch.as_tensor(np.concatenate(targets), dtype=torch.float32))
+    x, y = (torch.as_tensor(np.concatenate(parts), dtype=torch.float32) for parts in (inputs, targets))
+    if not (x.isfinite().all() and y.isfinite().all()):
+        raise InputError(f"the {split} split has gaps or times beyond float32 (3.4e38): rescale the times")
+    return x, y
 
 
 def build(config: dict) -> Task:
