@@ -51,6 +51,24 @@ def test_missing_split_and_empty_folder_are_refused_clearly(tmp_path):
         language.build({"data_dir": str(tmp_path / "blank")})
 
 
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("text", ["", "\n\n \n"])
+def test_an_empty_valid_or_test_split_is_refused_clearly(tmp_path, split, text):
+    texts = list(TEXTS)
+    texts[split] = text
+    write(tmp_path, language.LAYOUTS[2], texts)
+    name = ("validation", "test")[split - 1]
+    with pytest.raises(InputError, match=f"the {name} split is empty: .*{language.LAYOUTS[2][split]} holds no words"):
+        language.build({"data_dir": str(tmp_path)})
+
+
+def test_a_split_that_is_not_utf8_is_refused_at_its_first_bad_byte(tmp_path):
+    write(tmp_path, language.LAYOUTS[0], TEXTS)
+    (tmp_path / "ptb.valid.txt").write_bytes("the cat\nsat on a café\n".encode("latin1"))
+    with pytest.raises(InputError, match=r"ptb.valid.txt is not UTF-8 text: byte 20 \(line 2\) is b'\\xe9'"):
+        language.build({"data_dir": str(tmp_path)})
+
+
 def test_embedded_corpus_is_deterministic_and_split_80_10_10():
     a, b = language.embedded_corpus(), language.embedded_corpus()
     assert a == b

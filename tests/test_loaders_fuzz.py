@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from biaskit import InputError
+from trainers.tasks import language
 from trainers.tasks import point_process as pp
 
 hypothesis = pytest.importorskip("hypothesis")  # not in the test extra yet: skipped, not failed, without it
@@ -141,3 +142,16 @@ def test_load_pickles_of_any_plain_data_loads_or_raises_input_error(folder, trai
     loaded = load_pickles_or_input_error(folder, pickle.dumps({"train": train, "dim_process": dim_process}))
     if loaded is not None:
         check_sequences(*loaded, dense=False)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_language_split_of_any_bytes_loads_or_raises_input_error(folder, data):
+    (folder / "train.txt").write_text("a b\n")
+    (folder / "test.txt").write_text("b a\n")
+    (folder / "valid.txt").write_bytes(data)
+    try:
+        words = language.load_words(folder)
+    except InputError:
+        return
+    assert words["valid"] and words["valid"][-1] == language.EOS

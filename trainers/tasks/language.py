@@ -16,6 +16,7 @@ everywhere.
 """
 from __future__ import annotations
 
+import io
 import re
 from collections import Counter
 from pathlib import Path
@@ -34,6 +35,7 @@ LAYOUTS = [
     ("train.txt", "valid.txt", "test.txt"),
 ]
 SPLITS = ("train", "valid", "test")
+SPLIT_NAMES = {"train": "training", "valid": "validation", "test": "test"}
 
 DEFAULTS = {
     "data_dir": None,   # None: the embedded corpus
@@ -91,20 +93,34 @@ def embedded_corpus() -> dict[str, list[str]]:
     return words
 
 
+def read_split(path: Path, split: str) -> list[str]:
+    """The words of one split file: UTF-8 text, at least one word besides ``<eos>``."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{path} is not UTF-8 text: byte {err.start} (line {line}) is "
+                         f"{data[err.start:err.start + 1]!r}; save the file as UTF-8") from None
+    words = read_lines(io.StringIO(text, newline=None))  # the lines open() gives in text mode
+    if all(word == EOS for word in words):
+        raise InputError(f"the {SPLIT_NAMES[split]} split is empty: {path} holds no words, only empty lines or "
+                         "none; every split needs text")
+    return words
+
+
 def load_words(data_dir) -> dict[str, list[str]]:
+    """Each split's words, from ``data_dir`` or, if it is None, the embedded corpus."""
     if data_dir is None:
         return embedded_corpus()
-    words = {}
-    for split, path in find_splits(data_dir).items():
-        with open(path, encoding="utf-8") as fh:
-            words[split] = read_lines(fh)
-    return words
+    return {split: read_split(path, split) for split, path in find_splits(data_dir).items()}
 
 
 def encode(words: dict[str, list[str]]) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Vocabulary from train (``<unk>`` always in it) and each split as token ids."""
-    if not words["train"]:
-        raise InputError("the training split is empty")
     vocab = sorted(set(words["train"]) | {UNK})
     index = {w: i for i, w in enumerate(vocab)}
     unk = index[UNK]
