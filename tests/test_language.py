@@ -77,7 +77,21 @@ def test_embedded_corpus_is_deterministic_and_split_80_10_10():
     assert total > 100_000
     assert sizes["train"] / total == pytest.approx(0.8, abs=0.01)
     assert sizes["valid"] / total == pytest.approx(0.1, abs=0.01)
+    assert sizes["test"] / total == pytest.approx(0.1, abs=0.01)
     assert "<unk>" in a["train"] and all(w.islower() or not w.isalpha() for w in a["train"][:1000])
+
+
+def unigram_perplexities(words):
+    """Per split: the perplexity of add-one unigram frequencies of train, on the ids the model sees."""
+    vocab, ids = language.encode(words)
+    counts = torch.bincount(ids["train"], minlength=len(vocab)).double()
+    log_p = ((counts + 1) / (counts.sum() + len(vocab))).log()
+    return {split: (-log_p[t].mean()).exp().item() for split, t in ids.items()}
+
+
+def test_embedded_valid_and_test_score_alike_under_a_unigram_model():
+    ppl = unigram_perplexities(language.embedded_corpus())
+    assert ppl["valid"] == pytest.approx(ppl["test"], rel=0.25)  # cut alphabetically they were 171 and 92
 
 
 def test_a_short_language_run_trains(tmp_path):
