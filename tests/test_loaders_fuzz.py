@@ -12,7 +12,7 @@ from biaskit import InputError
 from trainers.tasks import language
 from trainers.tasks import point_process as pp
 
-hypothesis = pytest.importorskip("hypothesis")  # not in the test extra yet: skipped, not failed, without it
+pytest.importorskip("hypothesis")  # not in the test extra yet: skipped, not failed, without it
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -26,8 +26,9 @@ def folder(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
-def check_sequences(splits: dict, marks: int, dense: bool) -> int:
-    """The invariants of a loaded data set; returns its number of sequences."""
+def check_sequences(splits: dict, marks: int, from_csv: bool) -> int:
+    """The invariants of a loaded data set; returns its number of sequences. A CSV's marks are
+    dense, its times finite, and its sequences cut 80/10/10 (the pickles come split)."""
     assert set(splits) == set(pp.SPLITS)
     assert 1 <= marks <= pp.MAX_MARKS
     seen = set()
@@ -37,9 +38,12 @@ def check_sequences(splits: dict, marks: int, dense: bool) -> int:
             assert (np.diff(times) >= 0).all()
             assert ((kinds >= 0) & (kinds < marks)).all()
             seen |= set(kinds.tolist())
-    if dense:
+    n = sum(map(len, splits.values()))
+    if from_csv:
         assert seen == set(range(marks))
-    return sum(map(len, splits.values()))
+        assert all(np.isfinite(times).all() for sequences in splits.values() for times, _ in sequences)
+        assert [len(splits[split]) for split in pp.SPLITS[:2]] == [int(0.8 * n), int(0.9 * n) - int(0.8 * n)]
+    return n
 
 
 def load_csv_or_input_error(path):
@@ -57,7 +61,7 @@ def test_load_csv_of_any_bytes_loads_or_raises_input_error(folder, data):
     loaded = load_csv_or_input_error(path)
     if loaded is not None:
         splits, marks = loaded
-        assert check_sequences(splits, marks, dense=True) >= 1
+        assert check_sequences(splits, marks, from_csv=True) >= 1
 
 
 #: Cells a loader should accept, per column ...
@@ -102,7 +106,7 @@ def test_load_csv_of_random_cells_loads_or_raises_input_error(folder, drawn):
         return
     splits, marks = loaded
     events = [row for row in rows if any(cell.strip() for cell in row.values())]  # blank lines are skipped
-    assert check_sequences(splits, marks, dense=True) == len({row["sequence"].strip() for row in events})
+    assert check_sequences(splits, marks, from_csv=True) == len({row["sequence"].strip() for row in events})
     assert sum(len(times) for sequences in splits.values() for times, _ in sequences) == len(events)
     assert marks == len({int(row["mark"]) for row in events})
     for row in events:
@@ -133,7 +137,7 @@ def load_pickles_or_input_error(folder, train: bytes):
 def test_load_pickles_of_any_bytes_loads_or_raises_input_error(folder, data):
     loaded = load_pickles_or_input_error(folder, data)
     if loaded is not None:
-        check_sequences(*loaded, dense=False)
+        check_sequences(*loaded, from_csv=False)
 
 
 @FUZZ
@@ -141,7 +145,7 @@ def test_load_pickles_of_any_bytes_loads_or_raises_input_error(folder, data):
 def test_load_pickles_of_any_plain_data_loads_or_raises_input_error(folder, train, dim_process):
     loaded = load_pickles_or_input_error(folder, pickle.dumps({"train": train, "dim_process": dim_process}))
     if loaded is not None:
-        check_sequences(*loaded, dense=False)
+        check_sequences(*loaded, from_csv=False)
 
 
 @FUZZ
