@@ -96,9 +96,9 @@ def embedded_corpus() -> dict[str, list[str]]:
     for name in sorted(topics):
         for line in topics[name].lower().splitlines():
             if line.strip() and not underline.match(line):
-                words = token.findall(line)
-                split_lines[DEAL[block % len(DEAL)]].append(" ".join(words))
-                size += len(words) + 1  # with its <eos>
+                tokens = token.findall(line)
+                split_lines[DEAL[block % len(DEAL)]].append(" ".join(tokens))
+                size += len(tokens) + 1  # with its <eos>
                 if size >= BLOCK_TOKENS:
                     block, size = block + 1, 0
     words = {split: read_lines(lines) for split, lines in split_lines.items()}
