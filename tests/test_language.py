@@ -52,6 +52,24 @@ def test_missing_split_and_empty_folder_are_refused_clearly(tmp_path):
         language.build({"data_dir": str(tmp_path / "blank")})
 
 
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("text", ["", "\n\n \n"])
+def test_an_empty_valid_or_test_split_is_refused_clearly(tmp_path, split, text):
+    texts = list(TEXTS)
+    texts[split] = text
+    write(tmp_path, language.LAYOUTS[2], texts)
+    name = ("validation", "test")[split - 1]
+    with pytest.raises(InputError, match=f"the {name} split is empty: .*{language.LAYOUTS[2][split]} holds no words"):
+        language.build({"data_dir": str(tmp_path)})
+
+
+def test_a_split_that_is_not_utf8_is_refused_at_its_first_bad_byte(tmp_path):
+    write(tmp_path, language.LAYOUTS[0], TEXTS)
+    (tmp_path / "ptb.valid.txt").write_bytes("the cat\nsat on a café\n".encode("latin1"))
+    with pytest.raises(InputError, match=r"ptb.valid.txt is not UTF-8 text: byte 20 \(line 2\) is b'\\xe9'"):
+        language.build({"data_dir": str(tmp_path)})
+
+
 def test_embedded_corpus_is_deterministic_and_split_80_10_10():
     a, b = language.embedded_corpus(), language.embedded_corpus()
     assert a == b
@@ -60,7 +78,21 @@ def test_embedded_corpus_is_deterministic_and_split_80_10_10():
     assert total > 100_000
     assert sizes["train"] / total == pytest.approx(0.8, abs=0.01)
     assert sizes["valid"] / total == pytest.approx(0.1, abs=0.01)
+    assert sizes["test"] / total == pytest.approx(0.1, abs=0.01)
     assert "<unk>" in a["train"] and all(w.islower() or not w.isalpha() for w in a["train"][:1000])
+
+
+def unigram_perplexities(words):
+    """Per split: the perplexity of add-one unigram frequencies of train, on the ids the model sees."""
+    vocab, ids = language.encode(words)
+    counts = torch.bincount(ids["train"], minlength=len(vocab)).double()
+    log_p = ((counts + 1) / (counts.sum() + len(vocab))).log()
+    return {split: (-log_p[t].mean()).exp().item() for split, t in ids.items()}
+
+
+def test_embedded_valid_and_test_score_alike_under_a_unigram_model():
+    ppl = unigram_perplexities(language.embedded_corpus())
+    assert ppl["valid"] == pytest.approx(ppl["test"], rel=0.25)  # cut alphabetically they were 171 and 92
 
 
 def test_a_short_language_run_trains(tmp_path):

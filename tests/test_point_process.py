@@ -2,7 +2,9 @@
 each against an independent computation."""
 from __future__ import annotations
 
+import codecs
 import math
+import os
 import pickle
 
 import numpy as np
@@ -208,6 +210,18 @@ def test_a_missing_pickle_split_is_named(tmp_path):
     ({"train": PICKLED["train"], "dim_process": 2}, "disagree on dim_process"),
     ({"train": [events((0.5, 0), (1.5, 3))], "dim_process": 3}, "marks outside 0..2"),
     ({"train": [events((0.5, 0), (math.inf, 1))], "dim_process": 3}, "not a finite number"),
+    ({"train": [events((0.5, 0), (1.5, 1.5))], "dim_process": 3}, "sequence 0: marks outside 0..2; type_event must "
+                                                                   "be a whole number below dim_process = 3"),
+    ({"train": [events((0.5, 0), (1.5, 1e300))], "dim_process": 3}, "marks outside 0..2"),
+    ({"train": [events((0.5, 0), (1.5, 10**400))], "dim_process": 3}, "every event must be a dict with numeric"),
+    ({"train": 7, "dim_process": 3}, "'train' must be a list of sequences, found int"),
+    ({"train": PICKLED["train"], "dim_process": "three"}, "dim_process must be a whole number of marks, 1 or more, "
+                                                          "found 'three'"),
+    ({"train": PICKLED["train"], "dim_process": 0}, "dim_process must be a whole number"),
+    ({"train": PICKLED["train"], "dim_process": 2.5}, "dim_process must be a whole number"),
+    ({"train": PICKLED["train"], "dim_process": 2_000_000}, r"declares dim_process = 2000000 marks, more than the "
+                                                            r"limit of 10,000 \(point_process.MAX_MARKS\)"),
+    ({"train": PICKLED["train"], "dim_process": 10**5000}, "declares dim_process = an int of 16610 bits"),
 ])
 def test_a_malformed_pickle_is_refused_clearly(pickle_folder, bad, message):
     write_pickles(pickle_folder, train=bad)
@@ -219,6 +233,62 @@ def test_a_file_that_is_no_pickle_is_refused(pickle_folder):
     (pickle_folder / "test.pkl").write_text("sequence,time,mark\n")
     with pytest.raises(biaskit.InputError, match="cannot read .*test.pkl"):
         pp.build({"data": str(pickle_folder), **SMALL})
+
+
+class RunsOnLoad:
+    """A crafted pickle: loading it calls ``call(*args)``."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+#: Pickles that would run code, each given the marker file it would create.
+CRAFTED = {
+    "os.system": lambda marker: pickle.dumps(RunsOnLoad(os.system, f"touch {marker}")),
+    "builtins.eval": lambda marker: pickle.dumps(RunsOnLoad(eval, f"open({str(marker)!r}, 'w').close()")),
+    "builtins.exec": lambda marker: pickle.dumps(RunsOnLoad(exec, f"open({str(marker)!r}, 'w').close()")),
+    "inside honest data": lambda marker: pickle.dumps(
+        {"train": [[RunsOnLoad(os.system, f"touch {marker}")]], "dim_process": 3}),
+    "protocol 0 GLOBAL": lambda marker: f"cos\nsystem\n(S'touch {marker}'\ntR.".encode(),
+    "protocol 0 INST": lambda marker: f"(S'touch {marker}'\nios\nsystem\n.".encode(),
+}
+
+
+@pytest.mark.parametrize("craft", CRAFTED.values(), ids=list(CRAFTED))
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(pickle_folder, craft):
+    marker = pickle_folder.parent / "ran"
+    (pickle_folder / "train.pkl").write_bytes(craft(marker))
+    refused = r"train\.pkl refuses to load (os|posix|nt|builtins)\.(system|eval|exec): data pickles may hold only "
+    with pytest.raises(biaskit.InputError, match=refused + "lists, dicts, numbers and strings"):
+        pp.build({"data": str(pickle_folder), **SMALL})
+    assert not marker.exists()
+
+
+def test_a_pickled_numpy_value_is_refused_with_the_fix(pickle_folder):
+    write_pickles(pickle_folder, train={"train": PICKLED["train"], "dim_process": np.int64(3)})
+    with pytest.raises(biaskit.InputError, match="refuses to load numpy.*save the data again as plain Python values"):
+        pp.build({"data": str(pickle_folder), **SMALL})
+
+
+#: The first training sequence of PICKLED as Python 2 writes it: protocol 0, byte strings.
+PYTHON2_TRAIN = (b"(dp0\nS'dim_process'\np1\nI3\nsS'train'\np2\n(lp3\n(lp4\n(dp5\nS'time_since_start'\np6\n"
+                 b"F0.5\nsS'type_event'\np7\nI1\nsa(dp8\ng6\nF1.0\nsg7\nI0\nsaas.")
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_honest_pickles_of_every_protocol_and_python_2_load(pickle_folder, protocol):
+    for key, data in PICKLED.items():
+        with open(pickle_folder / f"{key}.pkl", "wb") as fh:
+            pickle.dump({key: data, "dim_process": 3}, fh, protocol=protocol)
+    reference = pp.build({"data": str(pickle_folder), **SMALL}).splits
+    assert reference["train"][0].shape == (3, 3)
+    (pickle_folder / "train.pkl").write_bytes(PYTHON2_TRAIN)
+    x, y = pp.build({"data": str(pickle_folder), **SMALL}).splits["train"]
+    torch.testing.assert_close(x, reference["train"][0][:1])
+    torch.testing.assert_close(y, reference["train"][1][:1])
 
 
 def test_csv_is_sorted_in_time_and_cut_80_10_10_by_sequence_id(tmp_path):
@@ -243,11 +313,77 @@ def test_csv_is_sorted_in_time_and_cut_80_10_10_by_sequence_id(tmp_path):
     ("sequence,time\n1,0.5\n", "needs a header"),
     ("sequence,time,mark\n1,0.5,0\n1,soon,1\n", "line 3: need a sequence id, a number for time"),
     ("sequence,time,mark\n", "no events"),
+    ("", "bad.csv is empty: write a header line sequence,time,mark"),
+    ("\n \n\n", "is empty"),
+    ("sequence,time,mark\n,,\n , , \n\n", "no events"),  # lines of blank cells are skipped
+    ("sequence,time,mark,mark\n1,0.5,0,0\n", "the header names mark more than once"),
+    ("sequence,time,mark\n1,0.5\n", "line 2: need a sequence id, a number for time and an integer mark, got "
+                                      "sequence='1', time='0.5', mark=''"),
+    ("sequence,time,mark\n ,0.5,0\n", "line 2: need a sequence id"),
+    ("sequence,time,mark\n1,0.5,1.0\n", "line 2: need .* an integer mark"),
+    ("sequence,time,mark\n1,0.5,0\n1,nan,1\n", "line 3: time 'nan' is not a finite number"),
+    ("sequence,time,mark\n1,-inf,1\n", "line 2: time '-inf' is not a finite number"),
+    ("sequence,time,mark\n1,1e400,1\n", "time '1e400' is not a finite number"),
+    ("sequence,time,mark\n1,0.5,-1\n", "line 2: mark '-1' is not an id from 0 to 2\\^63 - 1"),
+    ("sequence,time,mark\n1,0.5,9223372036854775808\n", "mark '9223372036854775808' is not an id"),
+    ("sequence,time,mark\n1,0.5," + "9" * 5000 + "\n", r"need .* an integer mark, got .*mark='9+\.\.\.$"),
+    ("sequence,time,mark\n1,0.5,\"" + "0" * 200_000 + "\"\n", "line 2: not readable as CSV: field larger"),
 ])
 def test_a_malformed_csv_is_refused_clearly(tmp_path, text, message):
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(biaskit.InputError, match=message):
+        pp.build({"data": str(path), **SMALL})
+
+
+def test_a_csv_that_is_not_utf8_is_refused_at_its_first_bad_byte(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("sequence,time,mark\n1,0.5,0\n1,1.0,café\n".encode("latin1"))
+    with pytest.raises(biaskit.InputError, match=r"latin1.csv is not UTF-8 text: byte 36 \(line 3\) is b'\\xe9'"):
+        pp.build({"data": str(path), **SMALL})
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())  # the byte count includes a byte-order mark
+    with pytest.raises(biaskit.InputError, match=r"byte 39 \(line 3\)"):
+        pp.build({"data": str(path), **SMALL})
+
+
+def csv_of(sequences, marks):
+    """A CSV of ``sequences`` sequences of len(marks) events, event j at time j with mark marks[j]."""
+    rows = [f"{s},{t},{k}" for s in range(sequences) for t, k in enumerate(marks)]
+    return "sequence,time,mark\n" + "\n".join(rows) + "\n"
+
+
+def test_a_byte_order_mark_is_dropped(tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_bytes(codecs.BOM_UTF8 + csv_of(10, [0, 1]).encode())
+    assert pp.build({"data": str(path), **SMALL}).model.head.marks.out_features == 2
+
+
+def test_sparse_mark_ids_of_all_splits_become_dense_in_sorted_order(tmp_path):
+    text = csv_of(9, [2_000_000, 7, 2_000_000]) + "9,0,42\n9,1,7\n"  # 42 only in the test split
+    path = tmp_path / "sparse.csv"
+    path.write_text(text)
+    task = pp.build({"data": str(path), **SMALL})
+    assert task.model.head.marks.out_features == 3  # not 2,000,001
+    x, y = task.splits["train"]
+    assert x[:, 0].tolist() == [2, 0] * 8 and y[:, 0].tolist() == [0, 2] * 8  # 7 → 0, 42 → 1, 2,000,000 → 2
+    assert task.splits["test"][0][:, 0].tolist() == [1] and task.splits["test"][1][:, 0].tolist() == [0]
+    again = pp.build({"data": str(path), **SMALL})
+    assert all(torch.equal(a, b) for split in pp.SPLITS for a, b in zip(task.splits[split], again.splits[split]))
+
+
+def test_more_distinct_marks_than_the_limit_are_refused(tmp_path):
+    path = tmp_path / "many.csv"
+    path.write_text(csv_of(10, range(pp.MAX_MARKS + 1)))
+    with pytest.raises(biaskit.InputError, match="many.csv has 10,001 distinct marks, more than the limit of 10,000"):
+        pp.build({"data": str(path), **SMALL})
+    path.write_text(csv_of(10, range(pp.MAX_MARKS)))
+    assert pp.load_csv(path)[1] == pp.MAX_MARKS
+
+
+def test_times_beyond_float32_are_refused(tmp_path):
+    path = tmp_path / "far.csv"
+    path.write_text(csv_of(10, [0, 1]).replace(",1,", ",1e39,"))
+    with pytest.raises(biaskit.InputError, match="the train split has gaps or times beyond float32"):
         pp.build({"data": str(path), **SMALL})
 
 

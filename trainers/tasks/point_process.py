@@ -10,10 +10,17 @@ Data, from ``config["data"]``:
   (``'train'``, ``'dev'``, ``'test'``) and ``'dim_process'`` (the number of
   marks); a split is a list of sequences, a sequence a list of events
   ``{'time_since_start', 'time_since_last_event', 'type_event'}``. Times are
-  read from ``time_since_start``. Unpickling runs code: load only files you trust.
-- a ``.csv`` file with a header and the columns ``sequence, time, mark``
-  (integer marks from 0); events are sorted by time within a sequence and
-  the sequences, in id order, are cut 80/10/10 into train/valid/test.
+  read from ``time_since_start``. The pickles are read as plain data: lists,
+  dicts, tuples, numbers and strings, nothing that names a class or a function
+  (DataUnpickler), so a crafted pickle cannot run code.
+- a ``.csv`` file, UTF-8, with a header and the columns ``sequence, time,
+  mark`` (finite times, integer mark ids from 0); events are sorted by time
+  within a sequence and the sequences, in id order, are cut 80/10/10 into
+  train/valid/test. Mark ids are labels: the file's distinct ids, sorted,
+  become 0..n − 1, so sparse ids cost no unused outputs.
+
+Either way a data set has at most MAX_MARKS marks (the model has one output
+per mark).
 
 Streams: a sequence of n events gives n − 1 positions, one per event but the
 last. Position i reads event i, ``[mark k_i, gap t_i − t_{i−1}, time t_i − t_0]``,
@@ -27,8 +34,11 @@ NLL per predicted event; RMSE and the mark error rate come as extra metrics.
 from __future__ import annotations
 
 import csv
+import io
+import math
 import pickle
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -42,6 +52,10 @@ SPLITS = ("train", "valid", "test")
 PICKLES = {"train": "train", "valid": "dev", "test": "test"}  # our split → file stem and key
 EVENT_KEYS = ("time_since_start", "type_event")
 CSV_COLUMNS = ("sequence", "time", "mark")
+#: The most marks a data set may have: the model has one output per mark, so
+#: one stray id of 2,000,000 would otherwise build a model of gigabytes.
+MAX_MARKS = 10_000
+MAX_MARK_ID = 2**63 - 1  # a CSV's mark ids are int64
 
 #: The embedded process: mark 0 and mark 1 each excite themselves more than each
 #: other. Stationary rates (I − α/β)⁻¹ μ = (0.683, 0.55) events per unit time;
@@ -83,16 +97,41 @@ def cut(sequences: list[Sequence]) -> dict[str, list[Sequence]]:
     return {"train": sequences[:a], "valid": sequences[a:b], "test": sequences[b:]}
 
 
+class DataUnpickler(pickle.Unpickler):
+    """An unpickler for plain data: it refuses every global, so no pickle can name code to run.
+
+    Lists, dicts, tuples, numbers, strings, booleans and None each have their own
+    opcodes; everything else a pickle can build (a class instance, a set before
+    protocol 4, a numpy value, a call of any function) is named by a global, and
+    the unpickler asks ``find_class`` for it before anything runs.
+    """
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")  # the neural-Hawkes files are Python 2 pickles
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> NoReturn:
+        raise InputError(f"{self.path} refuses to load {module}.{name}: data pickles may hold only lists, dicts, "
+                         "numbers and strings; save the data again as plain Python values")
+
+
 def _unpickle(path: Path):
+    """The plain data in ``path`` (see DataUnpickler), or an InputError."""
     try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")  # the neural-Hawkes files are Python 2 pickles
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+        return DataUnpickler(io.BytesIO(path.read_bytes()), path).load()
+    except InputError:
+        raise
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            OverflowError, MemoryError) as err:
         raise InputError(f"cannot read {path} as a pickle: {err}") from None
 
 
 def load_pickles(folder) -> tuple[dict[str, list[Sequence]], int]:
-    """The neural-Hawkes / EasyTPP layout: train.pkl, dev.pkl, test.pkl in one folder."""
+    """The neural-Hawkes / EasyTPP layout: train.pkl, dev.pkl, test.pkl in one folder.
+
+    ``dim_process`` declares the marks, so mark ids stay as they are and must lie
+    in 0..dim_process − 1; a dim_process above MAX_MARKS is refused.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"data {root} is neither a folder of pickles nor a .csv file")
@@ -100,51 +139,89 @@ def load_pickles(folder) -> tuple[dict[str, list[Sequence]], int]:
     if missing:
         raise InputError(f"{root} lacks {', '.join(missing)}: the pickle layout needs train.pkl, dev.pkl "
                          "and test.pkl")
-    splits, dims = {}, set()
+    contents, dims = {}, {}
     for split, key in PICKLES.items():
         path = root / f"{key}.pkl"
         data = _unpickle(path)
         if not isinstance(data, dict) or key not in data or "dim_process" not in data:
-            found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+            found = sorted(map(_show, data)) if isinstance(data, dict) else type(data).__name__
             raise InputError(f"{path} must be a dict with keys {key!r} and 'dim_process', found {found}")
-        dims.add(int(data["dim_process"]))
-        splits[split] = [_events(seq, path, n) for n, seq in enumerate(data[key])]
-    if len(dims) > 1:
-        raise InputError(f"the pickles of {root} disagree on dim_process: {sorted(dims)}")
-    return splits, dims.pop()
+        if not isinstance(data[key], (list, tuple)):
+            raise InputError(f"{path}: {key!r} must be a list of sequences, found {type(data[key]).__name__}")
+        contents[split], dims[split] = (path, data[key]), _declared_marks(data["dim_process"], path)
+    if len(set(dims.values())) > 1:
+        raise InputError(f"the pickles of {root} disagree on dim_process: {sorted(set(dims.values()))}")
+    marks = dims["train"]
+    splits = {split: [_events(seq, path, n, marks) for n, seq in enumerate(data)]
+              for split, (path, data) in contents.items()}
+    return splits, marks
 
 
-def _events(sequence, path: Path, n: int) -> Sequence:
+def _declared_marks(value, path: Path) -> int:
+    """``dim_process`` as a number of marks from 1 to MAX_MARKS."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{path}: dim_process must be a whole number of marks, 1 or more, found {_show(value)}")
+    if value > MAX_MARKS:
+        raise InputError(f"{path} declares dim_process = {_show(value)} marks, more than the limit of "
+                         f"{MAX_MARKS:,} (point_process.MAX_MARKS): the model has one output per mark")
+    return value
+
+
+def _events(sequence, path: Path, n: int, marks: int) -> Sequence:
     try:
         times = np.array([float(event["time_since_start"]) for event in sequence])
-        marks = np.array([int(event["type_event"]) for event in sequence], dtype=np.int64)
-    except (KeyError, TypeError, ValueError) as err:
+        kinds = [float(event["type_event"]) for event in sequence]
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise InputError(f"{path}, sequence {n}: every event must be a dict with numeric "
                          f"{' and '.join(map(repr, EVENT_KEYS))} ({type(err).__name__}: {err})") from None
+    if not all(k.is_integer() and 0 <= k < marks for k in kinds):
+        raise InputError(f"{path}, sequence {n}: marks outside 0..{marks - 1}; type_event must be a whole number "
+                         f"below dim_process = {marks}")
     if (np.diff(times) < 0).any():
         raise InputError(f"{path}, sequence {n}: time_since_start decreases; events must be in time order")
-    return times, marks
+    return times, np.array(kinds, dtype=np.int64)
+
+
+def _show(value) -> str:
+    """A short repr for a message, even of an int too long to print."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than sys.get_int_max_str_digits() digits
+        return f"an int of {value.bit_length()} bits"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def load_csv(path) -> tuple[dict[str, list[Sequence]], int]:
-    """A CSV with a header and columns sequence, time, mark; split 80/10/10 by sequence id."""
+    """A CSV with a header and columns sequence, time, mark; split 80/10/10 by sequence id.
+
+    Times are finite numbers; marks are integer ids from 0 to 2⁶³ − 1, labels
+    only: see _dense_marks. Lines whose cells are all blank are skipped.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data {path} is not a file")
+    text = _decode(path)
+    if not text.strip():
+        raise InputError(f"{path} is empty: write a header line sequence,time,mark and one line per event")
+    reader = csv.reader(io.StringIO(text, newline=""))
     rows: dict[str, list[tuple[float, int]]] = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        header = [name.strip() for name in reader.fieldnames or []]
+    try:
+        header = [name.strip() for name in next(reader)]
         if not set(CSV_COLUMNS) <= set(header):
-            raise InputError(f"{path} needs a header with the columns {', '.join(CSV_COLUMNS)}, found {header}")
-        reader.fieldnames = header
+            raise InputError(f"{path} needs a header with the columns {', '.join(CSV_COLUMNS)}, found "
+                             f"{[name[:40] for name in header[:10]]}")
+        twice = [name for name in CSV_COLUMNS if header.count(name) > 1]
+        if twice:
+            raise InputError(f"{path}: the header names {', '.join(twice)} more than once")
+        columns = [header.index(name) for name in CSV_COLUMNS]
         for row in reader:
-            try:
-                key, event = row["sequence"].strip(), (float(row["time"]), int(row["mark"]))
-            except (AttributeError, TypeError, ValueError):
-                raise InputError(f"{path}, line {reader.line_num}: need a sequence id, a number for time and an "
-                                 f"integer mark, got {', '.join(f'{k}={row[k]!r}' for k in CSV_COLUMNS)}") from None
-            rows.setdefault(key, []).append(event)
+            if any(cell.strip() for cell in row):
+                key, event = _csv_event(row, columns, f"{path}, line {reader.line_num}")
+                rows.setdefault(key, []).append(event)
+    except csv.Error as err:
+        raise InputError(f"{path}, line {reader.line_num}: not readable as CSV: {err}") from None
     if not rows:
         raise InputError(f"{path} has a header but no events")
     ids = list(rows)
@@ -152,11 +229,59 @@ def load_csv(path) -> tuple[dict[str, list[Sequence]], int]:
         ids.sort(key=int)  # numeric ids in numeric order
     except ValueError:
         ids.sort()
+    dense = _dense_marks({k for events in rows.values() for _, k in events}, path)
     sequences = []
     for key in ids:
         events = sorted(rows[key], key=lambda event: event[0])  # stable: ties keep the file's order
-        sequences.append((np.array([t for t, _ in events]), np.array([k for _, k in events], dtype=np.int64)))
-    return cut(sequences), 1 + max(int(marks.max()) for _, marks in sequences)
+        sequences.append((np.array([t for t, _ in events]), np.array([dense[k] for _, k in events], dtype=np.int64)))
+    return cut(sequences), len(dense)
+
+
+def _csv_event(row: list[str], columns: list[int], where: str) -> tuple[str, tuple[float, int]]:
+    """The sequence id and the (time, mark) of one CSV row."""
+    key, time, mark = (row[i].strip() if i < len(row) else "" for i in columns)
+    try:
+        event = float(time), int(mark)
+    except ValueError:
+        event = None
+    if not key or event is None:
+        raise InputError(f"{where}: need a sequence id, a number for time and an integer mark, got "
+                         f"sequence={_show(key)}, time={_show(time)}, mark={_show(mark)}")
+    if not math.isfinite(event[0]):
+        raise InputError(f"{where}: time {_show(time)} is not a finite number")
+    if not 0 <= event[1] <= MAX_MARK_ID:
+        raise InputError(f"{where}: mark {_show(mark)} is not an id from 0 to 2^63 - 1")
+    return key, event
+
+
+def _dense_marks(ids: set[int], path: Path) -> dict[int, int]:
+    """Mark ids to 0..n−1 in sorted order, so a model has one output per mark that occurs.
+
+    The ids are those of the whole file, all three splits: the file is one data
+    set whose marks are a property of it, as dim_process is of the pickles; with
+    train's ids alone an event of a mark first seen in valid or test would have
+    no output to score it. The mapping depends only on the set of ids, so the
+    same file always gives the same model; dense id i is the i-th smallest id.
+    """
+    if len(ids) > MAX_MARKS:
+        raise InputError(f"{path} has {len(ids):,} distinct marks, more than the limit of {MAX_MARKS:,} "
+                         "(point_process.MAX_MARKS): the model has one output per mark; merge rare marks into one")
+    return {k: i for i, k in enumerate(sorted(ids))}
+
+
+def _decode(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark dropped), or an InputError at the first bad byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + len(data) - len(err.object)  # err counts from after a byte-order mark
+        line = data.count(b"\n", 0, start) + 1
+        raise InputError(f"{path} is not UTF-8 text: byte {start} (line {line}) is {data[start:start + 1]!r}; "
+                         "save the file as UTF-8") from None
 
 
 def load(data) -> tuple[dict[str, list[Sequence]], int]:
@@ -181,8 +306,10 @@ def stream(sequences: list[Sequence], marks: int, split: str) -> tuple[torch.Ten
         targets.append(np.stack([kinds, gaps], axis=1)[1:])
     if not inputs:
         raise InputError(f"the {split} split has no sequence of two or more events")
-    return (torch.as_tensor(np.concatenate(inputs), dtype=torch.float32),
-            torch.as_tensor(np.concatenate(targets), dtype=torch.float32))
+    x, y = (torch.as_tensor(np.concatenate(parts), dtype=torch.float32) for parts in (inputs, targets))
+    if not (x.isfinite().all() and y.isfinite().all()):
+        raise InputError(f"the {split} split has gaps or times beyond float32 (3.4e38): rescale the times")
+    return x, y
 
 
 def build(config: dict) -> Task:
