@@ -193,3 +193,28 @@ def test_numeric_options_are_accepted_whole_or_refused_in_one_line(run_cli, tmp_
     else:
         assert res.code == 2, res.err
         assert len(res.err.strip().splitlines()) == 1 and res.err.startswith("biaskit: error:"), res.err
+
+
+def test_a_checkpoint_pointing_at_a_malicious_pickle_runs_nothing(run_cli, tmp_path):
+    """A point-process checkpoint stores its data path: the pickles there are parsed, not unpickled."""
+    import pickle
+
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return os.system, (f"touch {marker}",)
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for stem in ("train", "dev", "test"):
+        with open(folder / f"{stem}.pkl", "wb") as fh:
+            pickle.dump({stem: [[{"time_since_start": 1.0, "type_event": 0}], Payload()], "dim_process": 1}, fh)
+    path = plant(tmp_path / "tpp.pt", version=2, task="point-process", task_config={"data": str(folder)},
+                 model={}, K=3)
+    for factory in ([], ["--factory", "trainers.tasks.point_process:build"]):
+        res = run_cli("analyze", path, *factory, *FAST, "--out", tmp_path / "audit")
+        assert res.code == 2 and "refuses to load posix.system" in res.err, res.err
+        assert len(res.err.strip().splitlines()) == 1
+    assert not marker.exists()

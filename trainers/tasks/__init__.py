@@ -10,8 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from biaskit.errors import InputError
 
 
 @dataclass
@@ -36,3 +40,18 @@ class Task:
 
 def perplexity(mean_loss: float) -> float:
     return float(torch.tensor(mean_loss).exp())
+
+
+def read_utf8(path: Path) -> str:
+    """The UTF-8 text of a data file (a byte-order mark dropped), or an InputError at the first bad byte."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + len(data) - len(err.object)  # err counts from after a byte-order mark
+        line = data.count(b"\n", 0, start) + 1
+        raise InputError(f"{path} is not UTF-8 text: byte {start} (line {line}) is {data[start:start + 1]!r}; "
+                         "save the file as UTF-8") from None

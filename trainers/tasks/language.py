@@ -33,7 +33,7 @@ import torch
 
 from biaskit.errors import InputError
 
-from . import Task, perplexity
+from . import Task, perplexity, read_utf8
 from .token_model import TokenLSTM
 
 EOS, UNK = "<eos>", "<unk>"
@@ -109,17 +109,7 @@ def embedded_corpus() -> dict[str, list[str]]:
 
 def read_split(path: Path, split: str) -> list[str]:
     """The words of one split file: UTF-8 text, at least one word besides ``<eos>``."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise InputError(f"cannot read {path}: {err.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise InputError(f"{path} is not UTF-8 text: byte {err.start} (line {line}) is "
-                         f"{data[err.start:err.start + 1]!r}; save the file as UTF-8") from None
-    words = read_lines(io.StringIO(text, newline=None))  # the lines open() gives in text mode
+    words = read_lines(io.StringIO(read_utf8(path), newline=None))  # the lines open() gives in text mode
     if all(word == EOS for word in words):
         raise InputError(f"the {SPLIT_NAMES[split]} split is empty: {path} holds no words, only empty lines or "
                          "none; every split needs text")

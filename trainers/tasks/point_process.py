@@ -45,7 +45,7 @@ import torch
 
 from biaskit.errors import InputError
 
-from . import Task, hawkes
+from . import Task, hawkes, read_utf8
 from .rmtpp import RMTPP, metrics
 
 SPLITS = ("train", "valid", "test")
@@ -202,7 +202,7 @@ def load_csv(path) -> tuple[dict[str, list[Sequence]], int]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data {path} is not a file")
-    text = _decode(path)
+    text = read_utf8(path)
     if not text.strip():
         raise InputError(f"{path} is empty: write a header line sequence,time,mark and one line per event")
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -267,21 +267,6 @@ def _dense_marks(ids: set[int], path: Path) -> dict[int, int]:
         raise InputError(f"{path} has {len(ids):,} distinct marks, more than the limit of {MAX_MARKS:,} "
                          "(point_process.MAX_MARKS): the model has one output per mark; merge rare marks into one")
     return {k: i for i, k in enumerate(sorted(ids))}
-
-
-def _decode(path: Path) -> str:
-    """The UTF-8 text of ``path`` (a byte-order mark dropped), or an InputError at the first bad byte."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise InputError(f"cannot read {path}: {err.strerror}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        start = err.start + len(data) - len(err.object)  # err counts from after a byte-order mark
-        line = data.count(b"\n", 0, start) + 1
-        raise InputError(f"{path} is not UTF-8 text: byte {start} (line {line}) is {data[start:start + 1]!r}; "
-                         "save the file as UTF-8") from None
 
 
 def load(data) -> tuple[dict[str, list[Sequence]], int]:
