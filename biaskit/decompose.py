@@ -2,30 +2,48 @@
 
 For a batch of windows of length R with the loss at the last step, the full
 gradient splits into a direct term (the readout) and one contribution per lag,
-``G_k = ∂L/∂h_{R-k} · ∂H/∂θ|_{step R-k}``.  TBPTT with truncation K keeps the
+``G_k = ∂L/∂h_{R-k} · ∂H/∂θ|_{step R-k}`` (for a step that returns an output,
+lag 0 also holds the output's own partial). TBPTT with truncation K keeps the
 lags k ≤ K, so its bias is the tail ``T_K = Σ_{k>K} G_k``.
 
 All K cost one sweep: one forward pass keeping the states, one backward pass
 for every state cotangent ``b_k`` (O(R·state), which φ needs anyway), then the
 per-step parameter products taken from the OLDEST lag to the newest in chunks
-of steps batched with ``vmap``, so ``T_K`` is a running sum and ``||T_K||``
-comes out for every K.  Memory is O(R·state + chunk·|θ|).
+of steps, so ``T_K`` is a running sum and ``||T_K||`` comes out for every K.
+For nn.RNN/GRU/LSTM and their cells (``fastpath``) the backward pass also
+yields the gates' cotangents, and a step's product is a sum of outer products
+with its inputs: no step is run twice. Any other cell goes through
+``torch.func.vjp`` batched with ``vmap`` over steps (step by step, with a
+warning, when vmap cannot batch it).
+
+The windows are cut into ``groups`` contiguous groups and the tails are kept
+per group too, so each K's bias comes with what a delete-one-group jackknife
+needs (``biaskit.exact_kappa`` turns it into a confidence limit), and the
+per-lag contributions' norms per group, whose decay bounds the tail beyond
+the window. With a ``process_group`` every rank decomposes its own windows
+and the sums are all-reduced: every rank gets the answer for all windows.
+Memory is O(R·state + chunk·groups·|θ|).
 """
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import xarray as xr
 from torch.func import vjp, vmap
+from torch.utils import _pytree as pytree
 
-from . import norms
+from . import distributed, fastpath, norms
 from .errors import InputError
-from .recurrent import wrap
+from .recurrent import CustomStep, Params, RecurrentSystem, check_reachable, wrap
 
-#: Elements of per-step parameter gradients held at once in the parameter pass.
-CHUNK_ELEMENTS = 2**24
+#: Elements of per-step, per-group parameter products held at once in the parameter pass.
+CHUNK_ELEMENTS = 2**23
+#: Window groups whose tails are kept apart for the jackknife (fewer when there are fewer windows).
+DEFAULT_GROUPS = 8
 #: Tensors the unrolled graph keeps per state element and step (states, gates, activations),
 #: an upper figure over the built-in cells, for ``memory_estimate``.
 GRAPH_ELEMENTS_PER_STATE = 12
@@ -35,9 +53,8 @@ def memory_estimate(system, batch: int, length: int) -> int:
     """Bytes a decomposition of ``batch`` windows of ``length`` steps needs, about: the unrolled
     graph and cotangents, O(length·batch·state), and the parameter pass's chunk."""
     system = wrap(system)
-    like = system._like()
     per_step = batch * (GRAPH_ELEMENTS_PER_STATE * system.layout.size + (system.input_size or 1))
-    return like.element_size() * (length * per_step + 2 * CHUNK_ELEMENTS)
+    return system._like().element_size() * (length * per_step + 4 * CHUNK_ELEMENTS)
 
 
 def available_memory(device) -> int:
@@ -61,81 +78,226 @@ def check_memory(system, batch: int, length: int, device):
                          f"but {torch.device(device)} has {free / 2**30:.1f} GiB free: use fewer or shorter windows")
 
 
-def _unroll(system, params, x, state, detach_before=None):
-    """States after each step of ``x`` (batch, time, F); optionally detach one entering state."""
-    states = [state]
-    for t in range(x.shape[1]):
-        if t == detach_before:
-            state = state.detach()
-        state = system.step(params, state, x[:, t])
-        states.append(state)
-    return states
-
-
 def _check_targets(targets, batch):
     if not torch.is_tensor(targets) or targets.dim() == 0 or targets.shape[0] != batch:
         got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
         raise InputError(f"targets must have one entry per window ({batch},...), got {got}")
 
 
+def real(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """``t`` as real numbers, flattened after its first ``lead`` dimensions (a complex entry is two)."""
+    t = torch.view_as_real(t) if t.is_complex() else t
+    return t.reshape(*t.shape[:lead], -1)
+
+
+def _unroll(system, params, x, state, detach_before=None):
+    """States after each step of ``x`` (batch, time, F) and the last step's output (None when
+    the readout reads the state); optionally detach the state entering one step."""
+    states, out = [state], None
+    for t in range(x.shape[1]):
+        if t == detach_before:
+            state = state.detach()
+        state, out = system.step(params, state, x[:, t])
+        states.append(state)
+    return states, out
+
+
+def _prepare(system, inputs, targets, start):
+    system = wrap(system)
+    x = system.batch_first(inputs)
+    _check_targets(targets, x.shape[0])
+    if isinstance(system, CustomStep):
+        check_reachable(system, system.initial_state(start, x.shape[0]), x[:, 0])
+    return system, x
+
+
 def truncated_gradient(system, inputs, targets, K=None, *, start=None) -> dict[str, torch.Tensor]:
     """ĝ_K: the gradient of the batch-mean last-step loss with the state entering step R-K detached.
 
     ``K=None`` is full BPTT through the whole window, from ``start`` (the state
-    entering the window in the module's own format; None: zeros).  Names follow
-    ``module.named_parameters()``, with a ``readout.`` prefix for the readout.
+    entering the window in the module's own format; None: zeros). Names follow
+    ``module.named_parameters()``, the encoder's prefixed ``encoder.`` and the
+    readout's ``readout.``; a tensor reached under several names (a tied
+    weight) appears once, under its first. Only trainable parameters count.
     """
-    system = wrap(system)
-    x = system.batch_first(inputs)
-    _check_targets(targets, x.shape[0])
+    system, x = _prepare(system, inputs, targets, start)
     R = x.shape[1]
     if K is not None and not 0 <= K < R:
         raise InputError(f"K must be in 0..{R - 1} for a window of length {R}, got {K}")
-    params, readout = system.params(), system.readout_params()
+    params = system.params()
+    seen = {id(p) for p in params.values()}
+    readout = {n: p for n, p in system.readout_params().items() if id(p) not in seen}
     with torch.enable_grad():
-        state = system.initial_state(start, x.shape[0])
-        states = _unroll(system, params, x, state, None if K is None else R - 1 - K)
-        loss = system.loss(readout, states[-1], targets).mean()
-        names = list(params) + ["readout." + n for n in readout]
-        grads = torch.autograd.grad(loss, [*params.values(), *readout.values()], allow_unused=True)
-    tensors = [*params.values(), *readout.values()]
+        states, out = _unroll(system, params, x, system.initial_state(start, x.shape[0]),
+                              None if K is None else R - 1 - K)
+        loss = system.loss(system.readout_params(), system.read(states[-1], out), targets).mean()
+        tensors = [*params.values(), *readout.values()]
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    names = list(params) + ["readout." + n for n in readout]
     return {n: torch.zeros_like(p) if g is None else g for n, g, p in zip(names, grads, tensors)}
 
 
-def _param_products(system, params, h_prev, x, b, per_sample):
-    """Immediate parameter vjps ``b_tᵀ ∂H/∂θ`` of steps t, summed over the batch.
+# --- the sweep: forward, then one backward pass -----------------------------------------------
 
-    Returns ``(G, psi)``: G maps names to (steps, *shape); psi is (steps, batch)
-    per-sample contribution norms when ``per_sample``, else None.
+
+@dataclass
+class Sweep:
+    """What one forward and one backward pass over the windows leave for the parameter pass."""
+
+    b: torch.Tensor             # (R, B, D) per-sample ∂L_s/∂h_t, t = 1..R
+    losses: torch.Tensor        # (B,)
+    output: torch.Tensor        # (B, ...) the last step's output, detached
+    h_prev: torch.Tensor        # (R, B, D) the state entering each step
+    x: torch.Tensor             # (R, B, ...) each step's input
+    out_cotangent: torch.Tensor | None = None  # (B, ...) ∂L_s/∂o for steps that return an output
+    fast: fastpath.Sweep | None = None
+    path: str = "generic"
+
+
+def _generic_sweep(system, params, readout, x, start, targets) -> Sweep:
+    R = x.shape[1]
+    with torch.enable_grad():
+        state = system.initial_state(start, x.shape[0]).detach().requires_grad_()  # where gradients start
+        states, out = _unroll(system, params, x, state)
+        output = system.read(states[-1], out)
+        if system.step_output:
+            output = output.detach().requires_grad_()  # its cotangent enters the last step's product
+        losses = system.loss(readout, output, targets)
+        wrt = [*states[1:]] + ([output] if system.step_output else [])
+        grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
+    b = torch.stack([torch.zeros_like(s) if g is None else g for g, s in zip(grads[:R], states[1:])])
+    return Sweep(b, losses.detach(), output.detach(), torch.stack(states[:-1]).detach(), x.transpose(0, 1),
+                 grads[R] if system.step_output else None)
+
+
+# --- the parameter pass -------------------------------------------------------------------------
+
+
+class VmapRefused(RuntimeError):
+    """torch.func.vmap cannot batch the step (data-dependent control flow, .item(), in-place writes)."""
+
+
+def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tensor, per_sample: bool,
+                      stepwise: bool):
+    """Immediate parameter vjps of steps ``sl``: per group ``(c, G, n)`` by name, and per-sample
+    squared norms ``(c, B)`` when ``per_sample``. ``masks`` (G, B) picks each group's windows."""
+    h, x, b = sweep.h_prev[sl], sweep.x[sl], sweep.b[sl]
+    R = sweep.b.shape[0]
+    last = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+    if sweep.out_cotangent is not None and sl.stop == R:
+        last[-1] = True
+
+    def cotangent(bt, is_last, scale):
+        """The step's cotangent (on its new state, and on its output at the last step), scaled per sample."""
+        shape = (-1,) + (1,) * (bt.dim() - 1)
+        if sweep.out_cotangent is None:
+            return bt * scale.reshape(shape)
+        c = sweep.out_cotangent * is_last
+        return bt * scale.reshape(shape), c * scale.reshape((-1,) + (1,) * (c.dim() - 1))
+
+    def step_fn(ht, xt):
+        if sweep.out_cotangent is None:
+            return lambda p: system.step(p, ht, xt)[0]
+        return lambda p: system.step(p, ht, xt)
+
+    def groups_of_one_step(ht, xt, bt, is_last):
+        _, pull = vjp(step_fn(ht, xt), params)
+        return vmap(lambda m: pull(cotangent(bt, is_last, m))[0])(masks)
+
+    def one_sample(ht, xt, bt, is_last, ot):
+        ht, xt, bt = ht[None], xt[None], bt[None]
+        _, pull = vjp(step_fn(ht, xt), params)
+        if sweep.out_cotangent is None:
+            return pull(bt)[0]
+        return pull((bt, (ot * is_last)[None]))[0]
+
+    if per_sample:
+        ot = sweep.out_cotangent if sweep.out_cotangent is not None else torch.zeros(b.shape[1], device=b.device)
+        if stepwise:
+            rows = [[one_sample(h[t, s], x[t, s], b[t, s], last[t], ot[s]) for s in range(b.shape[1])]
+                    for t in range(b.shape[0])]
+            per = {n: torch.stack([torch.stack([r[n] for r in row]) for row in rows]) for n in params}
+        else:
+            per = vmap(vmap(one_sample, in_dims=(0, 0, 0, None, 0)), in_dims=(0, 0, 0, 0, None))(h, x, b, last, ot)
+        per = {n: real(g, 2) for n, g in per.items()}  # (c, B, n)
+        sq = sum(g.pow(2).sum(-1) for g in per.values())
+        grouped = {n: torch.einsum("gb,cbn->cgn", masks.to(g.dtype), g) for n, g in per.items()}
+        return grouped, sq
+    if stepwise:
+        rows = []
+        for t in range(b.shape[0]):
+            _, pull = vjp(step_fn(h[t], x[t]), params)
+            rows.append([pull(cotangent(b[t], last[t], m))[0] for m in masks])
+        grouped = {n: torch.stack([torch.stack([r[n] for r in row]) for row in rows]) for n in params}
+    else:
+        grouped = vmap(groups_of_one_step)(h, x, b, last)
+    return {n: real(g, 2) for n, g in grouped.items()}, None
+
+
+@dataclass
+class Tails:
+    """Running tails of the per-lag contributions, from the oldest step on: every window's together
+    (all ranks' under a process group) and each of this process's groups of windows apart.
+
+    For each step t (oldest first) it records, before adding step t's products,
+    the squared norm of the total tail and, per group, the squared norm of its
+    tail and its dot product with the total tail; and the squared norms of step
+    t's own products, total and per group.
     """
 
-    def product(h, xt, bt):
-        return vjp(lambda p: system.step(p, h, xt), params)[1](bt)[0]
+    group_carry: dict = field(default_factory=dict)  # name -> (G, n)
+    total_carry: dict = field(default_factory=dict)  # name -> (n,)
+    total_sq: list = field(default_factory=list)
+    group_sq: list = field(default_factory=list)
+    group_dot: list = field(default_factory=list)
+    lag_sq: list = field(default_factory=list)
+    lag_group_sq: list = field(default_factory=list)
 
-    if not per_sample:
-        return vmap(product)(h_prev, x, b), None
+    def add(self, products: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
+        """Add one chunk of steps: per-group products ``{name: (c, G, n)}`` and their totals over
+        every window ``{name: (c, n)}`` (real)."""
+        total_sq = group_sq = group_dot = lag_sq = lag_group_sq = 0.0
+        for name, X in products.items():
+            total_X = totals[name]
+            group_carry = self.group_carry.setdefault(name, X.new_zeros(X.shape[1:]))
+            total_carry = self.total_carry.setdefault(name, X.new_zeros(X.shape[2:]))
+            group_tails = group_carry + X.cumsum(0) - X  # (c, G, n): each group's tail before each step
+            total_tails = total_carry + total_X.cumsum(0) - total_X  # (c, n)
+            total_sq = total_sq + total_tails.pow(2).sum(-1)
+            group_sq = group_sq + group_tails.pow(2).sum(-1)
+            group_dot = group_dot + torch.einsum("cgn,cn->cg", group_tails, total_tails)
+            lag_group_sq = lag_group_sq + X.pow(2).sum(-1)
+            lag_sq = lag_sq + total_X.pow(2).sum(-1)
+            group_carry += X.sum(0)
+            total_carry += total_X.sum(0)
+        for record, value in ((self.total_sq, total_sq), (self.group_sq, group_sq), (self.group_dot, group_dot),
+                              (self.lag_sq, lag_sq), (self.lag_group_sq, lag_group_sq)):
+            record.append(value)
 
-    def one_sample(h, xt, bt):
-        return product(h[None], xt[None], bt[None])
 
-    per = vmap(vmap(one_sample))(h_prev, x, b)  # (steps, batch, *shape)
-    sq = sum(g.flatten(2).pow(2).sum(-1) for g in per.values())
-    return {n: g.sum(1) for n, g in per.items()}, sq.sqrt()
+def _groups(groups: int, batch: int, device) -> torch.Tensor:
+    """(G, B) 0/1 masks of ``groups`` contiguous groups of windows (sizes differing by at most one)."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise InputError(f"groups must be a positive whole number of window groups, got {groups!r}")
+    G = min(int(groups), batch)
+    masks = torch.zeros(G, batch, device=device)
+    for g, members in enumerate(torch.arange(batch).tensor_split(G)):
+        masks[g, members] = 1
+    return masks
 
 
-def _running_sq_norms(carry, G):
-    """||carry + Σ_{i<j} g_i||² for each step j of a chunk, without forming the sums.
+def _direct(system, readout: Params, sweep: Sweep, targets, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The readout's gradient of each group's summed loss, ``{name: (G, n)}`` (real)."""
+    if not readout:
+        return {}
+    _, pull = vjp(lambda rp: system.loss(rp, sweep.output, targets), readout)
+    grads = vmap(lambda m: pull(m)[0])(masks.to(sweep.losses.dtype))
+    return {n: real(g, 1) for n, g in grads.items()}
 
-    Expands the square into ||carry||², the running dot products with the carry
-    and a 2-d running sum of the chunk's Gram matrix: matmuls instead of a
-    memory-bound cumulative sum over (steps × |θ|).
-    """
-    carry_sq = sum(c.pow(2).sum() for c in carry.values())
-    dots = sum(g @ carry[n] for n, g in G.items())
-    gram = sum(g @ g.T for g in G.values())
-    within = gram.cumsum(0).cumsum(1).diagonal()  # ||Σ_{i<=j} g_i||²
-    within = torch.cat([within.new_zeros(1), within[:-1]])
-    return carry_sq + 2 * (dots.cumsum(0) - dots) + within
+
+def _chunk_steps(n_params: int, groups: int, batch: int, per_sample: bool) -> int:
+    width = n_params * (groups + (batch if per_sample else 0))
+    return max(1, CHUNK_ELEMENTS // max(1, width))
 
 
 def decompose(
@@ -148,102 +310,169 @@ def decompose(
     probes: int = 8,
     metric_rows: int = 512,
     psi: bool = True,
+    groups: int = DEFAULT_GROUPS,
     seed: int = 0,
+    process_group=None,
 ) -> xr.Dataset:
     """Per-lag gradient norms and the exact bias of TBPTT for every K in 0..R-1.
 
     The loss is taken at the last step of each window (the paper's BPTT(R, 1));
     the objective is its mean over the batch, and full BPTT runs back to ``start``
     (the state entering each window in the module's own format, e.g. what the
-    model's forward over a burn-in returns; None: zeros).  ``metric`` is the (D, D)
-    Mahalanobis metric; by default it is estimated from ``metric_rows``
-    random (step, sample) pairs of these windows with ``probes`` random
-    probes each (see ``norms.estimate_metric``).  ``psi=False`` skips the per-sample
-    parameter-space norms, which cost the most.
+    model's forward over a burn-in returns; None: zeros). ``metric`` is the (D, D)
+    Mahalanobis metric; by default it is estimated from ``metric_rows`` random
+    (step, sample) pairs of these windows with ``probes`` random probes each (see
+    ``norms.estimate_metric``). ``psi=False`` skips the per-sample parameter-space
+    norms. ``groups``: how many groups of windows the jackknife of
+    ``exact_kappa`` resamples. ``process_group`` (torch.distributed): the windows
+    are this rank's share; sums, norms and biases are those of every rank's
+    windows together, and per-window variables (φ, ψ, loss) are gathered, so
+    every rank holds the same Dataset (see ``biaskit.distributed``).
     """
-    system = wrap(system)
-    x = system.batch_first(inputs)
+    system, x = _prepare(system, inputs, targets, start)
     B, R = x.shape[:2]
-    _check_targets(targets, B)
     params = {n: p.detach() for n, p in system.params().items()}
-    readout = {n: p.detach().requires_grad_() for n, p in system.readout_params().items()}
-
-    # Forward, then one backward pass for every state cotangent and the direct term.
-    with torch.enable_grad():
-        state = system.initial_state(start, B).detach().requires_grad_()
-        states = _unroll(system, params, x, state)
-        losses = system.loss(readout, states[-1], targets)
-        grads = torch.autograd.grad(losses.sum(), [*states[1:], *readout.values()], allow_unused=True)
-    b = torch.stack(grads[:R])  # (R, B, D): per-sample ∂L_s/∂h_t for t = 1..R
-    if not torch.isfinite(b).all():
+    readout = {n: p.detach() for n, p in system.readout_params().items()}
+    masks = _groups(groups, B, x.device)
+    fast = fastpath.applies(system)
+    sweep = (fastpath.sweep if fast else _generic_sweep)(system, params, readout, x, start, targets)
+    if not torch.isfinite(sweep.b).all() or not torch.isfinite(sweep.losses).all():
         raise InputError("the gradient has NaN or infinite entries: check the model and inputs")
-    direct_sq = sum(g.pow(2).sum() for g in grads[R:] if g is not None) / B**2
-    h_prev = torch.stack(states[:-1]).detach()  # (R, B, D): state entering step t
-    x_t = x.transpose(0, 1)  # (R, B, ...)
 
     # Parameter pass, oldest step first: T_K is the running sum before step R-K.
-    n_params = sum(p.numel() for p in params.values())
-    chunk = max(1, CHUNK_ELEMENTS // max(1, n_params * (B if psi else 1)))
-    tail = {n: torch.zeros_like(p).flatten() for n, p in params.items()}
-    tail_sq, psi_rows = [], []
-    for start in range(0, R, chunk):
-        sl = slice(start, min(R, start + chunk))
-        G, psi_chunk = _param_products(system, params, h_prev[sl], x_t[sl], b[sl], psi)
-        G = {n: g.flatten(1) for n, g in G.items()}
-        tail_sq.append(_running_sq_norms(tail, G))
-        for name, g in G.items():
-            tail[name] += g.sum(0)
+    n_params = sum(real(p, 0).numel() for p in params.values())
+    chunk = _chunk_steps(n_params, masks.shape[0], B, psi)
+    tails, psi_rows, stepwise = Tails(), [], False
+    for first in range(0, R, chunk):
+        sl = slice(first, min(R, first + chunk))
+        if fast:
+            products, psi_sq = fastpath.products(system, params, sweep, sl, masks, psi)
+        else:
+            try:
+                products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi, stepwise)
+            except RuntimeError as err:
+                if stepwise or "vmap" not in str(err) and "batch" not in str(err).lower():
+                    raise
+                stepwise = True
+                warnings.warn(f"{system.kind}'s step cannot be batched with torch.func.vmap ("
+                              f"{str(err).strip().splitlines()[0][:160]}); decomposing it step by step, "
+                              f"exactly but about {B if psi else masks.shape[0]}x slower per step. Steps that "
+                              "avoid data-dependent Python control flow, .item() and in-place writes into new "
+                              "tensors are batched.", stacklevel=2)
+                products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi, stepwise)
+        tails.add(products, distributed.all_reduce_sum({n: X.sum(1) for n, X in products.items()}, process_group))
         if psi:
-            psi_rows.append(psi_chunk)
-    full_module_sq = sum(t.pow(2).sum() for t in tail.values())
-    grad_norm = (direct_sq + full_module_sq / B**2).sqrt()
-    abs_bias = torch.cat(tail_sq).clamp_min(0).sqrt().flip(0) / B  # index K = R - t
+            psi_rows.append(psi_sq)
+    direct = _direct(system, readout, sweep, targets, masks)
+    metric, estimator = _metric(system, params, sweep, metric, probes, metric_rows, seed, process_group)
+    return _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows if psi else None, metric,
+                    estimator, n_params, stepwise, fast, process_group)
 
-    b_lag = b.flip(0).transpose(0, 1)  # (B, R, D) by lag: lag k is the state after step R-k
-    estimator = "given" if metric is not None else f"rademacher probes={probes}, rows={metric_rows}, seed={seed}"
-    if metric is None:
-        gen = torch.Generator(device=x.device).manual_seed(seed)
-        metric = norms.estimate_metric(system, params, h_prev, x_t, probes, metric_rows, gen)
-    elif tuple(metric.shape) != (system.layout.size,) * 2:
-        raise InputError(f"metric must be ({system.layout.size}, {system.layout.size}), got {tuple(metric.shape)}")
+
+def _metric(system, params, sweep, metric, probes, rows, seed, process_group):
+    D = system.layout.size
+    if metric is not None:
+        if not torch.is_tensor(metric) or tuple(metric.shape) != (D, D):
+            got = tuple(metric.shape) if torch.is_tensor(metric) else type(metric).__name__
+            raise InputError(f"metric must be ({D}, {D}), got {got}")
+        return metric.to(sweep.b), "given"
+    gen = torch.Generator(device=sweep.b.device).manual_seed(seed)
+    estimate = norms.estimate_metric(system, params, sweep.h_prev, sweep.x, probes, rows, gen)
+    estimate = distributed.mean(estimate, process_group)
+    return estimate, f"rademacher probes={probes}, rows={rows}, seed={seed}"
+
+
+def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, metric, estimator, n_params,
+             stepwise, fast, process_group) -> xr.Dataset:
+    R, B = sweep.b.shape[:2]
+    world_batch = distributed.total(B, process_group)
+    # The full gradient: every lag's products plus the readout's (a tied readout weight added to
+    # its coordinate in θ rather than counted apart), per group and over every window.
+    theta_ids = {id(p): n for n, p in system.params().items()}
+    keys = {n: theta_ids.get(id(p), "readout." + n) for n, p in system.readout_params().items()}
+    group_full, total_full = dict(tails.group_carry), dict(tails.total_carry)
+    direct_total = distributed.all_reduce_sum({n: g.sum(0) for n, g in direct.items()}, process_group)
+    for name, g in direct.items():
+        key = keys[name]
+        group_full[key] = group_full[key] + g if key in group_full else g
+        total_full[key] = total_full[key] + direct_total[name] if key in total_full else direct_total[name]
+    grad_sq = sum(v.pow(2).sum() for v in total_full.values())
+    group_grad_sq = sum(v.pow(2).sum(-1) for v in group_full.values())
+    group_grad_dot = sum(v @ total_full[n] for n, v in group_full.items())
+    grad_norm = grad_sq.sqrt() / world_batch
+
+    def by_K(rows):  # per step (oldest first) → per K: index K = R - 1 - t holds the tail before step t
+        return torch.cat(rows).flip(0) / world_batch**2
+
+    total_sq = by_K(tails.total_sq)
+    abs_bias = total_sq.clamp_min(0).sqrt()
+    group_sizes = distributed.gather_groups(masks.sum(1), process_group)
+    b_lag = sweep.b.flip(0).transpose(0, 1)  # (B, R, D) by lag: lag k is the state after step R-k
+    phi = distributed.gather_samples(norms.euclidean(b_lag), process_group)
+    phi_state = distributed.gather_samples(b_lag.abs(), process_group).mean(0)
+    phi_m = distributed.gather_samples(norms.mahalanobis(b_lag, metric.to(b_lag)), process_group)
+    losses = distributed.gather_samples(sweep.losses, process_group)
 
     def np_(t):
-        return t.detach().cpu().numpy()
+        return t.detach().double().cpu().numpy()
 
-    layout = system.layout
-    lags, Ks = np.arange(R), np.arange(R)
+    layout, lags = system.layout, np.arange(R)
+    group_count = int(group_sizes.numel())
     ds = xr.Dataset(
         {
-            "phi": (("sample", "lag"), np_(norms.euclidean(b_lag))),
-            "phi_state": (("lag", "state"), np_(b_lag.abs().mean(0))),
-            "phi_mahalanobis": (("sample", "lag"), np_(norms.mahalanobis(b_lag, metric.to(b)))),
+            "phi": (("sample", "lag"), np_(phi)),
+            "phi_state": (("lag", "state"), np_(phi_state)),
+            "phi_mahalanobis": (("sample", "lag"), np_(phi_m)),
             "abs_bias": (("K",), np_(abs_bias)),
             "rel_bias": (("K",), np_(abs_bias / grad_norm)),
+            "lag_contribution": (("lag",), np_((torch.cat(tails.lag_sq).flip(0).clamp_min(0).sqrt()
+                                                / world_batch))),
+            "group_contribution": (("group", "lag"), np_(distributed.gather_groups(
+                torch.cat(tails.lag_group_sq).flip(0).clamp_min(0).sqrt().T, process_group)
+                / group_sizes[:, None].to(phi))),
+            "group_tail_sq": (("K", "group"), np_(distributed.gather_groups(by_K(tails.group_sq).T,
+                                                                              process_group).T)),
+            "group_tail_dot": (("K", "group"), np_(distributed.gather_groups(by_K(tails.group_dot).T,
+                                                                               process_group).T)),
+            "group_grad_sq": (("group",), np_(distributed.gather_groups(group_grad_sq, process_group)
+                                              / world_batch**2)),
+            "group_grad_dot": (("group",), np_(distributed.gather_groups(group_grad_dot, process_group)
+                                               / world_batch**2)),
+            "group_size": (("group",), np_(group_sizes).astype(np.int64)),
             "metric": (("state", "state_"), np_(metric)),
             "loss": (("sample",), np_(losses)),
         },
         coords={
-            "sample": np.arange(B),
+            "sample": np.arange(phi.shape[0]),
             "lag": lags,
-            "K": Ks,
+            "K": lags,
+            "group": np.arange(group_count),
             "state": np.arange(layout.size),
+            "part": ("state", np.asarray(layout.part)),
             "layer": ("state", np.asarray(layout.layer)),
-            "component": ("state", np.asarray(layout.component)),
             "unit": ("state", np.asarray(layout.unit)),
         },
         attrs={
             **system.describe(),
             "window_length": R,
-            "batch": B,
-            "dtype": str(b.dtype).removeprefix("torch."),
-            "device": str(x.device),
+            "batch": int(phi.shape[0]),
+            "groups": group_count,
+            "dtype": str(sweep.b.dtype).removeprefix("torch."),
+            "device": str(sweep.b.device),
             "grad_norm": float(grad_norm),
-            "n_params": n_params + sum(p.numel() for p in readout.values()),
+            "n_params": n_params + sum(real(p, 0).numel() for p in readout.values()),
             "metric_estimator": estimator,
+            "path": ("fast: " + system.kind) if fast else ("generic, step by step" if stepwise else "generic"),
+            "processes": distributed.world(process_group),
         },
     )
-    if psi:
-        ds["psi"] = (("sample", "lag"), np_(torch.cat(psi_rows).flip(0).T))
+    if psi_rows is not None:
+        psi = distributed.gather_samples(torch.cat(psi_rows).clamp_min(0).sqrt().flip(0).T, process_group)
+        ds["psi"] = (("sample", "lag"), np_(psi))
     ds["phi"].attrs["long_name"] = "||dL_s/dh_{s-k}||"
     ds["rel_bias"].attrs["long_name"] = "||E g_K - E g|| / ||E g||"
+    ds["lag_contribution"].attrs["long_name"] = "||E g^(k)||, the norm of lag k's mean contribution"
+    ds["group_contribution"].attrs["long_name"] = "norm of lag k's mean contribution over each group's windows"
+    ds["group_tail_sq"].attrs["long_name"] = "||sum over the group's windows of the tail past K||^2 / B^2"
+    ds["group_tail_dot"].attrs["long_name"] = "<group's tail past K, every window's tail past K> / B^2"
     return ds

@@ -62,7 +62,9 @@ def estimate_metric(
     ``rows`` (step, sample) pairs are drawn uniformly without replacement and
     ``J v`` for all of them is one forward-mode product of the step applied to
     them as one batch; ``M̂`` averages ``u uᵀ`` over the pairs and ``probes``
-    independent draws of v.  Cost: ``rows * probes`` single-sample steps.
+    independent draws of v.  Cost: ``rows * probes`` single-sample steps. A step
+    that ``vmap`` cannot batch is probed one v at a time; one without
+    forward-mode rules, through two reverse-mode passes.
 
     states: (steps, batch, D) states entering each step; inputs: (steps, batch, ...).
     """
@@ -72,16 +74,43 @@ def estimate_metric(
         pick = torch.randperm(flat_h.shape[0], generator=generator, device=generator.device)[:rows]
         flat_h, flat_x = flat_h[pick], flat_x[pick]
 
+    def step(p):
+        return system.step(p, flat_h, flat_x)[0]
+
     def push(tangent):
-        return jvp(lambda p: system.step(p, flat_h, flat_x), (params,), (tangent,))[1]
+        return jvp(step, (params,), (tangent,))[1]
 
     tangents = {
-        name: torch.randint(0, 2, (probes, *p.shape), generator=generator, device=p.device)
-        .to(p.dtype)
-        .mul_(2)
-        .sub_(1)
+        name: _rademacher((probes, *p.shape), generator, p)
         for name, p in params.items()
     }
-    u = vmap(push)(tangents)  # (probes, steps * batch, D)
+    try:
+        u = vmap(push)(tangents)  # (probes, steps * batch, D)
+    except RuntimeError:
+        try:
+            u = torch.stack([push({n: t[i] for n, t in tangents.items()}) for i in range(probes)])
+        except RuntimeError:  # no forward-mode rule: J v = d/du <vjp(u), v>, by double backward
+            u = torch.stack([_jvp_by_vjp(step, params, {n: t[i] for n, t in tangents.items()})
+                             for i in range(probes)])
     u = u.reshape(-1, u.shape[-1])
     return u.T @ u / u.shape[0]
+
+
+def _rademacher(shape, generator, like: torch.Tensor) -> torch.Tensor:
+    """±1 entries; ±1 ± i for a complex parameter, whose real and imaginary parts are two
+    real coordinates each with E v vᵀ = I."""
+    def signs():
+        return torch.randint(0, 2, shape, generator=generator, device=like.device).to(like.real.dtype).mul_(2).sub_(1)
+    if like.is_complex():
+        return torch.complex(signs(), signs())
+    return signs().to(like.dtype)
+
+
+def _jvp_by_vjp(f, params: Params, tangent: Params) -> torch.Tensor:
+    with torch.enable_grad():
+        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        out = f(leaves)
+        u = torch.zeros_like(out, requires_grad=True)
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=u, create_graph=True, allow_unused=True)
+        inner = sum((g * tangent[n].conj()).real.sum() for n, g in zip(leaves, grads) if g is not None)
+        return torch.autograd.grad(inner, u)[0].detach()

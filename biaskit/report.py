@@ -87,7 +87,7 @@ def plot_state_heatmap(ds: xr.Dataset, ax=None):
     mesh = ax.pcolormesh(ds.lag.values, np.arange(values.shape[0]), np.ma.masked_less_equal(values, 0),
                          norm=norm, shading="nearest", cmap="viridis")
     ax.figure.colorbar(mesh, ax=ax, label="mean |∂L_s/∂h_(s-k)|")
-    blocks = [(layer, comp) for layer, comp in zip(ds["layer"].values.tolist(), ds["component"].values.tolist())]
+    blocks = [(layer, comp) for layer, comp in zip(ds["layer"].values.tolist(), ds["part"].values.tolist())]
     starts = [i for i in range(len(blocks)) if i == 0 or blocks[i] != blocks[i - 1]]
     ax.set_yticks([s + (e - s) / 2 for s, e in zip(starts, starts[1:] + [len(blocks)])],
                   [f"layer {blocks[s][0]} {blocks[s][1]}" for s in starts])

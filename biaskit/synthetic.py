@@ -43,7 +43,7 @@ def warm_up(system, dni, burn: torch.Tensor, K: int, start=None):
     with torch.no_grad():
         state = system.initial_state(start, xb.shape[0])
         for t in range(xb.shape[1]):
-            state = system.step(params, state, xb[:, t])
+            state, _ = system.step(params, state, xb[:, t])
             if (xb.shape[1] - t - 1) % K == 0:
                 _, memory = dni(state, memory)
     return system.unflatten(state), memory
@@ -72,7 +72,8 @@ def synthetic_bias(system, inputs, targets, K: int, dni=None, *, start=None, mem
     if not 1 <= K <= W:
         raise InputError(f"K must be in 1..{W} for a window of {W} steps, got {K}")
     params, readout = system.params(), system.readout_params()
-    trained = [*params.values(), *readout.values()]
+    seen = {id(p) for p in params.values()}
+    trained = [*params.values(), *(p for p in readout.values() if id(p) not in seen)]  # a tied weight once
     fixed = {n: p.detach() for n, p in params.items()}
     fixed_readout = {n: p.detach() for n, p in readout.items()}
     ends = [*range(K, W, K), W]  # steps after which a chunk ends
@@ -85,8 +86,8 @@ def synthetic_bias(system, inputs, targets, K: int, dni=None, *, start=None, mem
         h, loss, carried = state, 0.0, []
         for t in range(T):
             inside = t < W
-            h = system.step(params if inside else fixed, h, x[:, t])
-            loss = loss + system.loss(readout if inside else fixed_readout, h, targets[:, t]).sum()
+            h, out = system.step(params if inside else fixed, h, x[:, t])
+            loss = loss + system.loss(readout if inside else fixed_readout, system.read(h, out), targets[:, t]).sum()
             if t + 1 in ends:
                 h = h.clone()
                 carried.append(h)
@@ -99,8 +100,8 @@ def synthetic_bias(system, inputs, targets, K: int, dni=None, *, start=None, mem
         for t in range(W):
             if t % K == 0:
                 h = h.detach()
-            h = system.step(params, h, x[:, t])
-            loss = loss + system.loss(readout, h, targets[:, t]).sum()
+            h, out = system.step(params, h, x[:, t])
+            loss = loss + system.loss(readout, system.read(h, out), targets[:, t]).sum()
             if dni is not None and t + 1 in ends:
                 with torch.no_grad():
                     delta, memory = dni(h.detach(), memory)

@@ -103,7 +103,7 @@ def test_phi_and_phi_state_match_retain_grad(kind):
         np.testing.assert_allclose(ds["phi_state"].sel(lag=k).values, g.abs().mean(0).numpy(), rtol=1e-9, atol=1e-14)
     comps = ["h", "c"] if kind == "LSTM" else ["h"]
     expected = [(l, c) for l in range(2) for c in comps for _ in range(5)]
-    assert list(zip(ds["layer"].values.tolist(), ds["component"].values.tolist())) == expected
+    assert list(zip(ds["layer"].values.tolist(), ds["part"].values.tolist())) == expected
 
 
 def test_psi_matches_per_sample_differences_of_truncated_gradients():
@@ -155,10 +155,10 @@ def test_estimated_metric_approaches_exact_expected_jacobian_gram():
     state, gram = torch.zeros(5, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
     for t in range(6):
         for s in range(5):
-            jac = torch.func.jacrev(lambda p: system.step(p, state[s:s + 1], x[s:s + 1, t])[0])(params)
+            jac = torch.func.jacrev(lambda p: system.step(p, state[s:s + 1], x[s:s + 1, t])[0][0])(params)
             J = torch.cat([j.reshape(3, -1) for j in jac.values()], dim=1)
             gram += J @ J.T
-        state = system.step(params, state, x[:, t])
+        state, _ = system.step(params, state, x[:, t])
     exact = gram / 30
     err = np.linalg.norm(ds["metric"].values - exact.numpy()) / np.linalg.norm(exact.numpy())
     assert err < 0.05
