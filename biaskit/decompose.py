@@ -90,15 +90,21 @@ def real(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.reshape(*t.shape[:lead], -1)
 
 
-def _unroll(system, params, x, state, detach_before=None):
+def _unroll(system, params, x, state, detach_before=None, nodes=False):
     """States after each step of ``x`` (batch, time, F) and the last step's output (None when
-    the readout reads the state); optionally detach the state entering one step."""
+    the readout reads the state); optionally detach the state entering one step. ``nodes``:
+    every state and the output a graph node, even one that depends on nothing that requires
+    grad (a step that ignores its incoming state), so its gradient can be asked for."""
     states, out = [state], None
     for t in range(x.shape[1]):
         if t == detach_before:
             state = state.detach()
         state, out = system.step(params, state, x[:, t])
+        if nodes and not state.requires_grad:
+            state = state.detach().requires_grad_()
         states.append(state)
+    if nodes and out is not None and not out.requires_grad:
+        out = out.detach().requires_grad_()
     return states, out
 
 
@@ -158,10 +164,8 @@ def _generic_sweep(system, params, readout, x, start, targets) -> Sweep:
     R = x.shape[1]
     with torch.enable_grad():
         state = system.initial_state(start, x.shape[0]).detach().requires_grad_()  # where gradients start
-        states, out = _unroll(system, params, x, state)
-        output = system.read(states[-1], out)
-        if system.step_output:
-            output = output.detach().requires_grad_()  # its cotangent enters the last step's product
+        states, out = _unroll(system, params, x, state, nodes=True)
+        output = system.read(states[-1], out)  # a step's own output: its cotangent enters the last product
         losses = system.loss(readout, output, targets)
         wrt = [*states[1:]] + ([output] if system.step_output else [])
         grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)

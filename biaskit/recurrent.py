@@ -435,6 +435,8 @@ def check_reachable(system: RecurrentSystem, state: torch.Tensor, x: torch.Tenso
         return
     rows = slice(0, min(4, state.shape[0]))
     state, x = state[rows].detach(), x[rows]
+    with torch.no_grad():  # one step in, so that weights multiplying the state (zero at first) show
+        state = system.step({n: p.detach() for n, p in params.items()}, state, x)[0]
     with torch.enable_grad():
         substituted = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
         new, out = system.step(substituted, state, x)
@@ -460,6 +462,16 @@ def check_reachable(system: RecurrentSystem, state: torch.Tensor, x: torch.Tenso
         scale = float(b.abs().max()) if b.numel() else 0.0
         if not torch.allclose(a, b, rtol=1e-3, atol=1e-5 * max(scale, 1e-30) + 1e-12):
             wrong.append(name)
+    with torch.no_grad():  # windows are independent: a step of one window alone gives its row of the batch's
+        detached = {n: p.detach() for n, p in params.items()}
+        together = system.step(detached, state, x)
+        alone = [system.step(detached, state[i:i + 1], x[i:i + 1]) for i in range(state.shape[0])]
+    for i, row in enumerate(alone):
+        for a, b in zip(row, together):
+            if a is not None and not torch.allclose(a, b[i:i + 1], rtol=1e-4, atol=1e-6):
+                raise InputError(f"{system.kind}'s step mixes the windows of a batch (window {i} alone steps "
+                                 "differently than within the batch: batch statistics, or one window's value read "
+                                 "for all): biaskit needs windows that step independently")
     if wrong:
         raise InputError(f"{system.kind} uses {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''} in a way "
                          "biaskit cannot follow: the step's gradient through substituted parameters differs from "

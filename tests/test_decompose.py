@@ -1,6 +1,8 @@
 """decompose and truncated_gradient against independent computations."""
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +253,111 @@ def test_cuda_matches_cpu():
     assert gpu.attrs["device"].startswith("cuda")
     for name in ("phi", "psi", "rel_bias", "abs_bias"):
         np.testing.assert_allclose(gpu[name].values, cpu[name].values, rtol=1e-6, atol=1e-10)
+
+
+# --- the fast path, several chunks, the window groups -------------------------------------------------
+
+
+def generic(monkeypatch):
+    from biaskit import fastpath
+    monkeypatch.setattr(fastpath, "applies", lambda system: False)
+
+
+@pytest.mark.parametrize("spec", ADAPTERS[:9], ids=IDS[:9])
+def test_the_fast_path_gives_the_generic_paths_numbers(spec, monkeypatch):
+    module, head, loss_fn, x, inputs, y = setup(spec)
+    system = biaskit.wrap(module, head, loss_fn)
+    metric = torch.eye(system.layout.size, dtype=torch.float64)
+    fast = biaskit.decompose(system, inputs, y, metric=metric, groups=3)
+    assert fast.attrs["path"] == f"fast: {spec['kind']}"
+    generic(monkeypatch)
+    slow = biaskit.decompose(system, inputs, y, metric=metric, groups=3)
+    assert slow.attrs["path"] == "generic"
+    for name in fast.data_vars:
+        np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
+    est_fast = biaskit.decompose(system, inputs, y, psi=False, seed=3)["metric"]
+    np.testing.assert_allclose(est_fast.values, slow.assign(metric=est_fast)["metric"].values)
+
+
+def test_an_encoder_takes_the_fast_path_too(monkeypatch):
+    torch.manual_seed(0)
+    emb, lstm, head = nn.Embedding(7, 3).double(), nn.LSTM(3, 5, 2, batch_first=True).double(), nn.Linear(5, C).double()
+    system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"), encoder=emb)
+    tokens, y = torch.randint(0, 7, (B, R)), torch.randint(0, C, (B,))
+    fast = biaskit.decompose(system, tokens, y, metric=torch.eye(20, dtype=torch.float64))
+    generic(monkeypatch)
+    slow = biaskit.decompose(system, tokens, y, metric=torch.eye(20, dtype=torch.float64))
+    for name in fast.data_vars:
+        np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
+
+
+@pytest.mark.parametrize("psi", [True, False])
+@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("spec", ADAPTERS, ids=IDS)
+def test_several_chunks_give_the_naive_bias(spec, path, psi, monkeypatch):
+    """Real models run in many chunks of steps: force chunks of 2-3 steps and check every K."""
+    dec = importlib.import_module("biaskit.decompose")  # the module, not the function biaskit exports
+
+    if path == "generic":
+        generic(monkeypatch)
+    monkeypatch.setattr(dec, "_chunk_steps", lambda *a: 3 if psi else 2)
+    module, head, loss_fn, x, inputs, y = setup(spec)
+    ds = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y, psi=psi)
+    full = naive_gradient(module, head, loss_fn, x, y)
+    for K in range(R):
+        exact = distance(naive_gradient(module, head, loss_fn, x, y, K), full) / flat_norm(full.values())
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(exact, rel=1e-8, abs=1e-12)
+    if psi:
+        unchunked = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y)
+        monkeypatch.undo()
+        np.testing.assert_allclose(ds["psi"].values, unchunked["psi"].values, rtol=1e-10)
+
+
+@pytest.mark.parametrize("spec", [ADAPTERS[0], ADAPTERS[9]], ids=["LSTM", "LeakyCell"])
+def test_group_pieces_match_naive_truncation_of_each_groups_windows(spec):
+    """What the jackknife reads, against detach-based gradients of each group's windows alone."""
+    module, head, loss_fn, x, inputs, y = setup(spec)
+    ds = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y, groups=3)
+    members = [m.tolist() for m in torch.arange(B).tensor_split(3)]
+    assert ds["group_size"].values.tolist() == [len(m) for m in members]
+
+    def summed(rows, K=None):  # Σ over the windows ``rows`` of ∂L_s (not the mean)
+        g = naive_gradient(module, head, loss_fn, x[rows], y[rows], K)
+        return {n: v * len(rows) for n, v in g.items()}
+
+    everyone = list(range(B))
+    full_all = summed(everyone)
+    for K in (0, 2, R - 3):
+        tail_all = {n: full_all[n] - summed(everyone, K)[n] for n in full_all}
+        for g, rows in enumerate(members):
+            full_g = summed(rows)
+            tail_g = {n: full_g[n] - summed(rows, K)[n] for n in full_g}
+            sq = sum(float(v.pow(2).sum()) for v in tail_g.values()) / B**2
+            dot = sum(float((tail_g[n] * tail_all[n]).sum()) for n in tail_g) / B**2
+            assert ds["group_tail_sq"].sel(K=K, group=g).item() == pytest.approx(sq, rel=1e-8, abs=1e-16)
+            assert ds["group_tail_dot"].sel(K=K, group=g).item() == pytest.approx(dot, rel=1e-8, abs=1e-16)
+    for g, rows in enumerate(members):
+        full_g = summed(rows)
+        assert ds["group_grad_sq"].sel(group=g).item() == pytest.approx(
+            sum(float(v.pow(2).sum()) for v in full_g.values()) / B**2, rel=1e-8)
+        assert ds["group_grad_dot"].sel(group=g).item() == pytest.approx(
+            sum(float((full_g[n] * full_all[n]).sum()) for n in full_g) / B**2, rel=1e-8)
+        for k in (0, 1, R - 1):  # lag k's contribution is ĝ_k − ĝ_{k−1} (the module's parameters)
+            now = summed(rows, k)
+            before = summed(rows, k - 1) if k > 0 else {n: v - v for n, v in now.items()}
+            names = [n for n, _ in module.named_parameters()]
+            want = flat_norm([now[n] - before[n] for n in names]) / len(rows)
+            assert ds["group_contribution"].sel(group=g, lag=k).item() == pytest.approx(want, rel=1e-8, abs=1e-15)
+
+
+def test_mahalanobis_is_sqrt_b_m_b_for_a_random_positive_definite_metric():
+    module, head, loss_fn, x, inputs, y = setup(dict(kind="LSTM", layers=2, batch_first=True))
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(20, 20, generator=gen, dtype=torch.float64)
+    metric = A @ A.T + 0.1 * torch.eye(20, dtype=torch.float64)
+    ds = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y, metric=metric, psi=False)
+    grads = _retained_state_grads(module, x, y, head, loss_fn)
+    for k in range(R):
+        b = grads[R - 1 - k]
+        want = torch.sqrt(torch.einsum("si,ij,sj->s", b, metric, b))
+        np.testing.assert_allclose(ds["phi_mahalanobis"].sel(lag=k).values, want.numpy(), rtol=1e-10, atol=1e-15)
