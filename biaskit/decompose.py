@@ -42,6 +42,8 @@ from .recurrent import CustomStep, Params, RecurrentSystem, check_reachable, wra
 
 #: Elements of per-step, per-group parameter products held at once in the parameter pass.
 CHUNK_ELEMENTS = 2**23
+#: Most steps in one chunk of the parameter pass.
+CHUNK_STEPS = 16
 #: Window groups whose tails are kept apart for the jackknife (fewer when there are fewer windows).
 DEFAULT_GROUPS = 8
 #: Tensors the unrolled graph keeps per state element and step (states, gates, activations),
@@ -183,7 +185,7 @@ class VmapRefused(RuntimeError):
 
 def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tensor, per_sample: bool,
                       stepwise: bool):
-    """Immediate parameter vjps of steps ``sl``: per group ``(c, G, n)`` by name, and per-sample
+    """Immediate parameter vjps of steps ``sl``: per group ``(G, c, n)`` by name, and per-sample
     squared norms ``(c, B)`` when ``per_sample``. ``masks`` (G, B) picks each group's windows."""
     h, x, b = sweep.h_prev[sl], sweep.x[sl], sweep.b[sl]
     R = sweep.b.shape[0]
@@ -225,7 +227,7 @@ def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tens
             per = vmap(vmap(one_sample, in_dims=(0, 0, 0, None, 0)), in_dims=(0, 0, 0, 0, None))(h, x, b, last, ot)
         per = {n: real(g, 2) for n, g in per.items()}  # (c, B, n)
         sq = sum(g.pow(2).sum(-1) for g in per.values())
-        grouped = {n: torch.einsum("gb,cbn->cgn", masks.to(g.dtype), g) for n, g in per.items()}
+        grouped = {n: torch.einsum("gb,cbn->gcn", masks.to(g.dtype), g).contiguous() for n, g in per.items()}
         return grouped, sq
     if stepwise:
         rows = []
@@ -235,7 +237,7 @@ def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tens
         grouped = {n: torch.stack([torch.stack([r[n] for r in row]) for row in rows]) for n in params}
     else:
         grouped = vmap(groups_of_one_step)(h, x, b, last)
-    return {n: real(g, 2) for n, g in grouped.items()}, None
+    return {n: real(g, 2).transpose(0, 1).contiguous() for n, g in grouped.items()}, None
 
 
 @dataclass
@@ -258,25 +260,43 @@ class Tails:
     lag_group_sq: list = field(default_factory=list)
 
     def add(self, products: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
-        """Add one chunk of steps: per-group products ``{name: (c, G, n)}`` and their totals over
-        every window ``{name: (c, n)}`` (real)."""
+        """Add one chunk of steps: per-group products ``{name: (G, c, n)}`` and their totals over
+        every window ``{name: (c, n)}`` (real).
+
+        Each tail before step j is a carry plus the chunk's steps i < j, so its squared norms and
+        dot products expand into the carries' dots with the chunk's rows and 2-d running sums of
+        the chunk's Gram matrices: matmuls over (c × n) blocks instead of memory-bound cumulative
+        sums of (G × c × n) tensors.
+        """
         total_sq = group_sq = group_dot = lag_sq = lag_group_sq = 0.0
         for name, X in products.items():
-            total_X = totals[name]
-            group_carry = self.group_carry.setdefault(name, X.new_zeros(X.shape[1:]))
-            total_carry = self.total_carry.setdefault(name, X.new_zeros(X.shape[2:]))
-            group_tails = group_carry + X.cumsum(0) - X  # (c, G, n): each group's tail before each step
-            total_tails = total_carry + total_X.cumsum(0) - total_X  # (c, n)
-            total_sq = total_sq + total_tails.pow(2).sum(-1)
-            group_sq = group_sq + group_tails.pow(2).sum(-1)
-            group_dot = group_dot + torch.einsum("cgn,cn->cg", group_tails, total_tails)
-            lag_group_sq = lag_group_sq + X.pow(2).sum(-1)
-            lag_sq = lag_sq + total_X.pow(2).sum(-1)
-            group_carry += X.sum(0)
-            total_carry += total_X.sum(0)
-        for record, value in ((self.total_sq, total_sq), (self.group_sq, group_sq), (self.group_dot, group_dot),
-                              (self.lag_sq, lag_sq), (self.lag_group_sq, lag_group_sq)):
+            T = totals[name]
+            carry_g = self.group_carry.setdefault(name, X.new_zeros(X.shape[0], X.shape[2]))
+            carry_t = self.total_carry.setdefault(name, X.new_zeros(X.shape[2]))
+            gram_t, gram_g, cross = T @ T.T, X @ X.transpose(1, 2), X @ T.T  # (c, c), (G, c, c), (G, c, c)
+            total_sq = total_sq + carry_t @ carry_t + 2 * _before(T @ carry_t) + _within(gram_t)
+            group_sq = group_sq + ((carry_g * carry_g).sum(1, keepdim=True)
+                                   + 2 * _before(torch.bmm(X, carry_g[:, :, None])[..., 0]) + _within(gram_g))
+            group_dot = group_dot + ((carry_g @ carry_t)[:, None] + _before(X @ carry_t) + _before(carry_g @ T.T)
+                                     + _within(cross))
+            lag_sq = lag_sq + gram_t.diagonal()
+            lag_group_sq = lag_group_sq + gram_g.diagonal(dim1=1, dim2=2)
+            carry_g += X.sum(1)
+            carry_t += T.sum(0)
+        for record, value in ((self.total_sq, total_sq), (self.group_sq, group_sq.T), (self.group_dot, group_dot.T),
+                              (self.lag_sq, lag_sq), (self.lag_group_sq, lag_group_sq.T)):
             record.append(value)
+
+
+def _before(values: torch.Tensor) -> torch.Tensor:
+    """Σ_{i<j} values[..., i] for each j (the last dimension)."""
+    return values.cumsum(-1) - values
+
+
+def _within(gram: torch.Tensor) -> torch.Tensor:
+    """Σ_{i, i' < j} gram[..., i, i'] for each j: the squared norm of the chunk's steps before j."""
+    inclusive = gram.cumsum(-1).cumsum(-2).diagonal(dim1=-2, dim2=-1)
+    return torch.cat([inclusive.new_zeros(*inclusive.shape[:-1], 1), inclusive[..., :-1]], dim=-1)
 
 
 def _groups(groups: int, batch: int, device) -> torch.Tensor:
@@ -300,8 +320,10 @@ def _direct(system, readout: Params, sweep: Sweep, targets, masks: torch.Tensor)
 
 
 def _chunk_steps(n_params: int, groups: int, batch: int, per_sample: bool) -> int:
+    """Steps per chunk: as many as ``CHUNK_ELEMENTS`` hold, at most ``CHUNK_STEPS`` (the Gram
+    matrices' cost grows with the chunk)."""
     width = n_params * (groups + (batch if per_sample else 0))
-    return max(1, CHUNK_ELEMENTS // max(1, width))
+    return max(1, min(CHUNK_STEPS, CHUNK_ELEMENTS // max(1, width)))
 
 
 def decompose(
@@ -364,7 +386,7 @@ def decompose(
                               "avoid data-dependent Python control flow, .item() and in-place writes into new "
                               "tensors are batched.", stacklevel=2)
                 products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi, stepwise)
-        tails.add(products, distributed.all_reduce_sum({n: X.sum(1) for n, X in products.items()}, process_group))
+        tails.add(products, distributed.all_reduce_sum({n: X.sum(0) for n, X in products.items()}, process_group))
         if psi:
             psi_rows.append(psi_sq)
     direct = _direct(system, readout, sweep, targets, masks)

@@ -129,9 +129,9 @@ def sweep(system: TorchRecurrent, params, readout, x: torch.Tensor, start, targe
 
 
 def _grouped(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(c, B, F) rows gathered into groups, (c, G, m, F), a missing member (index B) a zero row."""
+    """(c, B, F) rows gathered into groups, (G, c, m, F), a missing member (index B) a zero row."""
     padded = torch.cat([t, t.new_zeros(t.shape[0], 1, *t.shape[2:])], dim=1)
-    return padded[:, index]
+    return padded[:, index].transpose(0, 1)
 
 
 def _members(masks: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ def _members(masks: torch.Tensor) -> torch.Tensor:
 
 
 def products(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tensor, per_sample: bool):
-    """The steps ``sl``'s parameter products per group ``{name: (c, G, n)}``, and per-window squared
+    """The steps ``sl``'s parameter products per group ``{name: (G, c, n)}``, and per-window squared
     norms ``(c, B)`` when ``per_sample``: outer products of the gates' cotangents and inputs."""
     fast, index = sweep.fast, _members(masks)
     out, sq = {}, 0.0
@@ -163,7 +163,7 @@ def products(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tens
             if by is None:
                 out[name] = gd.sum(2)
             else:
-                out[name] = torch.einsum("cgmi,cgmj->cgij", gd, _grouped(by, index)).flatten(2)
+                out[name] = (gd.transpose(-1, -2) @ _grouped(by, index)).flatten(2)
             if per_sample:
                 sq = sq + delta.pow(2).sum(-1) * (1 if by is None else by.pow(2).sum(-1))
     encoder = {n: p for n, p in params.items() if n.startswith("encoder.")}
@@ -186,11 +186,11 @@ def _encoder_products(system, encoder, x, cot, masks, per_sample):
         per = vmap(vmap(lambda xt, ct: pullback(xt[None])(ct[None])[0]))(x, cot)
         per = {n: real(g, 2) for n, g in per.items()}
         sq = sum(g.pow(2).sum(-1) for g in per.values())
-        return {n: torch.einsum("gb,cbn->cgn", masks.to(g.dtype), g) for n, g in per.items()}, sq
+        return {n: torch.einsum("gb,cbn->gcn", masks.to(g.dtype), g).contiguous() for n, g in per.items()}, sq
 
     def one_step(xt, ct):
         pull = pullback(xt)
         return vmap(lambda m: pull(ct * m.reshape((-1,) + (1,) * (ct.dim() - 1)))[0])(masks.to(ct.dtype))
 
     grouped = vmap(one_step)(x, cot)
-    return {n: real(g, 2) for n, g in grouped.items()}, None
+    return {n: real(g, 2).transpose(0, 1).contiguous() for n, g in grouped.items()}, None
