@@ -40,12 +40,17 @@ UNITS = {
 
 
 def abs_bound(mean: np.ndarray, beta: float, tau: int, K: np.ndarray) -> np.ndarray:
-    """Ê(K) of Eq. 23 with M̂ = 1, for lag means ``mean`` (R,) and truncations ``K``."""
+    """Ê(K) of Eq. 23 with M̂ = 1, for lag means ``mean`` (R,) and truncations ``K``.
+
+    The head Σ_{k=K+1}^{τ−1} φ̄_k is a suffix sum accumulated from lag τ−1
+    down, so a tail many orders of magnitude below the total keeps its own
+    precision (a difference of prefix sums would cancel it away).
+    """
     K = np.asarray(K, dtype=np.int64)
     if beta >= 1:
         return np.full(K.shape, np.inf)
-    before_tau = np.concatenate([[0.0], np.cumsum(mean[:tau])])  # before_tau[j] = Σ_{k<j} φ̄_k
-    head = before_tau[tau] - before_tau[np.minimum(K + 1, tau)]
+    from_k = np.concatenate([np.cumsum(mean[:tau][::-1])[::-1], [0.0]])  # from_k[j] = Σ_{j≤k<τ} φ̄_k
+    head = from_k[np.minimum(K + 1, tau)]
     tail = mean[tau] * beta ** np.maximum(K + 1 - tau, 0) / (1 - beta)
     return head + tail
 

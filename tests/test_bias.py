@@ -1,4 +1,6 @@
 """bias_bound and calibration against closed forms and direct evaluation of Eq. 23-25."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch import nn
 
 import biaskit
 from biaskit import report
-from biaskit.bias import bias_bound, calibration
+from biaskit.bias import abs_bound, bias_bound, calibration
 from biaskit.decay import fit_decay
 from biaskit.errors import InputError
 from helpers import LinearCell
@@ -88,6 +90,20 @@ def test_bounds_match_direct_evaluation_of_eq_23_and_24(tau):
     grad_lower = max(mean[: K + 1].sum() - direct_abs_bound(mean, fit.beta, tau, K) for K in range(30))
     np.testing.assert_allclose(bound.rel_bias_bound, np.array(expected_abs) / grad_lower, rtol=1e-10)
     assert bound.attrs["tau"] == tau and bound.attrs["beta"] == fit.beta
+
+
+def test_abs_bound_keeps_relative_precision_over_thirty_orders_of_magnitude():
+    """φ̄_k from 1 down to 1e-30: Ê(K) against math.fsum of its terms, to 1e-12 relative, at every K."""
+    R = 61
+    mean = 10.0 ** (-30 * np.arange(R) / (R - 1))
+    beta = 10.0 ** (-0.5)
+    K = np.arange(R + 5)
+    for tau in (1, 30, R - 2):
+        got = abs_bound(mean, beta, tau, K)
+        for k in K:
+            head = [mean[j] for j in range(k + 1, tau)]
+            expected = math.fsum(head + [mean[tau] * beta ** max(k + 1 - tau, 0) / (1 - beta)])
+            assert got[k] == pytest.approx(expected, rel=1e-12, abs=0), (tau, k)
 
 
 def test_no_decay_means_no_finite_bound():
