@@ -113,10 +113,11 @@ def bias_bound(ds: xr.Dataset, fit: DecayFit, deltas, K_range=None) -> xr.Datase
 def calibration(ds: xr.Dataset, bound: xr.Dataset) -> xr.Dataset:
     """Δ̂(K) of ``bound`` against the exact relative bias of ``ds`` on their common K.
 
-    ``holds`` (K) is 1 where Δ̂(K) ≥ the exact bias; ``ratio`` is Δ̂/exact (NaN
-    where the exact bias is 0); ``fraction_holds`` and ``median_ratio`` (over
-    finite ratios) summarise them; ``kappa_exact`` (δ) is the smallest common K
-    whose exact relative bias is below δ, beside the estimated ``kappa``.
+    ``holds`` (K) is 1 where Δ̂(K) ≥ the exact bias (a tie holds: a bound of 0
+    where the norm vanished is exact); ``ratio`` is Δ̂/exact (NaN where the
+    exact bias is 0); ``fraction_holds`` and ``median_ratio`` (over finite
+    ratios) summarise them; ``kappa_exact`` (δ) is the smallest common K whose
+    exact relative bias is below δ, beside the estimated ``kappa``.
     """
     if "rel_bias" not in ds:
         raise InputError("the Dataset has no exact 'rel_bias': pass the output of biaskit.decompose")

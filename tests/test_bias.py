@@ -72,6 +72,20 @@ def test_nilpotent_rnn_norm_vanishes_past_k_and_kappa_is_at_most_k(kwargs):
     assert (bound.abs_bias_bound.sel(K=slice(k - 1, None)) == 0).all()
 
 
+def test_calibration_holds_at_ties_where_bound_and_exact_bias_are_both_zero():
+    """Past lag k-1 the nilpotent RNN's exact bias is 0 and so is the bound: a tie holds (≥, not >)."""
+    ds = nilpotent_rnn(4)
+    bound = bias_bound(ds, fit_decay(ds), [0.1])
+    cal = calibration(ds, bound)
+    ties = cal.sel(K=slice(3, None))
+    assert ties.K.size == 17
+    assert (ties.rel_bias == 0).all() and (ties.rel_bias_bound == 0).all()
+    assert (ties.holds == 1).all()
+    np.testing.assert_array_equal(cal.holds, (cal.rel_bias_bound.values >= cal.rel_bias.values).astype(np.int8))
+    assert float(cal.fraction_holds) == 1.0
+    assert np.isnan(ties.ratio).all()
+
+
 # --- Eq. 23-25 against direct evaluation ------------------------------------
 
 
