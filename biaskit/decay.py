@@ -39,6 +39,8 @@ candidate passes, the paper's default is used and ``tau_rule`` says so.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import statsmodels.api as sm
 import xarray as xr
@@ -46,8 +48,8 @@ from statsmodels.iolib.summary import Summary
 from statsmodels.iolib.table import SimpleTable
 
 from .errors import InputError
+from .norms import NORMS
 
-NORMS = ("phi", "phi_mahalanobis", "psi")
 METHODS = ("regression", "max")
 WEIGHTS = ("wls", "ols")
 DEFAULT_TAU_FRACTION = 0.9
@@ -78,17 +80,18 @@ def fit_decay(
     ds: xr.Dataset,
     norm: str = "phi",
     method: str = "regression",
-    tau=None,
+    tau: int | str | None = None,
     level: float = 0.95,
     *,
     weights: str = "wls",
     n_boot: int = 1000,
     seed: int = 0,
-) -> "DecayFit":
+) -> DecayFit:
     """Fit the geometric decay rate β of ``ds[norm]`` over lags ``[τ, R)``.
 
     ``tau``: None (paper's 0.9·R), an int lag, or "auto" (see the module
-    docstring).  ``weights`` ("wls" or "ols") applies to the regression;
+    docstring).  ``level`` is the fit's default confidence level.
+    ``weights`` ("wls" or "ols") applies to the regression;
     ``n_boot`` and ``seed`` to the bootstrap of the max estimator.  Returns a
     ``RegressionDecay`` or ``MaxRatioDecay``, or a ``VanishedDecay`` (β = 0)
     when the mean norm is zero at every lag past τ.
@@ -206,18 +209,22 @@ class DecayFit:
         self.level = level
         self.window_length = window_length
 
-    def conf_int(self, level: float | None = None) -> np.ndarray:
-        """(lower, upper) confidence limits for β at ``level`` (default: the fit's)."""
-        raise NotImplementedError
+    def conf_int(self, alpha: float | None = None, *, level: float | None = None) -> np.ndarray:
+        """(lower, upper) confidence limits for β at confidence 1 − ``alpha`` (default: the fit's level).
 
-    def band(self, lags, level: float | None = None) -> xr.Dataset:
-        """Fitted mean norm at ``lags`` with its pointwise confidence band."""
+        ``level=`` is deprecated: pass ``alpha = 1 − level``, as statsmodels does.
+        """
+        return self._limits(self._alpha(alpha, level))
+
+    def band(self, lags, alpha: float | None = None, *, level: float | None = None) -> xr.Dataset:
+        """Fitted mean norm at ``lags`` with its pointwise band at confidence 1 − ``alpha`` (default: the fit's)."""
+        alpha = self._alpha(alpha, level)
         lags = np.asarray(lags, dtype=np.int64)
-        mean, lower, upper = self._curve(lags, self._level(level))
+        mean, lower, upper = self._curve(lags, alpha)
         return xr.Dataset(
             {"mean": ("lag", mean), "lower": ("lag", lower), "upper": ("lag", upper)},
             coords={"lag": lags},
-            attrs={"norm": self.norm, "level": self._level(level)},
+            attrs={"norm": self.norm, "level": 1 - alpha},
         )
 
     @property
@@ -263,13 +270,22 @@ class DecayFit:
         smry.tables += [params, settings]
         return smry
 
-    def _level(self, level):
-        level = self.level if level is None else level
-        if not 0 < level < 1:
-            raise InputError(f"level must be in (0, 1), e.g. 0.95; got {level}")
-        return level
+    def _alpha(self, alpha, level) -> float:
+        if level is not None:
+            if alpha is not None:
+                raise InputError("pass alpha or the deprecated level, not both")
+            warnings.warn("level= is deprecated: pass alpha = 1 - level, as statsmodels does",
+                          DeprecationWarning, stacklevel=3)
+            alpha = 1 - level
+        alpha = 1 - self.level if alpha is None else alpha
+        if not 0 < alpha < 1:
+            raise InputError(f"alpha must be in (0, 1), e.g. 0.05 for a 95% interval; got {alpha}")
+        return alpha
 
-    def _curve(self, lags, level):
+    def _limits(self, alpha: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def _curve(self, lags: np.ndarray, alpha: float):
         raise NotImplementedError
 
     def __repr__(self):
@@ -294,13 +310,13 @@ class RegressionDecay(DecayFit):
     def weights(self) -> str:
         return self._weights
 
-    def conf_int(self, level=None):
-        return np.exp(self.results.conf_int(alpha=1 - self._level(level))[1])
+    def _limits(self, alpha):
+        return np.exp(self.results.conf_int(alpha=alpha)[1])
 
-    def _curve(self, lags, level):
+    def _curve(self, lags, alpha):
         design = np.column_stack([np.ones(lags.size), lags - self.center])
         log_mean = design @ self.results.params
-        log_band = self.results.t_test(design).conf_int(alpha=1 - level)
+        log_band = self.results.t_test(design).conf_int(alpha=alpha)
         return np.exp(log_mean), np.exp(log_band[:, 0]), np.exp(log_band[:, 1])
 
 
@@ -323,15 +339,15 @@ class MaxRatioDecay(DecayFit):
         with np.errstate(divide="ignore"):
             self.boot_log_anchor = np.log(boot_means[:, 0])
 
-    def conf_int(self, level=None):
-        return np.exp(_basic_interval(np.log(self.beta), self.boot_log_beta, self._level(level)))
+    def _limits(self, alpha):
+        return np.exp(_basic_interval(np.log(self.beta), self.boot_log_beta, 1 - alpha))
 
-    def _curve(self, lags, level):
+    def _curve(self, lags, alpha):
         steps = (lags - self.tau).astype(np.float64)
         log_mean = np.log(self.anchor) + steps * np.log(self.beta)
         with np.errstate(invalid="ignore"):
             draws = self.boot_log_anchor[:, None] + np.outer(self.boot_log_beta, steps)
-        lower, upper = _basic_interval(log_mean, draws, level)
+        lower, upper = _basic_interval(log_mean, draws, 1 - alpha)
         return np.exp(log_mean), np.exp(lower), np.exp(upper)
 
 
@@ -345,11 +361,10 @@ class VanishedDecay(DecayFit):
         self.anchor = anchor
         self.beta = 0.0
 
-    def conf_int(self, level=None):
-        self._level(level)
+    def _limits(self, alpha):
         return np.zeros(2)
 
-    def _curve(self, lags, level):
+    def _curve(self, lags, alpha):
         mean = np.where(lags == self.tau, self.anchor, np.where(lags > self.tau, 0.0, np.nan))
         return mean, mean, mean
 

@@ -92,7 +92,7 @@ def test_interval_covers_true_beta_in_at_least_90_percent_of_50_seeds(kwargs):
     beta = 0.9
     covered = 0
     for seed in range(50):
-        lower, upper = fit_decay(noisy_geometric_table(seed, beta), **kwargs).conf_int(0.95)
+        lower, upper = fit_decay(noisy_geometric_table(seed, beta), **kwargs).conf_int(alpha=0.05)
         covered += lower <= beta <= upper
     assert covered >= 45
 
@@ -227,13 +227,29 @@ def test_results_object_summary_attrs_and_default_tau():
     assert fit.tau == 45 and fit.tau_rule == "default 0.9R"
     lower, upper = fit.conf_int()
     assert lower < fit.beta < upper
-    narrow = fit.conf_int(0.5)
+    np.testing.assert_array_equal(fit.conf_int(alpha=0.05), [lower, upper])  # the fit's level is 0.95
+    narrow = fit.conf_int(alpha=0.5)
     assert lower < narrow[0] < fit.beta < narrow[1] < upper
     attrs = fit.to_attrs()
     assert all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in attrs.values())
     assert attrs["beta"] == fit.beta and attrs["decays"] == int(upper < 1)
     text = str(fit.summary())
     assert f"{fit.beta:.6g}" in text and "wls" in text and "45" in text
+
+
+def test_conf_int_takes_alpha_and_still_takes_level_with_a_warning():
+    fit = fit_decay(noisy_geometric_table(9, R=30), method="max", n_boot=200)
+    with pytest.warns(DeprecationWarning, match="alpha = 1 - level"):
+        old = fit.conf_int(level=0.9)
+    np.testing.assert_array_equal(old, fit.conf_int(alpha=0.1))
+    with pytest.warns(DeprecationWarning):
+        band = fit.band([27, 29], level=0.9)
+    xr.testing.assert_identical(band, fit.band([27, 29], alpha=0.1))
+    assert band.attrs["level"] == pytest.approx(0.9)
+    with pytest.raises(InputError, match="not both"):
+        fit.conf_int(0.1, level=0.9)
+    with pytest.raises(InputError, match="alpha must be"):
+        fit.conf_int(1.5)
 
 
 def test_plot_decay_draws_the_mean_fit_and_tau():
