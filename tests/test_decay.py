@@ -59,6 +59,12 @@ def table_dataset(table):
     return xr.Dataset({"phi": (("sample", "lag"), np.asarray(table, dtype=np.float64))})
 
 
+def slopes_between_all_pairs(log_mean):
+    """(log φ̄_k' − log φ̄_k)/(k' − k) for every k < k', by a double loop."""
+    L = log_mean.size
+    return np.array([(log_mean[b] - log_mean[a]) / (b - a) for a in range(L) for b in range(a + 1, L)])
+
+
 # --- closed-form systems -----------------------------------------------------
 
 
@@ -75,7 +81,11 @@ def test_orthogonal_linear_rnn_norms_are_exactly_geometric(orthogonal_ds):
     np.testing.assert_allclose(phi, ORTHOGONAL_BETA ** np.arange(phi.shape[1]) * phi[:, :1], rtol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"weights": "ols"}, {"tau": 0}, {"method": "max"}, {"tau": "auto"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"weights": "ols"}, {"tau": 0}, {"method": "max"}, {"method": "anchored"}, {"method": "quantile"},
+     {"method": "quantile", "tau": 0}, {"tau": "auto"}],
+)
 def test_orthogonal_linear_rnn_fit_recovers_beta(orthogonal_ds, kwargs):
     beta = ORTHOGONAL_BETA
     fit = fit_decay(orthogonal_ds, **kwargs)
@@ -83,18 +93,8 @@ def test_orthogonal_linear_rnn_fit_recovers_beta(orthogonal_ds, kwargs):
     assert fit.beta == pytest.approx(beta, abs=1e-10)
     # No sampling noise: the interval collapses onto the truth, up to float rounding.
     assert lower - 1e-10 <= beta <= upper + 1e-10
+    assert upper - lower < 1e-6
     assert fit.decays
-
-
-@pytest.mark.parametrize("kwargs", [{}, {"weights": "ols"}, {"method": "max"}])
-def test_interval_covers_true_beta_in_at_least_90_percent_of_50_seeds(kwargs):
-    """The truth is E φ_k ∝ 0.9^k by construction of the table (see noisy_geometric_table)."""
-    beta = 0.9
-    covered = 0
-    for seed in range(50):
-        lower, upper = fit_decay(noisy_geometric_table(seed, beta), **kwargs).conf_int(alpha=0.05)
-        covered += lower <= beta <= upper
-    assert covered >= 45
 
 
 def test_unstable_resetting_rnn_decays_in_expectation_not_uniformly():
@@ -137,7 +137,52 @@ def test_tau_auto_finds_the_kink_where_geometric_decay_starts():
         assert lower <= np.exp(-0.1) <= upper
 
 
+# --- coverage of the intervals -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"weights": "ols"}, {"method": "max"}, {"method": "anchored"}, {"method": "quantile"}]
+)
+def test_interval_covers_true_beta_in_at_least_90_percent_of_50_seeds(kwargs):
+    """The truth is E φ_k ∝ 0.9^k by construction of the table (see noisy_geometric_table)."""
+    beta = 0.9
+    covered = 0
+    for seed in range(50):
+        lower, upper = fit_decay(noisy_geometric_table(seed, beta), **kwargs).conf_int(alpha=0.05)
+        covered += lower <= beta <= upper
+    assert covered >= 45
+
+
 # --- the estimators against direct numpy ------------------------------------
+
+
+def test_eq_21_max_anchored_and_quantile_match_direct_loops():
+    ds = noisy_geometric_table(5, R=30)
+    tau = 18
+    log_mean = np.log(ds.phi.values.mean(axis=0))[tau:]
+    pairs = slopes_between_all_pairs(log_mean)
+
+    fit = fit_decay(ds, method="max", tau=tau, n_boot=50)
+    assert fit.beta == pytest.approx(np.exp(pairs.max()), rel=1e-12)  # Eq. 21: every pair τ ≤ k < k' < R
+
+    anchored = [(log_mean[k] - log_mean[0]) / k for k in range(1, log_mean.size)]
+    assert fit_decay(ds, method="anchored", tau=tau, n_boot=50).beta == pytest.approx(np.exp(max(anchored)), rel=1e-12)
+
+    for q in (0.95, 0.5):
+        fit = fit_decay(ds, method="quantile", tau=tau, q=q, n_boot=50)
+        assert fit.beta == pytest.approx(np.exp(np.quantile(pairs, q)), rel=1e-12)
+        assert fit.to_attrs()["q"] == q
+
+
+def test_eq_22_regression_is_the_printed_sum_over_pairs():
+    """Eq. 22: log β̃ = Σ_{k,k'} (log φ̄_k − log φ̄_k')(k − k') / Σ_{k,k'} (k − k')², over the window."""
+    ds = noisy_geometric_table(2, R=40)
+    tau = 25
+    log_mean = np.log(ds.phi.values.mean(axis=0))[tau:]
+    k = np.arange(log_mean.size)
+    printed = np.sum(np.subtract.outer(log_mean, log_mean) * np.subtract.outer(k, k)) / np.sum(
+        np.subtract.outer(k, k) ** 2)
+    assert fit_decay(ds, tau=tau, weights="ols").beta == pytest.approx(np.exp(printed), rel=1e-10)
 
 
 @pytest.mark.parametrize("weights", ["wls", "ols"])
@@ -187,19 +232,40 @@ def test_clustered_covariance_is_statsmodels_cluster_sandwich():
     np.testing.assert_allclose(np.log(band.upper), design @ reference.params + q * se, rtol=1e-9)
 
 
-def test_max_ratio_matches_a_direct_loop_and_reflects_its_bootstrap():
-    ds = noisy_geometric_table(5, R=30)
-    tau = 22
-    fit = fit_decay(ds, method="max", tau=tau, n_boot=399, seed=1)
-    mean = ds.phi.values.mean(axis=0)
-    rates = [(mean[k] / mean[tau]) ** (1 / (k - tau)) for k in range(tau + 1, 30)]
-    assert fit.beta == pytest.approx(max(rates), rel=1e-12)
+@pytest.mark.parametrize("method", ["max", "anchored", "quantile"])
+def test_max_type_interval_inverts_the_studentized_bootstrap(method):
+    """Slopes, their delta-method errors, one resample's studentized deviations and the limits, from numpy."""
+    ds = noisy_geometric_table(5, n=40, R=30)
+    tau, B, seed, alpha = 22, 199, 3, 0.1
+    fit = fit_decay(ds, method=method, tau=tau, n_boot=B, seed=seed)
+    table = ds.phi.values[:, tau:]
+    n, L = table.shape
+    pairs = {"max": [(k, k + 1) for k in range(L - 1)], "anchored": [(0, k) for k in range(1, L)],
+             "quantile": [(a, b) for a in range(L) for b in range(a + 1, L)]}[method]
 
-    draws = np.sort(fit.boot_log_beta)
-    assert draws.size == 399
-    lower_q, upper_q = draws[9], draws[389]  # the 2.5% and 97.5% points: ceil(p · 399) − 1
-    expected = np.exp([2 * np.log(fit.beta) - upper_q, 2 * np.log(fit.beta) - lower_q])
-    np.testing.assert_allclose(fit.conf_int(), expected, rtol=1e-12)
+    def slopes_and_se(rows):
+        mean = rows.mean(axis=0)
+        s = np.array([(np.log(mean[b]) - np.log(mean[a])) / (b - a) for a, b in pairs])
+        se = np.array([np.sqrt(np.sum(((rows[:, b] / mean[b] - rows[:, a] / mean[a]) / (b - a)) ** 2)) / n
+                       for a, b in pairs])
+        return s, se
+
+    s, se = slopes_and_se(table)
+    np.testing.assert_allclose(fit.slopes, s, rtol=1e-12)
+    np.testing.assert_allclose(fit.slope_se, se, rtol=1e-10)
+    # The bootstrap resamples whole samples (rows) with replacement, drawn as default_rng(seed).integers.
+    rows = np.random.default_rng(seed).integers(0, n, (B, n))
+    for b in (0, 57, B - 1):
+        s_b, se_b = slopes_and_se(table[rows[b]])
+        np.testing.assert_allclose(fit.boot_t[b], (s_b - s) / se_b, rtol=1e-8)
+
+    T = fit.boot_t
+    m = len(pairs) if method != "quantile" else int(np.ceil(0.95 * len(pairs)))
+    kth = lambda values: np.sort(values, axis=-1)[..., m - 1]  # noqa: E731
+    low_t = np.sort(T, axis=0)[int(np.ceil(alpha / 2 * B)) - 1]  # each slope's α/2 bootstrap-t point
+    miss_above = np.mean(kth(T - low_t) < 0)
+    c = np.sort(kth(T))[int(np.ceil((1 - alpha + miss_above) * B)) - 1]
+    np.testing.assert_allclose(fit.conf_int(alpha), np.exp([kth(s - c * se), kth(s - low_t * se)]), rtol=1e-12)
 
 
 def test_zero_norms_are_left_out_of_the_log_fit():
@@ -216,6 +282,8 @@ def test_zero_norms_are_left_out_of_the_log_fit():
     assert mixed.beta == pytest.approx(positive_only.beta, rel=1e-12)
     np.testing.assert_allclose(mixed.conf_int(), positive_only.conf_int(), rtol=1e-12)
     np.testing.assert_array_equal(mixed.fit_lags, np.arange(10, 15))
+    with pytest.raises(InputError, match="zero at lag"):
+        fit_decay(ds, tau=10, method="max")
 
 
 # --- results object ----------------------------------------------------------
@@ -238,7 +306,7 @@ def test_results_object_summary_attrs_and_default_tau():
 
 
 def test_conf_int_takes_alpha_and_still_takes_level_with_a_warning():
-    fit = fit_decay(noisy_geometric_table(9, R=30), method="max", n_boot=200)
+    fit = fit_decay(noisy_geometric_table(9, R=30), method="anchored", n_boot=200)
     with pytest.warns(DeprecationWarning, match="alpha = 1 - level"):
         old = fit.conf_int(level=0.9)
     np.testing.assert_array_equal(old, fit.conf_int(alpha=0.1))
@@ -281,6 +349,9 @@ def test_plot_decay_draws_the_mean_fit_and_tau():
         ({"tau": 2.5}, "tau must be"),
         ({"tau": "late"}, "tau must be"),
         ({"level": 1.5}, "level must be"),
+        ({"method": "quantile", "q": 1.0}, "q must be"),
+        ({"method": "max", "n_boot": 0}, "n_boot must be"),
+        ({"method": "quantile", "tau": 0, "n_boot": 10**6}, "shorter window"),
     ],
 )
 def test_bad_input_says_what_to_fix(kwargs, message):
