@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
+from numpy.typing import ArrayLike
 
 from .decay import DecayFit, norm_table
 from .errors import InputError
@@ -55,7 +56,7 @@ DENOMINATOR_TEXT = {
 }
 
 
-def abs_bound(mean: np.ndarray, beta: float, tau: int, K: np.ndarray, tail: str = "printed") -> np.ndarray:
+def abs_bound(mean: np.ndarray, beta: float, tau: int, K: ArrayLike, tail: str = "printed") -> np.ndarray:
     """Ê(K) of Eq. 23 with M̂ = 1, for lag means ``mean`` (R,) and truncations ``K``.
 
     ``tail``: "printed" (Eq. 23) or "proof" (B.3–B.4); see the module docstring.
@@ -75,7 +76,7 @@ def abs_bound(mean: np.ndarray, beta: float, tau: int, K: np.ndarray, tail: str 
 
 
 def rel_bound(
-    mean: np.ndarray, beta: float, tau: int, K: np.ndarray, tail: str = "printed", denominator: str = "printed"
+    mean: np.ndarray, beta: float, tau: int, K: ArrayLike, tail: str = "printed", denominator: str = "printed"
 ) -> np.ndarray:
     """Δ̂(K) of Eq. 24 under the simplifying assumption (see the module docstring).
 
@@ -106,7 +107,7 @@ def _first_below(values: np.ndarray, K: np.ndarray, deltas: np.ndarray) -> tuple
 def bias_bound(
     ds: xr.Dataset,
     fit: DecayFit,
-    deltas,
+    deltas: ArrayLike,
     K_range: tuple[int, int] | None = None,
     *,
     tail: str = "printed",

@@ -111,6 +111,7 @@ import warnings
 import numpy as np
 import statsmodels.api as sm
 import xarray as xr
+from numpy.typing import ArrayLike
 from statsmodels.iolib.summary import Summary
 from statsmodels.iolib.table import SimpleTable
 
@@ -326,7 +327,7 @@ class DecayFit:
         """
         return self._limits(self._alpha(alpha, level))
 
-    def band(self, lags, alpha: float | None = None, *, level: float | None = None) -> xr.Dataset:
+    def band(self, lags: ArrayLike, alpha: float | None = None, *, level: float | None = None) -> xr.Dataset:
         """Fitted mean norm at ``lags`` with its band at confidence 1 − ``alpha`` (default: the fit's)."""
         alpha = self._alpha(alpha, level)
         lags = np.asarray(lags, dtype=np.int64)

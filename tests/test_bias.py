@@ -51,7 +51,7 @@ def geometric_table(seed=0, beta=0.7, n=32, R=30):
     return table_dataset(beta ** np.arange(R) * rng.lognormal(0, 0.4, (n, R)))
 
 
-def direct_abs_bound(mean, beta, tau, K, horizon=20_000):
+def direct_abs_bound(mean, beta, tau, K, horizon=2_000):
     """Σ_{k>K} of φ̄_k before τ and φ̄_τ β^{k−τ} from τ on, summed term by term (the proof's B.3–B.4, M̂ = 1)."""
     total = 0.0
     for k in range(K + 1, horizon):

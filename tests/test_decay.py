@@ -441,9 +441,11 @@ def test_results_object_summary_attrs_and_default_tau():
     attrs = fit.to_attrs()
     assert all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in attrs.values())
     assert attrs["beta"] == fit.beta and attrs["decays"] == int(upper < 1)
+    assert (attrs["beta_lower"], attrs["beta_upper"]) == (lower, upper) and attrs["level"] == 0.95
     assert attrs["reliable"] == 1 and attrs["heavy_lags"] == "" and attrs["heavy_tail_limit"] == HEAVY_TAIL_LIMIT
     text = str(fit.summary())
-    assert f"{fit.beta:.6g}" in text and "wls" in text and "45" in text
+    assert all(f"{value:.6g}" in text for value in (fit.beta, lower, upper))
+    assert "wls" in text and "45 (default 0.9R)" in text and "interval reliable" in text
     assert "Warning" not in text
 
 
