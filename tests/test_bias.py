@@ -1,4 +1,6 @@
 """bias_bound and calibration against closed forms and direct evaluation of Eq. 23-25."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,10 +9,13 @@ from torch import nn
 
 import biaskit
 from biaskit import report
-from biaskit.bias import bias_bound, calibration
+from biaskit.bias import abs_bound, bias_bound, calibration, rel_bound
 from biaskit.decay import fit_decay
 from biaskit.errors import InputError
 from helpers import LinearCell
+
+# The bounds are checked against their formulas whatever the fit's reliability; test_decay tests the flag.
+pytestmark = pytest.mark.filterwarnings("ignore::biaskit.decay.UnreliableFitWarning")
 
 
 def nilpotent_rnn(k=4, features=3, batch=16, R=20, seed=0):
@@ -21,6 +26,11 @@ def nilpotent_rnn(k=4, features=3, batch=16, R=20, seed=0):
     system = biaskit.wrap(cell, nn.Linear(k, 2).double(), nn.CrossEntropyLoss(reduction="none"))
     x = torch.randn(batch, R, features, generator=g, dtype=torch.float64)
     return biaskit.decompose(system, x, torch.randint(0, 2, (batch,), generator=g), psi=False)
+
+
+@pytest.fixture(scope="module")
+def nilpotent_ds():
+    return nilpotent_rnn(4)
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +51,42 @@ def geometric_table(seed=0, beta=0.7, n=32, R=30):
     return table_dataset(beta ** np.arange(R) * rng.lognormal(0, 0.4, (n, R)))
 
 
-def direct_abs_bound(mean, beta, tau, K, horizon=20_000):
-    """Σ_{k>K} of φ̄_k before τ and φ̄_τ β^{k−τ} from τ on, summed term by term (Eq. 23, M̂ = 1)."""
+def direct_abs_bound(mean, beta, tau, K, horizon=2_000):
+    """Σ_{k>K} of φ̄_k before τ and φ̄_τ β^{k−τ} from τ on, summed term by term (the proof's B.3–B.4, M̂ = 1)."""
     total = 0.0
     for k in range(K + 1, horizon):
         total += mean[k] if k < tau else mean[tau] * beta ** (k - tau)
     return total
 
 
+def printed_abs_bound(mean, beta, tau, K):
+    """Eq. 23 as printed, case by case (M̂ = 1)."""
+    if K < tau:
+        return sum(mean[K + 1: tau]) + mean[tau] / (1 - beta)
+    return mean[tau] * beta ** (K - tau) / (1 - beta)
+
+
+def direct_rel_bounds(mean, abs_values, denominator):
+    """Eq. 24 for K = 0, 1, ... given Ê(K) (``abs_values``), with ||ĝ_k|| ≈ Σ_{j≤k} φ̄_j and the max over
+    k ≤ K ("printed") or over every k < R ("all")."""
+    R = len(mean)
+    lowers = [sum(mean[: k + 1]) - abs_values[k] for k in range(R)]
+    out = []
+    for K, bound in enumerate(abs_values):
+        lower = max(lowers[: (min(K, R - 1) if denominator == "printed" else R - 1) + 1])
+        out.append(bound / lower if lower > 0 else math.inf)
+    return out
+
+
+ABS_FORMS = {"printed": printed_abs_bound, "proof": direct_abs_bound}
+
+
 # --- closed-form systems -----------------------------------------------------
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"tau": "auto"}, {"method": "max"}])
-def test_nilpotent_rnn_norm_vanishes_past_k_and_kappa_is_at_most_k(kwargs):
-    k = 4
-    ds = nilpotent_rnn(k)
+def test_nilpotent_rnn_norm_vanishes_past_k_and_kappa_is_at_most_k(nilpotent_ds, kwargs):
+    k, ds = 4, nilpotent_ds
     phi = ds.phi.values
     assert (phi[:, k:] == 0).all()
     assert (phi[:, :k].mean(axis=0) > 0).all()
@@ -64,30 +95,94 @@ def test_nilpotent_rnn_norm_vanishes_past_k_and_kappa_is_at_most_k(kwargs):
     fit = fit_decay(ds, **kwargs)
     assert fit.beta == 0.0 and fit.decays
     deltas = [0.5, 0.1, 1e-3, 1e-9]
-    bound = bias_bound(ds, fit, deltas)
-    assert (bound.kappa.values <= k).all()
-    assert bound.kappa_reached.values.all()
-    assert (bound.abs_bias_bound.sel(K=slice(k - 1, None)) == 0).all()
+    anchor = phi[:, fit.tau].mean()  # 0 at the default tau; the mean at lag 3 when tau="auto" stops there
+    for tail in ("proof", "printed"):
+        bound = bias_bound(ds, fit, deltas, tail=tail)
+        assert (bound.kappa.values <= k).all()
+        assert bound.kappa_reached.values.all()
+        assert (bound.abs_bias_bound.sel(K=slice(k, None)) == 0).all()
+        # At K = k-1 the proof's tail φ̄_τ β^{K+1−τ} is 0; the printed φ̄_τ β^{K−τ} is φ̄_τ (0^0 = 1) when τ = k-1.
+        at_last = float(bound.abs_bias_bound.sel(K=k - 1))
+        assert at_last == pytest.approx(anchor if tail == "printed" and fit.tau == k - 1 else 0.0, rel=1e-12, abs=0)
+
+
+def test_calibration_holds_at_ties_where_bound_and_exact_bias_are_both_zero(nilpotent_ds):
+    """Past lag k-1 the nilpotent RNN's exact bias is 0 and so is the bound: a tie holds (≥, not >)."""
+    ds = nilpotent_ds
+    bound = bias_bound(ds, fit_decay(ds), [0.1])
+    cal = calibration(ds, bound)
+    ties = cal.sel(K=slice(3, None))
+    assert ties.K.size == 17
+    assert (ties.rel_bias == 0).all() and (ties.rel_bias_bound == 0).all()
+    assert (ties.holds == 1).all()
+    np.testing.assert_array_equal(cal.holds, (cal.rel_bias_bound.values >= cal.rel_bias.values).astype(np.int8))
+    assert float(cal.fraction_holds) == 1.0
+    assert np.isnan(ties.ratio).all()
 
 
 # --- Eq. 23-25 against direct evaluation ------------------------------------
 
 
+@pytest.mark.parametrize("tail", ["printed", "proof"])
+@pytest.mark.parametrize("denominator", ["printed", "all"])
 @pytest.mark.parametrize("tau", [0, 7, 28])
-def test_bounds_match_direct_evaluation_of_eq_23_and_24(tau):
+def test_bounds_match_direct_evaluation_of_eq_23_and_24(tau, tail, denominator):
     ds = geometric_table(1)
     fit = fit_decay(ds, tau=tau)
     mean = ds.phi.values.mean(axis=0)
-    bound = bias_bound(ds, fit, [0.1], (0, 45))  # K ≥ 30 is past the window: the tail extrapolates
+    bound = bias_bound(ds, fit, [0.1], (0, 45), tail=tail, denominator=denominator)  # K ≥ 30: the tail extrapolates
     np.testing.assert_array_equal(bound.K, np.arange(46))
 
-    expected_abs = [direct_abs_bound(mean, fit.beta, tau, K) for K in range(46)]
+    abs_fn = ABS_FORMS[tail]
+    expected_abs = [abs_fn(mean, fit.beta, tau, K) for K in range(46)]
     np.testing.assert_allclose(bound.abs_bias_bound, expected_abs, rtol=1e-10)
-
-    # ||g|| / M ≥ max over K' of (Σ_{k≤K'} φ̄_k − Ê(K')): the simplifying assumption of Eq. 24.
-    grad_lower = max(mean[: K + 1].sum() - direct_abs_bound(mean, fit.beta, tau, K) for K in range(30))
-    np.testing.assert_allclose(bound.rel_bias_bound, np.array(expected_abs) / grad_lower, rtol=1e-10)
+    np.testing.assert_allclose(bound.rel_bias_bound, direct_rel_bounds(mean, expected_abs, denominator), rtol=1e-10)
     assert bound.attrs["tau"] == tau and bound.attrs["beta"] == fit.beta
+    assert bound.attrs["tail"] == tail and bound.attrs["denominator"] == denominator
+    if tail == "proof" and denominator == "all":
+        # the earlier behaviour, pinned as it was: ||g|| / M ≥ max over every K' < R of (Σ_{k≤K'} φ̄_k − Ê(K'))
+        grad_lower = max(mean[: K + 1].sum() - expected_abs[K] for K in range(30))
+        np.testing.assert_allclose(bound.rel_bias_bound, np.array(expected_abs) / grad_lower, rtol=1e-10)
+
+
+def test_printed_tail_is_the_proofs_over_beta_past_tau_and_equal_before():
+    mean = geometric_table(4).phi.values.mean(axis=0)
+    K = np.arange(40)
+    printed, proof = (abs_bound(mean, 0.7, 12, K, tail=t) for t in ("printed", "proof"))
+    np.testing.assert_array_equal(printed[:12], proof[:12])
+    np.testing.assert_allclose(proof[12:], 0.7 * printed[12:], rtol=1e-14)
+
+
+def test_printed_denominator_is_at_most_the_all_lags_one_and_equal_from_R_minus_1():
+    mean = geometric_table(5).phi.values.mean(axis=0)
+    K = np.arange(45)
+    printed, every = (rel_bound(mean, 0.7, 20, K, denominator=d) for d in ("printed", "all"))
+    assert (printed >= every).all()  # a max over fewer k is smaller, so the bound is larger
+    np.testing.assert_array_equal(printed[29:], every[29:])
+    assert np.isinf(printed[0]) and np.isfinite(every[0])  # Σ_{k≤0} φ̄_k − Ê(0) < 0: no lower bound on ||g|| yet
+
+
+@pytest.mark.parametrize("tail", ["printed", "proof"])
+def test_abs_bound_keeps_relative_precision_over_thirty_orders_of_magnitude(tail):
+    """φ̄_k from 1 down to 1e-30: Ê(K) against math.fsum of its terms, to 1e-12 relative, at every K."""
+    R = 61
+    mean = 10.0 ** (-30 * np.arange(R) / (R - 1))
+    beta = 10.0 ** (-0.5)
+    K = np.arange(R + 5)
+    for tau in (1, 30, R - 2):
+        got = abs_bound(mean, beta, tau, K, tail=tail)
+        shift = 0 if tail == "printed" else 1
+        for k in K:
+            head = [mean[j] for j in range(k + 1, tau)]
+            expected = math.fsum(head + [mean[tau] * beta ** max(k + shift - tau, 0) / (1 - beta)])
+            assert got[k] == pytest.approx(expected, rel=1e-12, abs=0), (tau, k)
+    # Through bias_bound too, on a table whose every sample is that mean.
+    ds = table_dataset(np.tile(mean, (2, 1)))
+    fit = fit_decay(ds, tau=R - 2)
+    bound = bias_bound(ds, fit, [0.1], tail=tail)
+    expected = [math.fsum([mean[j] for j in range(k + 1, R - 2)] + [
+        mean[R - 2] * fit.beta ** max(k + (tail == "proof") - (R - 2), 0) / (1 - fit.beta)]) for k in range(R)]
+    np.testing.assert_allclose(bound.abs_bias_bound, expected, rtol=1e-12)
 
 
 def test_no_decay_means_no_finite_bound():
@@ -115,6 +210,23 @@ def test_kappa_is_the_smallest_K_below_delta_and_monotone_in_delta():
         assert reached == int(bool(below))
     assert (np.diff(bound.kappa.values) <= 0).all()  # a looser tolerance never needs a longer K
     assert not bound.kappa_reached.values[0]  # δ = 1e-12 is out of reach within K < 40
+
+
+@pytest.mark.parametrize("denominator", ["printed", "all"])
+def test_kappa_is_eq_25_of_the_direct_relative_bound(denominator):
+    """κ̂(δ) = min{K_min ≤ K ≤ K_max : Δ̂(K) < δ}, K_max with kappa_reached = 0 when no K reaches δ."""
+    ds = geometric_table(6)
+    fit = fit_decay(ds, tau=12)
+    mean = ds.phi.values.mean(axis=0)
+    deltas = [0.5, 0.05, 1e-3, 1e-6, 1e-30]
+    K_min, K_max = 3, 35
+    bound = bias_bound(ds, fit, deltas, (K_min, K_max), denominator=denominator)
+    relative = direct_rel_bounds(mean, [printed_abs_bound(mean, fit.beta, 12, K) for K in range(K_max + 1)],
+                                 denominator)
+    for delta, kappa, reached in zip(deltas, bound.kappa.values, bound.kappa_reached.values):
+        below = [K for K in range(K_min, K_max + 1) if relative[K] < delta]
+        assert (kappa, reached) == ((below[0], 1) if below else (K_max, 0))
+    assert bound.kappa_reached.values[0] == 1 and bound.kappa_reached.values[-1] == 0
 
 
 # --- calibration against the exact bias ----------------------------------------
@@ -179,6 +291,14 @@ def test_bad_input_says_what_to_fix(deltas, K_range, message):
     ds = geometric_table()
     with pytest.raises(InputError, match=message):
         bias_bound(ds, fit_decay(ds), deltas, K_range)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"tail": "paper"}, "unknown tail"),
+                                             ({"denominator": "max"}, "unknown denominator")])
+def test_bad_option_says_what_to_use(kwargs, message):
+    ds = geometric_table()
+    with pytest.raises(InputError, match=message):
+        bias_bound(ds, fit_decay(ds), [0.1], **kwargs)
 
 
 def test_calibration_needs_the_exact_bias():
