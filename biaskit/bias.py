@@ -29,6 +29,11 @@ simplifying assumption ``||ĝ_k|| ≈ M̂ Σ_{j≤k} φ̄_j`` (M̂ cancels):
 Both maxima run over lags inside the window (k < R: no φ̄ is measured past
 it), so for K ≥ R−1 they agree.  Δ̂ is infinite where the denominator is not
 positive.  κ̂(δ) (Eq. 25) is ``min{K_min ≤ K ≤ K_max : Δ̂(K) < δ}``.
+
+``exact_kappa`` needs no bound: it takes the smallest K whose *exact* relative
+bias, measured by ``decompose``, is below δ at a stated confidence (see its
+docstring for the jackknife over groups of windows and the part of the tail
+beyond the window).
 """
 from __future__ import annotations
 
@@ -36,7 +41,11 @@ import numpy as np
 import xarray as xr
 from numpy.typing import ArrayLike
 
-from .decay import DecayFit, norm_table
+import warnings
+
+from scipy import stats
+
+from .decay import DecayFit, default_tau, fit_decay, norm_table
 from .errors import InputError
 from .norms import NORMS
 
@@ -156,6 +165,161 @@ def bias_bound(
     out["kappa"].attrs["long_name"] = "kappa_hat(delta) = min{K_min <= K <= K_max : Delta_hat(K) < delta}, Eq. 25"
     out["kappa_reached"].attrs["long_name"] = "1 if some K in [K_min, K_max] has Delta_hat(K) < delta, else 0"
     return out
+
+
+def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
+                K_range: tuple[int, int] | None = None) -> xr.Dataset:
+    """The smallest K whose exact relative bias is below δ with confidence ``level``.
+
+    The population quantity is ``δ(K) = ||E(ĝ_K − g)|| / ||E g||``, E over the
+    windows the batch was drawn from; ``decompose`` measures its batch value
+    exactly. ``rel_bias_upper`` (K) is a one-sided upper confidence limit:
+
+    - Sampling of windows. ``δ(K)²`` is a ratio of squared norms of means,
+      ``||E T_K||² / ||E g||²``. Each is estimated without the noise's upward
+      bias by its U-statistic over the G groups of windows ``decompose`` kept
+      apart (the dot products between different groups' sums only); their
+      variances and covariance by the delete-one-group jackknife (Tukey; Efron
+      & Stein 1981), all from the Dataset's group pieces
+      (``||T − T_g||² = ||T||² − 2<T, T_g> + ||T_g||²``), no second sweep; and the
+      ratio's limit by Fieller's theorem with ``t_{G−1, level}``. Fieller's
+      limit is infinite when ``||E g||²`` itself is not resolved above zero at
+      the level: the batch's mean gradient is then mostly noise, and no K can
+      be certified from it (more windows are needed). A tail that is exactly
+      zero in every group is certified zero.
+    - The tail beyond the window, which the window's full BPTT cannot see: by
+      the triangle inequality at most ``Σ_{k≥R} ||E g^(k)||``, bounded by the
+      groups' mean contribution norms (``group_contribution``) decaying
+      geometrically from lag ``⌊0.9R⌋`` on, fitted by regression and summed past
+      the window from the upper end of the fit's band at the last lag, over the
+      lower limit of ``||E g||``. It is added to every K's limit, so a window too
+      short for the gradient to have faded cannot certify a small K.
+    - K ≥ R (past the window): the same fitted tail, summed past K, at the upper
+      confidence limit of its decay rate; marked ``extrapolated``.
+
+    ``kappa`` (δ) is the smallest K in ``K_range`` (default 0..R−1) with
+    ``rel_bias_upper < δ``, else K_max with ``kappa_reached`` = 0. On systems
+    with a known population (tests/test_bias.py) the limit covers at close to
+    its level where the gradient is resolved, and more often where it is not.
+    """
+    for name in ("rel_bias", "group_tail_sq", "group_tail_dot", "group_grad_sq", "group_grad_dot",
+                 "group_contribution", "group_size"):
+        if name not in ds:
+            raise InputError(f"the Dataset has no {name!r}: pass the output of biaskit.decompose")
+    if not 0.5 <= level < 1:
+        raise InputError(f"level must be in [0.5, 1), e.g. 0.95 (0.5: the estimate itself); got {level}")
+    G, R = ds.sizes["group"], ds.sizes["K"]
+    if G < 3:
+        raise InputError(f"the confidence limit needs at least 3 groups of windows, got {G}: decompose more "
+                         "windows, with groups >= 3")
+    deltas = _check_deltas(deltas)
+    K = _truncations((0, R - 1) if K_range is None else K_range)
+    tails, grads = _jackknife_pieces(ds)
+    factor = stats.t.ppf(level, G - 1)
+    within = np.sqrt(_fieller_upper(*tails, *grads, factor))
+    exactly_zero = (ds["abs_bias"].values == 0) & (ds["group_tail_sq"].transpose("K", "group").values == 0).all(1)
+    within = np.where(exactly_zero, 0.0, within)
+    b, v_b = grads
+    resolved = b * b > factor**2 * v_b
+    grad_low = np.float64(np.sqrt(b - factor * np.sqrt(v_b)) if resolved else 0.0)  # a lower limit of ||E g||
+    beyond, fit = _beyond_window(ds, level)
+    inside = K < R
+    with np.errstate(divide="ignore", invalid="ignore"):
+        past_window = np.where(beyond["at_fit"] == 0, 0.0, beyond["at_fit"] / grad_low)
+        upper = np.empty(K.shape)
+        upper[inside] = within[K[inside]] + past_window
+        upper[~inside] = np.where(beyond["past"](K[~inside]) == 0, 0.0, beyond["past"](K[~inside]) / grad_low)
+    exact = ds["rel_bias"].values.astype(np.float64)
+    grad = float(ds.attrs["grad_norm"])
+    point = np.where(inside, exact[np.minimum(K, R - 1)], beyond["past_at_fit"](K) / grad)
+    kappa, reached = _first_below(upper, K, deltas)
+    out = xr.Dataset(
+        {
+            "rel_bias": ("K", point),
+            "rel_bias_upper": ("K", upper),
+            "extrapolated": ("K", (~inside).astype(np.int8)),
+            "beyond_window": ((), float(past_window)),
+            "gradient_resolved": ((), int(resolved)),
+            "kappa": ("delta", kappa),
+            "kappa_reached": ("delta", reached),
+        },
+        coords={"K": K, "delta": deltas},
+        attrs={"level": float(level), "groups": int(G), "window_length": int(R), "t_factor": float(factor),
+               "method": "Fieller limit of the U-statistic ratio, delete-one-group jackknife, t with G-1 df",
+               "tail_fit_beta": float(fit.beta), "tail_fit_beta_upper": float(beyond["beta_upper"]),
+               "tail_fit_tau": int(fit.tau), "tail_fit_reliable": int(fit.reliable)},
+    )
+    out["rel_bias"].attrs["long_name"] = "exact relative bias over the batch (extrapolated past the window)"
+    out["rel_bias_upper"].attrs["long_name"] = f"one-sided {100 * level:g}% upper limit of the relative bias"
+    out["beyond_window"].attrs["long_name"] = "bound on the relative bias from lags past the window"
+    out["gradient_resolved"].attrs["long_name"] = "1 if ||E g||^2 is resolved above 0 at the level, else 0"
+    out["kappa"].attrs["long_name"] = "smallest K in range with rel_bias_upper < delta (K_max if none)"
+    out["kappa_reached"].attrs["long_name"] = "1 if some K in [K_min, K_max] has rel_bias_upper < delta, else 0"
+    return out
+
+
+def _jackknife_pieces(ds: xr.Dataset):
+    """U-statistics of ||E T_K||² (K,) and ||E g||² and their jackknife (co)variances.
+
+    With group sums S_g (the Dataset's pieces, divided by B²), the U-statistic
+    of ||E X||² is ``Σ_{g≠h} <S_g, S_h> / Σ_{g≠h} n_g n_h``, and leaving group g
+    out takes its sum away from the total. Returns
+    ``((a, v_aa, v_ab), (b, v_bb))`` for the tails a and the gradient b.
+    """
+    n = ds["group_size"].values.astype(np.float64)
+    B = n.sum()
+    pairs = (B**2 - (n**2).sum()) / B**2
+    pairs_out = ((B - n) ** 2 - ((n**2).sum() - n**2)) / B**2  # (G,)
+    tail_sq = ds["abs_bias"].values.astype(np.float64)[:, None] ** 2
+    group_tail_sq = ds["group_tail_sq"].transpose("K", "group").values
+    tail_out = tail_sq - 2 * ds["group_tail_dot"].transpose("K", "group").values + group_tail_sq
+    grad_sq = float(ds.attrs["grad_norm"]) ** 2
+    group_grad_sq = ds["group_grad_sq"].values
+    grad_out = grad_sq - 2 * ds["group_grad_dot"].values + group_grad_sq
+    a = (tail_sq[:, 0] - group_tail_sq.sum(1)) / pairs
+    a_out = (tail_out - (group_tail_sq.sum(1, keepdims=True) - group_tail_sq)) / pairs_out
+    b = (grad_sq - group_grad_sq.sum()) / pairs
+    b_out = (grad_out - (group_grad_sq.sum() - group_grad_sq)) / pairs_out
+    G = n.size
+    da, db = a_out - a_out.mean(1, keepdims=True), b_out - b_out.mean()
+    scale = (G - 1) / G
+    return (a, scale * (da**2).sum(1), scale * (da * db).sum(1)), (b, scale * (db**2).sum())
+
+
+def _fieller_upper(a, v_aa, v_ab, b, v_bb, t) -> np.ndarray:
+    """Fieller's one-sided upper limit of a/b: the largest x with (a − x b) ≥ −t·sd(a − x b),
+    infinite when b is not resolved above zero (b² ≤ t² v_bb)."""
+    A = b**2 - t**2 * v_bb
+    half = a * b - t**2 * v_ab
+    C = a**2 - t**2 * v_aa
+    with np.errstate(invalid="ignore", divide="ignore"):
+        root = (half + np.sqrt(np.clip(half**2 - A * C, 0, None))) / A
+    return np.where(A > 0, np.clip(root, 0, None), np.inf)
+
+
+def _beyond_window(ds: xr.Dataset, level: float) -> tuple[dict, DecayFit]:
+    """The tail past the window (in gradient units) from the decay of the groups' mean
+    contribution norms."""
+    table = ds["group_contribution"].transpose("group", "lag").values.astype(np.float64)
+    R = table.shape[1]
+    with warnings.catch_warnings():  # few groups: the fit's own reliability flag is read below
+        warnings.simplefilter("ignore")
+        fit = fit_decay(xr.Dataset({"psi": (("sample", "lag"), table)}), norm="psi",
+                        tau=default_tau(R), weights="ols", level=level)
+    alpha = 2 * (1 - level)  # the two-sided interval whose upper end is the one-sided limit
+    beta, beta_upper = fit.beta, fit.conf_int(alpha)[1] if alpha < 1 else fit.beta
+    last = float(fit.band([R - 1], alpha)["upper"][0] if alpha < 1 else fit.band([R - 1])["mean"][0]) \
+        if fit.beta > 0 else 0.0
+
+    def past(K, rate):  # Σ_{k>K} last · rate^(k−R+1): the tail's norm past K, at most
+        if last == 0:
+            return np.zeros(np.shape(K))
+        if rate >= 1:
+            return np.full(np.shape(K), np.inf)
+        return last * rate ** (np.asarray(K) - R + 2) / (1 - rate)
+
+    return {"at_fit": float(past(R - 1, beta)), "beta_upper": beta_upper, "past": lambda K: past(K, beta_upper),
+            "past_at_fit": lambda K: past(K, beta)}, fit
 
 
 def calibration(ds: xr.Dataset, bound: xr.Dataset) -> xr.Dataset:

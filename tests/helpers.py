@@ -71,7 +71,7 @@ def _detach(state):
 def final_output(module, x, split=None, h0=None):
     """Top-layer output at the last step, run by the module itself; with ``split``,
     the state entering step ``split`` (0-based) is detached.  x is batch-first;
-    ``h0`` (stacked modules only) is the module's own initial state."""
+    ``h0`` is the module's own initial state (zeros if None)."""
     if isinstance(module, (nn.RNN, nn.GRU, nn.LSTM)):
         seq = x if module.batch_first else x.transpose(0, 1)
         tdim = 1 if module.batch_first else 0
@@ -86,7 +86,7 @@ def final_output(module, x, split=None, h0=None):
         zero = torch.zeros(x.shape[0], module.hidden_size, dtype=x.dtype)
         state = (zero, zero) if isinstance(module, nn.LSTMCell) else zero
     else:
-        state = module.initial_state(x.shape[0])
+        state = module.initial_state(x.shape[0]) if h0 is None else h0
         state = tuple(s.to(x) for s in state) if isinstance(state, tuple) else state.to(x)
     for t in range(x.shape[1]):
         if t == split:

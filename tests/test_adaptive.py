@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import biaskit
-from helpers import LinearCell
+from helpers import LinearCell, flat_norm, naive_gradient
 from trainers.adaptive import Controller
 
 
@@ -42,44 +42,89 @@ class LinearModel(nn.Module):
 
 
 @pytest.mark.parametrize("beta, delta", [(0.5, 0.1), (0.8, 0.1), (0.8, 0.01), (0.9, 0.5)])
-def test_controller_picks_the_closed_form_kappa(beta, delta):
-    """φ̄_k = c β^k gives Ê(K) = c β^{K+1}/(1−β) and Δ̂(K) = β^{K+1}/(1 − 2β^W), so
-    κ̂(δ) = the smallest K with β^{K+1} < δ (1 − 2β^W)."""
+def test_the_paper_controller_picks_the_closed_form_kappa(beta, delta):
+    """φ̄_k = c β^k. Eq. 23 as printed gives Ê(K) = c β^{K+1}/(1−β) for K < τ, and Eq. 24's
+    denominator, max over k ≤ K of Σ_{j≤k} φ̄_j − Ê(k) = c(1 − 2β^{k+1})/(1−β), peaks at k = K, so
+    Δ̂(K) = β^{K+1}/(1 − 2β^{K+1}) and κ̂(δ) is the smallest K with β^{K+1}(1 + 2δ) < δ."""
     torch.manual_seed(0)
     model = LinearModel(beta)
     inputs, targets = torch.randn(2000, 2, dtype=torch.float64), torch.randn(2000, dtype=torch.float64)
-    controller = Controller(delta=delta, window=40, windows=16, K_min=1, K_max=100)
+    controller = Controller(delta=delta, window=40, windows=16, K_min=1, K_max=100, controller="paper", groups=4)
     record = controller.measure(model, inputs, targets, K=5, generator=torch.Generator().manual_seed(0))
-    W = controller.window
-    want = math.floor(math.log(delta * (1 - 2 * beta**W)) / math.log(beta) - 1) + 1
+    want = math.floor(math.log(delta / (1 + 2 * delta)) / math.log(beta) - 1) + 1
+    assert want < 36  # below τ = 0.9 W
     assert record["beta"] == pytest.approx(beta, rel=1e-9)
-    assert record["K"] == want
-    assert record["rel_bias_bound"] == pytest.approx(beta ** (want + 1) / (1 - 2 * beta**W), rel=1e-8)
+    assert record["K"] == want and record["kappa_reached"] == 1
+    assert record["rel_bias_bound"] == pytest.approx(beta ** (want + 1) / (1 - 2 * beta ** (want + 1)), rel=1e-8)
 
 
-def test_controller_responds_to_slower_decay_with_a_longer_truncation():
+def test_the_paper_controller_responds_to_slower_decay_with_a_longer_truncation():
     torch.manual_seed(0)
     inputs, targets = torch.randn(2000, 2, dtype=torch.float64), torch.randn(2000, dtype=torch.float64)
-    controller = Controller(delta=0.1, window=40, windows=16, K_min=2, K_max=100)
+    controller = Controller(delta=0.1, window=40, windows=16, K_min=2, K_max=100, controller="paper", groups=4)
     Ks = [controller.measure(LinearModel(beta), inputs, targets, 5, torch.Generator().manual_seed(0))["K"]
           for beta in (0.3, 0.6, 0.9)]
     assert Ks[0] < Ks[1] < Ks[2]
     assert Ks[0] == 2  # clipped to K_min
 
 
-def test_controller_keeps_K_when_only_measuring():
+class ConstantModel(LinearModel):
+    """A scalar linear recurrence fed a constant stream: every window is the same window, so the
+    exact bias has no sampling noise and its upper limit is the bias itself."""
+
+    def __init__(self, a=0.7):
+        super().__init__(0.5, n=1, features=1)
+        with torch.no_grad():
+            self.cell.W.fill_(a)
+
+
+def naive_rel_bias(model, windows, targets, start, K):
+    full = naive_gradient(model.cell, model.head, model.squared_error, windows, targets, h0=start)
+    trunc = naive_gradient(model.cell, model.head, model.squared_error, windows, targets, K, h0=start)
+    return flat_norm([trunc[n] - full[n] for n in full]) / flat_norm(full.values())
+
+
+@pytest.mark.parametrize("delta", [0.5, 0.1, 0.01])
+def test_the_exact_controller_picks_the_smallest_K_whose_exact_bias_is_below_delta(delta):
+    model = ConstantModel()
+    inputs, targets = torch.ones(400, 1, dtype=torch.float64), torch.full((400,), 3.0, dtype=torch.float64)
+    record = Controller(delta=delta, window=40, windows=24, K_min=1, K_max=60, groups=4).measure(
+        model, inputs, targets, K=5, generator=torch.Generator().manual_seed(0))
+    burn = torch.ones(24, 40, 1, dtype=torch.float64)
+    with torch.no_grad():
+        _, start = model(burn)
+    windows, last = torch.ones(24, 40, 1, dtype=torch.float64), torch.full((24,), 3.0, dtype=torch.float64)
+    exact = [naive_rel_bias(model, windows, last, start, K) for K in range(1, 40)]
+    want = 1 + next(i for i, value in enumerate(exact) if value < delta)
+    assert record["K"] == want and record["kappa_reached"] == 1 and record["gradient_resolved"] == 1
+    assert record["rel_bias_upper"] == pytest.approx(exact[want - 1], rel=1e-4)  # plus the tail past the window
+    assert record["rel_bias_exact"] == pytest.approx(exact[4], rel=1e-9)  # K = 5, the one in use
+
+
+def test_the_logged_exact_bias_is_the_K_in_use_from_the_burn_in_state():
+    """A slow decay (β = 0.95) over a 40-step window: the state the burn-in leaves matters, and the
+    log must hold the exact bias of the K in use (not K + 1) on the drawn windows."""
+    from biaskit.probe import sample_windows
+
     torch.manual_seed(0)
-    inputs, targets = torch.randn(500, 2, dtype=torch.float64), torch.randn(500, dtype=torch.float64)
-    record = Controller(delta=None, window=40, windows=8).measure(
-        LinearModel(0.7), inputs, targets, 7, torch.Generator().manual_seed(0))
+    model = LinearModel(0.95)
+    inputs, targets = torch.randn(800, 2, dtype=torch.float64), torch.randn(800, dtype=torch.float64)
+    record = Controller(delta=None, window=40, windows=8, groups=4).measure(
+        model, inputs, targets, 7, torch.Generator().manual_seed(3))
+    drawn = sample_windows(inputs, targets, 40, 8, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, start = model(drawn.burn)
     assert record["K"] == 7
-    assert 0 < record["rel_bias_exact"] < 1
+    want = naive_rel_bias(model, drawn.inputs, drawn.targets[:, -1], start, 7)
+    assert record["rel_bias_exact"] == pytest.approx(want, rel=1e-9)
+    from_zero = naive_rel_bias(model, drawn.inputs, drawn.targets[:, -1], None, 7)
+    assert abs(from_zero - want) > 1e-3 * want  # the burn-in's state is not a detail here
 
 
 def test_too_short_a_stream_is_refused():
     with pytest.raises(biaskit.InputError, match="fewer than the 64 asked for"):
-        Controller(delta=0.5, window=40).measure(LinearModel(0.5), torch.zeros(60, 2), torch.zeros(60), 5,
-                                                 torch.Generator())
+        Controller(delta=0.5, window=40, windows=64).measure(LinearModel(0.5), torch.zeros(60, 2),
+                                                             torch.zeros(60), 5, torch.Generator())
 
 
 def test_sampled_windows_line_up_with_the_stream_and_are_distinct():

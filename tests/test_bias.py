@@ -306,3 +306,114 @@ def test_calibration_needs_the_exact_bias():
     bound = bias_bound(ds, fit_decay(ds), [0.1])
     with pytest.raises(InputError, match="rel_bias"):
         calibration(ds, bound)
+
+
+# --- exact_kappa: the exact bias with a confidence limit ----------------------------------------------
+
+
+class ScalarLinear(nn.Module):
+    """h_t = a h_{t-1} + u x_t: with every window the same, the bias is a sum written out below."""
+
+    def __init__(self, a, u):
+        super().__init__()
+        self.a, self.u = nn.Parameter(torch.tensor([a], dtype=torch.float64)), \
+            nn.Parameter(torch.tensor([u], dtype=torch.float64))
+
+    def initial_state(self, batch):
+        return torch.zeros(batch, 1, dtype=torch.float64)
+
+    def forward(self, x, h):
+        return self.a * h + self.u * x
+
+
+def test_exact_kappa_on_a_linear_rnn_whose_bias_is_a_closed_sum():
+    """Identical windows: no sampling noise, so the limit is the exact bias itself.
+
+    With x_t = 1, h_t = u Σ_{j<t} a^j, the loss ½(w h_R − y)² has e = w h_R − y and the
+    lag-k contribution e·w·a^k·(h_{R−k−1}, 1) to (a, u); the readout's gradient is e·(h_R, 1).
+    """
+    a, u, w, target, R, windows = 0.6, 0.8, 1.3, 5.0, 50, 12
+    cell, head = ScalarLinear(a, u), nn.Linear(1, 1).double()
+    with torch.no_grad():
+        head.weight.fill_(w)
+        head.bias.zero_()
+    ds = biaskit.decompose(biaskit.wrap(cell, head, lambda o, t: 0.5 * (o[:, 0] - t) ** 2),
+                           torch.ones(windows, R, 1, dtype=torch.float64),
+                           torch.full((windows,), target, dtype=torch.float64), psi=False, groups=4)
+    h = np.array([u * sum(a**j for j in range(t)) for t in range(R + 1)])  # h[t] after t steps
+    e = w * h[R] - target
+    lag = np.array([[e * w * a**k * h[R - k - 1], e * w * a**k] for k in range(R)])
+    g = np.concatenate([lag.sum(0), [e * h[R], e]])
+    closed = np.array([np.linalg.norm(lag[K + 1:].sum(0)) for K in range(R)]) / np.linalg.norm(g)
+    np.testing.assert_allclose(ds["rel_bias"].values, closed, rtol=1e-9, atol=1e-15)
+    deltas = [0.5, 0.1, 1e-3, 1e-6]
+    ek = biaskit.exact_kappa(ds, deltas, K_range=(0, 70))
+    assert int(ek["gradient_resolved"]) == 1
+    np.testing.assert_allclose(ek["rel_bias_upper"].sel(K=slice(0, R - 1)).values, closed,
+                               rtol=1e-6, atol=float(ek["beyond_window"]) + 1e-12)
+    assert float(ek["beyond_window"]) < 1e-9  # a^50: nothing left past the window
+    for delta, kappa in zip(deltas, ek["kappa"].values):
+        assert kappa == next(K for K in range(R) if closed[K] + float(ek["beyond_window"]) < delta)
+    assert ek["extrapolated"].sel(K=slice(R, None)).all() and not ek["extrapolated"].sel(K=slice(0, R - 1)).any()
+    past = ek["rel_bias_upper"].sel(K=slice(R, None)).values
+    assert (np.diff(past) < 0).all() and past[0] <= float(ek["beyond_window"]) * 1.0001
+
+
+def _population_and_batches(loss, seed=1, N=4096, R=40, F=3, H=6):
+    torch.manual_seed(0)
+    gru = nn.GRU(F, H, batch_first=True).double()
+    with torch.no_grad():
+        gru.weight_hh_l0 *= 2
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, R, F, dtype=torch.float64, generator=gen)
+    if loss == "strong":  # a common offset in the targets: the mean gradient stands out of the noise
+        head, loss_fn, Y = nn.Linear(H, 1).double(), (lambda o, t: (o[:, 0] - t) ** 2), 3 + X[:, :8, 0].sum(1)
+    else:  # labels from the inputs, an untrained model: the mean gradient is mostly noise in 64 windows
+        head, loss_fn = nn.Linear(H, 2).double(), nn.CrossEntropyLoss(reduction="none")
+        Y = (X[:, :8, 0].sum(1) > 0).long()
+    system = biaskit.wrap(gru, head, loss_fn)
+    population = biaskit.decompose(system, X, Y, psi=False, groups=3)["rel_bias"].values
+    return system, X, Y, population, gen
+
+
+@pytest.mark.parametrize("level", [0.8, 0.95])
+def test_the_upper_limit_covers_the_population_bias_at_its_level(level):
+    """4,096 windows stand in for the population; 120 batches of 64 windows each give a limit.
+    The window is long enough (40 steps) for the tail past it to be negligible."""
+    system, X, Y, population, gen = _population_and_batches("strong")
+    Ks = [1, 3]
+    assert all(0.1 < population[K] < 0.9 for K in Ks)
+    covered, n = np.zeros(len(Ks)), 120
+    eye = torch.eye(6, dtype=torch.float64)
+    for _ in range(n):
+        pick = torch.randperm(X.shape[0], generator=gen)[:64]
+        ds = biaskit.decompose(system, X[pick], Y[pick], psi=False, metric=eye)
+        covered += biaskit.exact_kappa(ds, [0.5], level=level)["rel_bias_upper"].sel(K=Ks).values >= population[Ks]
+    margin = 3 * np.sqrt(level * (1 - level) / n)
+    assert (np.abs(covered / n - level) <= margin).all(), covered / n
+
+
+def test_an_unresolved_mean_gradient_certifies_nothing():
+    system, X, Y, population, gen = _population_and_batches("weak")
+    eye = torch.eye(6, dtype=torch.float64)
+    covered, unresolved = 0, 0
+    for _ in range(40):
+        pick = torch.randperm(X.shape[0], generator=gen)[:64]
+        ek = biaskit.exact_kappa(biaskit.decompose(system, X[pick], Y[pick], psi=False, metric=eye), [0.5])
+        unresolved += int(ek["gradient_resolved"]) == 0
+        covered += int(ek["rel_bias_upper"].sel(K=2) >= population[2])
+        if int(ek["gradient_resolved"]) == 0:
+            assert np.isinf(ek["rel_bias_upper"].values).all() and not ek["kappa_reached"].any()
+    assert unresolved >= 30 and covered >= 38
+
+
+def test_exact_kappa_refuses_what_it_cannot_use():
+    ds = geometric_table()
+    with pytest.raises(InputError, match="pass the output of biaskit.decompose"):
+        biaskit.exact_kappa(ds, [0.5])
+    system, X, Y, _, _ = _population_and_batches("strong", N=64)
+    two = biaskit.decompose(system, X, Y, psi=False, groups=2)
+    with pytest.raises(InputError, match="at least 3 groups"):
+        biaskit.exact_kappa(two, [0.5])
+    with pytest.raises(InputError, match="level must be"):
+        biaskit.exact_kappa(biaskit.decompose(system, X, Y, psi=False), [0.5], level=1.0)

@@ -19,6 +19,7 @@ from biaskit.errors import InputError
 from biaskit.norms import NORMS
 
 from . import config as configs
+from .adaptive import BETA_METHODS, CONTROLLERS
 from .loop import Run
 from .runs import plot_training, read_metrics
 from .tasks import copy, language, point_process
@@ -77,7 +78,13 @@ TRAIN_OPTIONS = [
     click.option("--window", type=click.IntRange(2), help="Controller window length W."),
     click.option("--windows", type=click.IntRange(2), help="Windows per controller update."),
     click.option("--update-every", type=POSITIVE, help="Epochs between K updates (fractions allowed)."),
-    click.option("--norm", type=click.Choice(CONTROL_NORMS), help="Norm whose decay sets K."),
+    click.option("--controller", type=click.Choice(list(CONTROLLERS)),
+                 help="exact (default): K from the exact bias's upper limit; paper: Algorithm 1 as printed."),
+    click.option("--level", type=Number(0.5, 1, high_open=True), help="The exact controller's confidence (0.9)."),
+    click.option("--groups", type=click.IntRange(3), help="Window groups for its confidence limit (16)."),
+    click.option("--norm", type=click.Choice(CONTROL_NORMS), help="The paper controller's norm (phi)."),
+    click.option("--beta-method", type=click.Choice(list(BETA_METHODS)),
+                 help="The paper controller's beta: regression (Eq. 22, OLS), max (Eq. 21) or quantile."),
     click.option("--batch-size", type=click.IntRange(1), help="Parallel streams S."),
     click.option("--lr", type=POSITIVE, help="Base step size (times sqrt(K) unless --no-scale-lr)."),
     click.option("--scale-lr/--no-scale-lr", default=None, help="Scale the step size by sqrt(K)."),

@@ -14,6 +14,7 @@ import torch
 from biaskit.errors import InputError
 
 from . import schedule
+from .adaptive import BETA_METHODS, CONTROLLERS
 
 TRAIN_DEFAULTS = {
     "epochs": 20,
@@ -31,9 +32,13 @@ TRAIN_DEFAULTS = {
     "K_min": 2,
     "K_max": 100,
     "window": 100,         # W, the controller's window length
-    "windows": 64,         # windows per controller update
+    "windows": 256,        # windows per controller update (the paper's is the batch, 64)
     "update_every": 1.0,   # epochs between K updates (fractions allowed)
-    "norm": "phi",
+    "controller": "exact",  # exact: K from the exact bias's upper limit; paper: Algorithm 1 as printed
+    "level": 0.9,          # the exact controller's confidence
+    "groups": 16,          # window groups for its confidence limit (at most one per window)
+    "norm": "phi",         # the paper controller's norm
+    "beta_method": "regression",  # the paper controller's beta: Eq. 22 (OLS), Eq. 21 (max) or quantile
     "tau": None,
     "estimator": "tbptt",  # tbptt, or dni: synthetic gradients at the ends of BPTT(K, K) chunks
     "dni": "neuron",       # the DNI's shape: neuron or layer
@@ -61,7 +66,7 @@ def check(cfg: dict) -> dict:
     unknown = set(cfg) - set(TRAIN_DEFAULTS)
     if unknown:
         raise InputError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-    for key in ("epochs", "batch_size", "K", "K_min", "K_max", "window", "windows"):
+    for key in ("epochs", "batch_size", "K", "K_min", "K_max", "window", "windows", "groups"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True)
     for key in ("K1", "K2", "dni_hidden"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True, allow_none=True)
@@ -76,8 +81,18 @@ def check(cfg: dict) -> dict:
         raise InputError(f"--delta must be in (0, 1), got {cfg['delta']}")
     if cfg["K_min"] > cfg["K_max"]:
         raise InputError(f"need K_min <= K_max, got [{cfg['K_min']}, {cfg['K_max']}]")
-    if cfg["window"] < 2 or cfg["windows"] < 2:
-        raise InputError("the controller needs --window and --windows of at least 2")
+    if cfg["window"] < 2:
+        raise InputError("the controller needs a --window of at least 2 steps")
+    if cfg["controller"] not in CONTROLLERS:
+        raise InputError(f"unknown controller {cfg['controller']!r}: use {' or '.join(CONTROLLERS)}")
+    if cfg["beta_method"] not in BETA_METHODS:
+        raise InputError(f"unknown --beta-method {cfg['beta_method']!r}: use {', '.join(BETA_METHODS)}")
+    if not (isinstance(cfg["level"], numbers.Real) and 0.5 <= cfg["level"] < 1):
+        raise InputError(f"--level must be in [0.5, 1), e.g. 0.9; got {cfg['level']}")
+    if cfg["groups"] < 3 or (cfg["controller"] == "exact" and cfg["windows"] < 3):
+        raise InputError(f"the exact controller's confidence limit needs at least 3 --groups of windows and 3 "
+                         f"--windows (got {cfg['groups']} groups, {cfg['windows']} windows); the groups are "
+                         "capped at the windows")
     if cfg["estimator"] not in ("tbptt", "dni"):
         raise InputError(f"unknown estimator {cfg['estimator']!r}: use tbptt or dni")
     if cfg["dni"] not in DNI_SHAPES:

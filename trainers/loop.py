@@ -74,7 +74,8 @@ class Run:
         self.optimizer = make_optimizer(self.model, cfg)
         self.estimator = SyntheticGradients(self.model, cfg, self.device) if cfg["estimator"] == "dni" else Truncation()
         self.controller = Controller(cfg["delta"], cfg["window"], cfg["windows"], cfg["K_min"], cfg["K_max"],
-                                     cfg["norm"], cfg["tau"])
+                                     cfg["norm"], cfg["tau"], cfg["controller"], cfg["level"], cfg["groups"],
+                                     cfg["beta_method"])
         self.generator = torch.Generator().manual_seed(cfg["seed"])
         self.epoch, self.K, self.best, self.lines = 0, cfg["K"], math.inf, []
         self.next_update, self.history, self.record = cfg["update_every"], [], {}
