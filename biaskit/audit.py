@@ -1,20 +1,21 @@
-"""The audit: decomposition, decay fits for every norm, bounds and calibration, in one report."""
+"""The audit: decomposition, the recommended K from the exact bias, the paper's estimates for every
+norm with their calibration, in one report."""
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from . import atomic, report
-from .bias import bias_bound, calibration
-from .decay import fit_decay
+from .bias import bias_bound, calibration, exact_kappa
+from .decay import UnreliableFitWarning, fit_decay
 from .decompose import decompose
-from .recurrent import wrap
-
 from .norms import NORMS
+from .recurrent import wrap
 
 #: What ``Audit.save`` writes: a folder holding only these is an earlier audit, which it replaces.
 FILES = {"audit.nc", "synthetic.nc", "summary.txt", "summary.json", "decay.png", "bias.png", "state.png"}
@@ -23,31 +24,47 @@ FILES = {"audit.nc", "synthetic.nc", "summary.txt", "summary.json", "decay.png",
 class Audit:
     """An audit's results: ``dataset`` holds everything; ``summary()`` says it in words.
 
-    ``synthetic``, when set, is a ``synthetic_bias`` Dataset: the bias of the
+    ``exact`` is the ``exact_kappa`` Dataset the recommendation comes from;
+    ``synthetic``, when set, a ``synthetic_bias`` Dataset: the bias of the
     model's synthetic-gradient training, reported beside the rest.
     """
 
-    def __init__(self, dataset: xr.Dataset, fits: dict, bounds: dict, K: int | None,
+    def __init__(self, dataset: xr.Dataset, fits: dict, bounds: dict, exact: xr.Dataset, K: int | None,
                  synthetic: xr.Dataset | None = None):
-        self.dataset, self.fits, self.bounds, self.K, self.synthetic = dataset, fits, bounds, K, synthetic
+        self.dataset, self.fits, self.bounds, self.exact, self.K = dataset, fits, bounds, exact, K
+        self.synthetic = synthetic
 
     def as_dict(self) -> dict:
-        """The summary's numbers, for ``--format json`` and scripts."""
-        ds = self.dataset
-        deltas = ds["delta"].values.tolist()
+        """The summary's numbers, for ``--format json`` and scripts. A κ that no K in range
+        reaches is null, with ``reached`` false."""
+        ds, exact = self.dataset, self.exact
+        deltas = [float(d) for d in ds["delta"].values]
+
+        def kappa(values, reached):
+            return {str(d): {"K": int(k) if r else None, "reached": bool(r)}
+                    for d, k, r in zip(deltas, values, reached)}
+
+        recommended = {}
+        for d, k, r in zip(deltas, exact["kappa"].values, exact["kappa_reached"].values):
+            recommended[str(d)] = {"K": int(k) if r else None, "reached": bool(r),
+                                   "rel_bias_upper": _finite(exact["rel_bias_upper"].sel(K=k)) if r else None,
+                                   "rel_bias": _finite(exact["rel_bias"].sel(K=k)) if r else None}
         out = {
             "module": ds.attrs["module"], "window_length": int(ds.attrs["window_length"]),
             "windows": int(ds.attrs["batch"]), "grad_norm": float(ds.attrs["grad_norm"]),
-            "kappa_exact": dict(zip(map(str, deltas), ds["kappa_exact"].values.tolist())),
+            "recommended": {"level": float(exact.attrs["level"]), "groups": int(exact.attrs["groups"]),
+                            "gradient_resolved": bool(exact["gradient_resolved"]),
+                            "beyond_window": _finite(exact["beyond_window"]), "K_max": int(exact.K.max()),
+                            "per_delta": recommended},
+            "kappa_exact": kappa(ds["kappa_exact"].values, ds["kappa_exact_reached"].values),
             "norms": {},
         }
         for norm, fit in self.fits.items():
             low, high = fit.conf_int()
             out["norms"][norm] = {
                 "beta": fit.beta, "beta_low": float(low), "beta_high": float(high), "tau": int(fit.tau),
-                "method": fit.method,
-                "decays": fit.decays,
-                "kappa": dict(zip(map(str, deltas), ds["kappa"].sel(norm=norm).values.tolist())),
+                "method": fit.method, "decays": fit.decays, "reliable": bool(fit.reliable),
+                "kappa": kappa(ds["kappa"].sel(norm=norm).values, ds["kappa_reached"].sel(norm=norm).values),
                 "bound_holds_fraction": float(ds["fraction_holds"].sel(norm=norm)),
                 "median_bound_over_exact": _finite(ds["median_ratio"].sel(norm=norm)),
             }
@@ -66,22 +83,41 @@ class Audit:
         return out
 
     def summary(self) -> str:
-        """The audit as a text table: β, τ, A-1, κ̂(δ) against the exact κ(δ), bias at K."""
+        """The audit in words: the recommended K per δ, then the paper's estimate per norm."""
         d = self.as_dict()
-        deltas = list(d["kappa_exact"])
+        rec, deltas = d["recommended"], list(d["kappa_exact"])
         lines = [f"{d['module']}: {d['windows']} windows of {d['window_length']} steps, "
-                 f"||E g|| = {d['grad_norm']:.4g}", ""]
+                 f"||E g|| = {d['grad_norm']:.4g}", "",
+                 f"recommended K: the exact relative bias below delta at {100 * rec['level']:g}% confidence "
+                 f"({rec['groups']} groups of windows)"]
+        head = f"  {'delta':<8}{'K':>6}{'upper limit':>14}{'exact at K':>13}"
+        lines += [head]
+        for delta, r in rec["per_delta"].items():
+            if r["reached"]:
+                lines.append(f"  {delta:<8}{r['K']:>6}{r['rel_bias_upper']:>14.4g}{r['rel_bias']:>13.4g}")
+            else:
+                lines.append(f"  {delta:<8}{'not reached':>6} for K <= {rec['K_max']}")
+        if not rec["gradient_resolved"]:
+            lines.append("  the windows' mean gradient is mostly noise (not resolved above zero at this level): "
+                         "no K can be certified; use more windows")
+        lines += ["", "the paper's estimate (kappa-hat from the decay of each norm) beside the batch's exact kappa:"]
         head = f"{'norm':<22}{'beta [95% interval]':<28}{'tau':>5}  {'A-1':<4}" + "".join(
             f"{'kappa(' + k + ')':>12}" for k in deltas) + f"{'bound holds':>13}"
         lines += [head, "-" * len(head)]
+
+        def cell(entry):
+            return f"{entry['K']:>12}" if entry["reached"] else f"{'not reached':>12}"
+
         for norm, r in d["norms"].items():
             beta = (f"{r['beta']:.4f} [{r['beta_low']:.4f}, {r['beta_high']:.4f}]" if r["method"] != "vanished"
                     else "0: exactly 0 past tau")
             lines.append(f"{NORMS[norm].label:<22}{beta:<28}{r['tau']:>5}  {'yes' if r['decays'] else 'no':<4}"
-                         + "".join(f"{r['kappa'][k]:>12}" for k in deltas)
-                         + f"{100 * r['bound_holds_fraction']:>12.0f}%")
-        lines.append(f"{'exact':<22}{'':<28}{'':>5}  {'':<4}" + "".join(
-            f"{d['kappa_exact'][k]:>12}" for k in deltas))
+                         + "".join(cell(r["kappa"][k]) for k in deltas)
+                         + f"{100 * r['bound_holds_fraction']:>12.0f}%" + ("" if r["reliable"] else "  (unreliable)"))
+        lines.append(f"{'exact (this batch)':<22}{'':<28}{'':>5}  {'':<4}" + "".join(
+            cell(d["kappa_exact"][k]) for k in deltas))
+        if any(not r["reliable"] for r in d["norms"].values()):
+            lines.append("(unreliable: the far lags' means are dominated by a few windows; see fit.reliability_note())")
         if self.K is not None:
             at = d["rel_bias_at_K"]
             lines += ["", f"exact relative bias at the model's own K = {self.K}: "
@@ -119,10 +155,12 @@ def _finite(value) -> float | None:
 
 
 def audit(module, inputs, targets, readout=None, loss_fn=None, encoder=None, *, start=None,
-          deltas=(0.9, 0.5, 0.1), K: int | None = None, method: str = "regression", tau=None,
-          seed: int = 0) -> Audit:
-    """Decompose, fit the decay of every norm, bound the bias for every δ and calibrate
-    the bounds against the exact bias, for one batch of windows (loss at the last step).
+          deltas=(0.9, 0.5, 0.1), K: int | None = None, level: float = 0.95, method: str = "regression",
+          tau=None, seed: int = 0) -> Audit:
+    """Decompose one batch of windows (loss at the last step); recommend, for every δ, the
+    smallest K whose exact relative bias is below δ at confidence ``level`` (``exact_kappa``);
+    fit the decay of every norm and give the paper's κ̂ beside it, calibrated against the
+    exact bias.
 
     ``module`` is anything ``biaskit.wrap`` accepts (or a system); ``K`` is the
     truncation the model trains with, whose exact bias the summary reports.
@@ -130,13 +168,16 @@ def audit(module, inputs, targets, readout=None, loss_fn=None, encoder=None, *, 
     system = wrap(module, readout, loss_fn, encoder)
     ds = decompose(system, inputs, targets, start=start, seed=seed)
     R = ds.attrs["window_length"]
-    fits = {norm: fit_decay(ds, norm=norm, method=method, tau=tau) for norm in NORMS}
+    exact = exact_kappa(ds, deltas, level, (0, R - 1))
+    with warnings.catch_warnings():  # the summary marks an unreliable fit
+        warnings.simplefilter("ignore", UnreliableFitWarning)
+        fits = {norm: fit_decay(ds, norm=norm, method=method, tau=tau) for norm in NORMS}
     bounds = {norm: bias_bound(ds, fit, deltas, (0, R - 1)) for norm, fit in fits.items()}
     cals = {norm: calibration(ds, bound) for norm, bound in bounds.items()}
     per_norm = xr.concat(
         [xr.Dataset({
             "beta": fit.beta, "beta_low": fit.conf_int()[0], "beta_high": fit.conf_int()[1],
-            "tau": fit.tau, "decays": int(fit.decays),
+            "tau": fit.tau, "decays": int(fit.decays), "reliable": int(fit.reliable),
             "abs_bias_bound": bounds[norm]["abs_bias_bound"], "rel_bias_bound": bounds[norm]["rel_bias_bound"],
             "kappa": bounds[norm]["kappa"], "kappa_reached": bounds[norm]["kappa_reached"],
             "fraction_holds": cals[norm]["fraction_holds"], "median_ratio": cals[norm]["median_ratio"],
@@ -144,7 +185,10 @@ def audit(module, inputs, targets, readout=None, loss_fn=None, encoder=None, *, 
         dim=xr.DataArray(list(fits), dims="norm", name="norm"),
     )
     cal = cals["phi"]
-    dataset = xr.merge([ds, per_norm, cal[["kappa_exact", "kappa_exact_reached"]]], combine_attrs="override")
-    dataset.attrs.update({"fit_method": method, "tau_rule": fits["phi"].tau_rule,
+    recommended = exact[["rel_bias_upper", "kappa", "kappa_reached"]].rename(
+        {"kappa": "kappa_recommended", "kappa_reached": "kappa_recommended_reached"})
+    dataset = xr.merge([ds, per_norm, cal[["kappa_exact", "kappa_exact_reached"]], recommended],
+                       combine_attrs="override")
+    dataset.attrs.update({"fit_method": method, "tau_rule": fits["phi"].tau_rule, "level": float(level),
                           "deltas": np.asarray(deltas, dtype=float), "model_K": -1 if K is None else K})
-    return Audit(dataset, fits, bounds, K)
+    return Audit(dataset, fits, bounds, exact, K)

@@ -52,7 +52,12 @@ def test_analyze_reports_the_exact_bias_at_the_checkpoints_K(run_cli, run_dir, t
     assert summary["rel_bias_at_K"] == pytest.approx(exact_rel_bias(model, windows, last, burn, K), rel=1e-4)
     exact = [exact_rel_bias(model, windows, last, burn, k) for k in range(WINDOW)]
     for delta, kappa in summary["kappa_exact"].items():
-        assert kappa == next(k for k, v in enumerate(exact) if v < float(delta))
+        assert kappa == {"K": next(k for k, v in enumerate(exact) if v < float(delta)), "reached": True}
+    for delta, rec in summary["recommended"]["per_delta"].items():  # the limit is above the batch's value
+        if rec["reached"]:
+            assert rec["rel_bias_upper"] < float(delta) and rec["rel_bias"] == pytest.approx(exact[rec["K"]], rel=1e-4)
+        else:
+            assert rec["K"] is None
     for name in ("audit.nc", "summary.txt", "summary.json", "decay.png", "bias.png", "state.png"):
         assert (tmp_path / "audit" / name).is_file()
     saved = report.load(tmp_path / "audit" / "audit.nc")
@@ -64,7 +69,8 @@ def test_analyze_prints_a_summary_table(run_cli, run_dir, tmp_path):
     res = run_cli("analyze", run_dir / "checkpoint-best.pt", "--windows", WINDOWS, "--window-length", WINDOW,
                   "--out", tmp_path)
     assert res.code == 0, res.err
-    for text in ("Euclidean", "Mahalanobis", "exact psi", "kappa(0.5)", "exact relative bias at the model's own K"):
+    for text in ("recommended K", "Euclidean", "Mahalanobis", "exact psi", "kappa(0.5)",
+                 "exact relative bias at the model's own K"):
         assert text in res.out
 
 
@@ -197,7 +203,8 @@ def test_audit_api_matches_decompose_and_round_trips(tmp_path):
     assert "beta [95% interval]" in result.summary()
     result.save(tmp_path)
     back = report.load(tmp_path / "audit.nc")
-    assert float(back["kappa"].sel(norm="phi", delta=0.5)) == result.as_dict()["norms"]["phi"]["kappa"]["0.5"]
+    reported = result.as_dict()["norms"]["phi"]["kappa"]["0.5"]
+    assert float(back["kappa"].sel(norm="phi", delta=0.5)) == (reported["K"] if reported["reached"] else 14)
 
 
 def test_summary_says_when_the_norm_vanishes():
@@ -211,3 +218,20 @@ def test_summary_says_when_the_norm_vanishes():
     assert (result.dataset["phi"].sel(lag=slice(4, None)) == 0).all()
     assert result.as_dict()["norms"]["phi"]["method"] == "vanished"
     assert "0: exactly 0 past tau" in result.summary()
+
+
+def test_not_reached_is_said_in_words_and_null_in_json():
+    """Random labels on an untrained LSTM: the windows' mean gradient is mostly noise, so no K is
+    certified, and the summary says so rather than printing K_max as if it were an answer."""
+    torch.manual_seed(0)
+    lstm, head = nn.LSTM(3, 5, 1, batch_first=True), nn.Linear(5, 2)
+    x, y = torch.randn(16, 15, 3), torch.randint(0, 2, (16,))
+    result = audit(lstm, x, y, readout=head, loss_fn=nn.CrossEntropyLoss(reduction="none"), deltas=[0.5, 1e-9])
+    d = result.as_dict()
+    assert not d["recommended"]["gradient_resolved"]
+    assert all(r["K"] is None and not r["reached"] for r in d["recommended"]["per_delta"].values())
+    text = result.summary()
+    assert text.count("not reached") >= 2 and "mostly noise" in text
+    paper = d["norms"]["phi"]["kappa"]["1e-09"]
+    assert paper == {"K": None, "reached": False}  # a bound that never gets below 1e-9 in 15 lags
+    assert json.loads(json.dumps(d)) == d
