@@ -220,7 +220,7 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
     exactly_zero = (ds["abs_bias"].values == 0) & (ds["group_tail_sq"].transpose("K", "group").values == 0).all(1)
     within = np.where(exactly_zero, 0.0, within)
     b, v_b = grads
-    resolved = b * b > factor**2 * v_b
+    resolved = b > factor * np.sqrt(v_b)  # ||E g||² above zero at the level
     grad_low = np.float64(np.sqrt(b - factor * np.sqrt(v_b)) if resolved else 0.0)  # a lower limit of ||E g||
     beyond, fit = _beyond_window(ds, level)
     inside = K < R
@@ -288,13 +288,13 @@ def _jackknife_pieces(ds: xr.Dataset):
 
 def _fieller_upper(a, v_aa, v_ab, b, v_bb, t) -> np.ndarray:
     """Fieller's one-sided upper limit of a/b: the largest x with (a − x b) ≥ −t·sd(a − x b),
-    infinite when b is not resolved above zero (b² ≤ t² v_bb)."""
+    infinite when b is not resolved above zero (b ≤ t·sd(b))."""
     A = b**2 - t**2 * v_bb
     half = a * b - t**2 * v_ab
     C = a**2 - t**2 * v_aa
     with np.errstate(invalid="ignore", divide="ignore"):
         root = (half + np.sqrt(np.clip(half**2 - A * C, 0, None))) / A
-    return np.where(A > 0, np.clip(root, 0, None), np.inf)
+    return np.where((A > 0) & (b > 0), np.clip(root, 0, None), np.inf)
 
 
 def _beyond_window(ds: xr.Dataset, level: float) -> tuple[dict, DecayFit]:
