@@ -1,5 +1,5 @@
-"""Shared by the experiment scripts: train a grid of runs in parallel (resuming any a
-previous call left unfinished), then tabulate and plot them."""
+"""Shared by the experiment scripts: train a grid of runs in parallel (resuming any a previous
+call left unfinished), then tabulate and plot them."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -12,7 +12,12 @@ from trainers import loop, runs
 
 
 def label(setting: dict) -> str:
-    return f"K={setting['K']}" if "K" in setting else f"delta={setting['delta']}"
+    """``K=15``, ``exact delta=0.5``, ``paper delta=0.5``, with any other option after a comma."""
+    if "delta" not in setting:
+        return f"K={setting['K']}"
+    name = f"{setting.get('controller', 'exact')} delta={setting['delta']}"
+    more = {k: v for k, v in setting.items() if k not in ("delta", "controller")}
+    return name + "".join(f", {k}={v}" for k, v in more.items())
 
 
 def _train(job):
@@ -30,26 +35,37 @@ def run(jobs: list[tuple[Path, dict]], processes: int):
         pool.map(_train, jobs, chunksize=1)
 
 
-def table(rows: list[tuple[str, str, Path]], metric: str, extra: tuple[str, ...] = (),
+def held(lines: list[dict], delta: float | None) -> str:
+    """The share of updates after the first whose out-of-sample exact bias at the K in use was ≤ δ."""
+    if delta is None:
+        return "–"
+    measured = [line["rel_bias_exact"] for line in lines[1:] if line.get("rel_bias_exact") is not None]
+    return f"{sum(v <= delta for v in measured)}/{len(measured)}" if measured else "–"
+
+
+def table(rows: list[tuple[str, dict, Path]], metric: str, paper: dict | None = None, extra: tuple[str, ...] = (),
           final: tuple[str, ...] = ()) -> str:
     """A markdown table of (group, setting, run directory): best valid and its test metric
-    (and the ``extra`` columns of that epoch's line), the K used over epochs, the median
-    exact relative bias at K, the ``final`` columns of the last epoch, seconds per epoch."""
+    (and the ``extra`` columns of that epoch's line), the K used over epochs, the median exact
+    relative bias at the K in use, how often it held δ out of sample, the ``final`` columns of
+    the last epoch, seconds per epoch, and the paper's value (``paper[(group, label)]``)."""
     name = metric.upper()
     header = ["", "setting", f"best valid {name}", f"test {name}", *extra,
-              "K over epochs (first → last; min–max)", "exact rel. bias at K (median)",
-              *(f"{f} (last epoch)" for f in final), "s/epoch"]
+              "K over epochs (first → last; min–max)", "exact rel. bias at K (median)", "≤ δ out of sample",
+              *(f"{f} (last epoch)" for f in final), "s/epoch"] + (["paper (test)"] if paper else [])
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, setting, run_dir in rows:
         lines = runs.read_metrics(run_dir)
         best = min(lines, key=lambda line: line["valid_loss"])
         Ks = [line["K"] for line in lines]
         bias = [line["rel_bias_exact"] for line in lines if line.get("rel_bias_exact") is not None]
-        cells = [group, setting, f"{best[f'valid_{metric}']:.3f}", f"{best[f'test_{metric}']:.3f}",
+        cells = [group, label(setting), f"{best[f'valid_{metric}']:.3f}", f"{best[f'test_{metric}']:.3f}",
                  *(f"{best[e]:.3f}" for e in extra), f"{Ks[0]} → {Ks[-1]}; {min(Ks)}–{max(Ks)}",
-                 f"{statistics.median(bias):.3g}" if bias else "beyond W",
+                 f"{statistics.median(bias):.3g}" if bias else "–", held(lines, setting.get("delta")),
                  *("–" if lines[-1].get(f) is None else f"{lines[-1][f]:.3g}" for f in final),
                  f"{statistics.median(line['seconds'] for line in lines):.1f}"]
+        if paper:
+            cells.append(paper.get((group, label(setting)), "–"))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

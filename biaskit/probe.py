@@ -123,14 +123,20 @@ class Probe:
 
 @contextmanager
 def probing(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, length: int, count: int,
-            generator: torch.Generator, lookahead: int = 0, every_step: bool = False) -> Iterator[Probe]:
+            generator: torch.Generator, lookahead: int = 0, every_step: bool = False,
+            part: slice | None = None) -> Iterator[Probe]:
     """Draw ``count`` windows of ``length`` steps from the stream (time first) and yield a ``Probe``,
     the model in evaluation mode for the whole block (so decompose measures the deterministic
     recurrence). ``every_step``: targets at every step of the window and its lookahead (the DNI
-    audit); else the last step's target of each window (decompose's BPTT(R, 1))."""
+    audit); else the last step's target of each window (decompose's BPTT(R, 1)). ``part``: keep
+    these of the drawn windows (a process's share when each of several decomposes its own,
+    drawing with the same generator)."""
     check_model(model)
     device = next(model.parameters()).device
-    windows = sample_windows(inputs, targets, length, count, generator, lookahead).to(device)
+    windows = sample_windows(inputs, targets, length, count, generator, lookahead)
+    if part is not None:
+        windows = Windows(windows.burn[part], windows.inputs[part], windows.targets[part], windows.starts[part])
+    windows = windows.to(device)
     with evaluating(model):
         system = model.system()
         try:

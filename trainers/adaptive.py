@@ -33,6 +33,8 @@ import biaskit
 from biaskit.decay import UnreliableFitWarning
 from biaskit.probe import probing
 
+from .ddp import Ranks, share
+
 CONTROLLERS = ("exact", "paper")
 BETA_METHODS = ("regression", "max", "quantile")
 
@@ -50,13 +52,21 @@ class Controller:
     level: float = 0.9  # the exact controller's confidence
     groups: int = 16  # window groups for the exact controller's confidence limit
     beta_method: str = "regression"  # the paper controller's β: Eq. 22 (OLS), Eq. 21 (max) or the quantile
+    ranks: Ranks = Ranks()  # under torch.distributed each rank decomposes its share of the windows
 
     def measure(self, model, inputs, targets, K: int, generator: torch.Generator) -> dict:
-        """Decompose fresh windows; return the update's record with the next K (``K`` when only measuring)."""
+        """Decompose fresh windows; return the update's record with the next K (``K`` when only measuring).
+
+        Under torch.distributed every rank draws the same windows, decomposes its contiguous share
+        with its share of the groups, and the sums are all-reduced: every rank gets the same
+        Dataset, the same exact bias and so the same K, as one process holding them all would.
+        """
         began = time.perf_counter()
-        with probing(model, inputs, targets, length=self.window, count=self.windows, generator=generator) as probe:
+        part = share(self.windows, self.ranks, "--windows")
+        with probing(model, inputs, targets, length=self.window, count=self.windows, generator=generator,
+                     part=part) as probe:
             ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
-                                   groups=self.groups)
+                                   groups=max(1, self.groups // self.ranks.world), process_group=self.ranks.group)
         deltas = [self.delta if self.delta is not None else 0.5]
         span = (min(self.K_min, K), max(self.K_max, K))
         exact = biaskit.exact_kappa(ds, deltas, self.level, span)

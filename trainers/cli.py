@@ -147,6 +147,8 @@ def _train(task: str, task_config: dict, opts: dict):
     config = configs.full_config(task, task_config, {**TRAIN_DEFAULTS[task], **given})
     run = Run(config, resume or out, device=dev, quiet=quiet, resume=resume is not None)
     metrics = run.fit()
+    if not run.ranks.main:
+        return
     best = min(metrics, key=lambda m: m["valid_loss"] if m["valid_loss"] is not None else math.inf)
     metric = run.task.metric.lower()
     click.echo(f"best valid {metric} {best[f'valid_{metric}']:.4f} (epoch {best['epoch']}), "

@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from biaskit import checkpoint
@@ -20,7 +22,7 @@ from biaskit.errors import InputError
 from biaskit.probe import check_windows, evaluating
 
 from . import config as configs
-from . import schedule
+from . import ddp, schedule
 from .adaptive import Controller
 from .dni import SyntheticGradients
 from .runs import BEST, LAST, RunDirectory, clean
@@ -51,8 +53,14 @@ def evaluate(model, inputs, targets, streams: int, extra=None) -> tuple[float, d
         return model.loss(out, y).mean().item(), extra(model, out, y) if extra is not None else {}
 
 
-def check_data(task, cfg: dict):
-    """Every split feeds the parallel streams, and the training split offers the controller's windows."""
+def check_data(task, cfg: dict, ranks: ddp.Ranks = ddp.Ranks()):
+    """Every split feeds the parallel streams, the training split offers the controller's windows,
+    and streams and windows divide among the processes."""
+    if ranks.world > 1:
+        if cfg["estimator"] == "dni":
+            raise InputError("synthetic gradients train on one process: run --estimator dni without torchrun")
+        ddp.share(cfg["batch_size"], ranks, "--batch-size")
+        ddp.share(cfg["windows"], ranks, "--windows")
     for name, (inputs, _) in task.splits.items():
         if len(inputs) < 2 * cfg["batch_size"]:
             raise InputError(f"the {name} split has {len(inputs)} positions, too few for {cfg['batch_size']} "
@@ -62,29 +70,38 @@ def check_data(task, cfg: dict):
 
 
 class Run:
-    """One training run in a directory; ``fit()`` trains to the configured number of epochs."""
+    """One training run in a directory; ``fit()`` trains to the configured number of epochs.
+
+    Under torchrun (see ``trainers.ddp``) every rank builds the same Run: the model is
+    wrapped in DistributedDataParallel, each rank trains its share of the streams and
+    decomposes its share of the controller's windows, and rank 0 alone writes.
+    """
 
     def __init__(self, config: dict, out, device="cpu", quiet: bool = False, resume: bool = False):
         self.config, cfg = config, config["train"]
-        self.device, self.quiet = torch.device(device), quiet
+        self.ranks, self.device = ddp.start(torch.device(device))
+        self.quiet = quiet or not self.ranks.main
         self.task = checkpoint.load_registered(checkpoint.TASKS, config["task"])(config["task_config"])
-        check_data(self.task, cfg)
+        ddp.agree(self.ranks, lambda: check_data(self.task, cfg, self.ranks))
         torch.manual_seed(cfg["seed"])
         self.model = self.task.model.to(self.device)
+        self.trained = self.model if self.ranks.world == 1 else DistributedDataParallel(
+            self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.model, cfg)
         self.estimator = SyntheticGradients(self.model, cfg, self.device) if cfg["estimator"] == "dni" else Truncation()
         self.controller = Controller(cfg["delta"], cfg["window"], cfg["windows"], cfg["K_min"], cfg["K_max"],
                                      cfg["norm"], cfg["tau"], cfg["controller"], cfg["level"], cfg["groups"],
-                                     cfg["beta_method"])
+                                     cfg["beta_method"], self.ranks)
         self.generator = torch.Generator().manual_seed(cfg["seed"])
         self.epoch, self.K, self.best, self.lines = 0, cfg["K"], math.inf, []
         self.next_update, self.history, self.record = cfg["update_every"], [], {}
-        self.dir = RunDirectory(out, resume=resume, config=config)
+        self.out = Path(out)
+        self.dir = ddp.on_main(self.ranks, lambda: RunDirectory(out, resume=resume, config=config))
         if resume:
             try:
-                self._resume()
+                ddp.agree(self.ranks, self._resume)
             except BaseException:
-                self.dir.close()
+                self._close()
                 raise
 
     @property
@@ -93,38 +110,58 @@ class Run:
 
     # --- checkpoints ------------------------------------------------------
     def _resume(self):
-        ckpt = checkpoint.load(self.dir.path / LAST)
+        ckpt = checkpoint.load(self.out / LAST)
         state = ckpt["trainer"]
         saved = state["config"]
         saved = {**saved, "train": {**configs.TRAIN_DEFAULTS, **saved["train"],  # options added since
                                     "epochs": self.config["train"]["epochs"]}}
         if saved != self.config:
-            raise InputError(f"{self.dir.path} was trained with another config "
+            raise InputError(f"{self.out} was trained with another config "
                              f"({configs.first_difference(saved, self.config)}); resume with the same options, "
                              "or train into another --out")
+        rng = state["rng"]
+        world = len(rng["torch"]) if isinstance(rng["torch"], list) else 1
+        if world != self.ranks.world:
+            raise InputError(f"{self.out} was trained by {world} process(es) and is resumed by {self.ranks.world}: "
+                             f"resume it with the same number (torchrun --nproc_per_node {world})")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.estimator.load(ckpt["dni"], state["estimator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.generator.set_state(state["rng"]["controller"])
-        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        mine = rng["torch"][self.ranks.rank] if isinstance(rng["torch"], list) else rng["torch"]
+        torch.set_rng_state(mine)
+        self.generator.set_state(rng["controller"])
+        cuda = rng.get("cuda")
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda[self.ranks.rank], self.device) if isinstance(cuda, list) and \
+                len(cuda) == self.ranks.world and self.ranks.world > 1 else torch.cuda.set_rng_state_all(cuda)
         self.epoch, self.K, self.best = state["epoch"], ckpt["K"], state["best_valid"]
         self.next_update, self.history, self.record = state["next_update"], ckpt["K_history"], state["record"]
         self.lines = state["metrics"]
-        note = self.dir.restore(self.lines)
-        if note:
-            tqdm.write(note, file=sys.stderr)
+        if self.ranks.main:
+            note = self.dir.restore(self.lines)
+            if note:
+                tqdm.write(note, file=sys.stderr)
 
-    def _save(self, name: str):
+    def _save(self, names: list[str]):
+        """Write the checkpoints ``names`` (rank 0), with every rank's random state."""
+        torch_rng = ddp.gather(torch.get_rng_state(), self.ranks)
+        cuda_rng = ddp.gather(torch.cuda.get_rng_state(self.device), self.ranks) \
+            if self.device.type == "cuda" else None
+        if not self.ranks.main:
+            return
         trainer = {"config": self.config, "optimizer": self.optimizer.state_dict(),
                    "estimator": self.estimator.state_dict(), "epoch": self.epoch, "best_valid": self.best,
                    "next_update": self.next_update, "record": self.record, "metrics": self.lines,
-                   "rng": {"torch": torch.get_rng_state(), "controller": self.generator.get_state(),
-                           "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None}}
-        checkpoint.save(self.dir.path / name, task=self.config["task"], task_config=self.config["task_config"],
-                        model=self.model.state_dict(), K=self.K, K_history=self.history,
-                        dni=self.estimator.checkpoint_entry(), trainer=trainer)
+                   "rng": {"torch": torch_rng if self.ranks.world > 1 else torch_rng[0],
+                           "controller": self.generator.get_state(), "cuda": cuda_rng}}
+        for name in names:
+            checkpoint.save(self.out / name, task=self.config["task"], task_config=self.config["task_config"],
+                            model=self.model.state_dict(), K=self.K, K_history=self.history,
+                            dni=self.estimator.checkpoint_entry(), trainer=trainer)
+
+    def _close(self):
+        if self.dir is not None:
+            self.dir.close()
 
     # --- training ---------------------------------------------------------
     def _update(self, progress: float):
@@ -144,7 +181,9 @@ class Run:
         cfg = self.config["train"]
         S = cfg["batch_size"]
         x, y = self.task.splits["train"]
-        stream: Stream = self.estimator.stream(batchify(x, S).to(self.device), batchify(y, S).to(self.device))
+        mine = ddp.share(S, self.ranks, "--batch-size")  # this rank's streams
+        stream: Stream = self.estimator.stream(batchify(x, S)[mine].to(self.device),
+                                               batchify(y, S)[mine].to(self.device))
         total, positions, began = 0.0, 0, time.perf_counter()
         bar = tqdm(total=stream.length, disable=True if self.quiet else None,  # None: off when not a terminal
                    unit="pos", leave=False, mininterval=1.0, desc=f"epoch {self.epoch + 1}/{cfg['epochs']}")
@@ -158,8 +197,8 @@ class Run:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.zero_grad(set_to_none=True)
-            loss, n = self.estimator.backward(stream, self.model, K1, K2, progress)
-            loss = loss.item()
+            loss, n = self.estimator.backward(stream, self.trained, K1, K2, progress)
+            loss = ddp.total(loss.item(), self.ranks) / self.ranks.world  # every rank's, so all stop together
             if not math.isfinite(loss):
                 raise InputError(f"the training loss became {loss} in epoch {self.epoch + 1}: lower --lr, or set "
                                  "--clip")
@@ -167,7 +206,7 @@ class Run:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip"])
             self.optimizer.step()
             total, positions = total + loss * n, positions + n
-            bar.update(n)
+            bar.update(n)  # positions per stream: the same on every rank
             bar.set_postfix(loss=f"{total / positions:.3f}", K=self.K, refresh=False,
                             tok_s=f"{positions * S / (time.perf_counter() - began):.0f}")
         bar.close()
@@ -201,17 +240,21 @@ class Run:
                     self._update(float(self.epoch))  # fixed K: measure only, for the log
                 line = clean(self._epoch_line(line, K_used))
                 self.lines.append(line)
-                self.dir.append(line)
-                if line["valid_loss"] is not None and line["valid_loss"] < self.best:
-                    self.best = line["valid_loss"]
-                    self._save(BEST)
-                self._save(LAST)
+                better = line["valid_loss"] is not None and line["valid_loss"] < self.best
+                self.best = line["valid_loss"] if better else self.best
+                if self.ranks.main:
+                    self.dir.append(line)
+                self._save([BEST, LAST] if better else [LAST])
                 if not self.quiet:
                     tqdm.write(f"epoch {self.epoch}: train {line['train_loss']:.4f}  valid {metric} "
                                f"{line[f'valid_{metric}']:.4f}  test {metric} {line[f'test_{metric}']:.4f}  "
-                               f"K {K_used}  rel.bias {line.get('rel_bias_exact') or float('nan'):.3g}  "
+                               f"K {K_used}  rel.bias {_number(line.get('rel_bias_exact'))}  "
                                + (f"chunked {line['rel_bias_truncated']:.3g} → DNI {line['rel_bias_synthetic']:.3g}  "
                                   if "rel_bias_synthetic" in line else "") + f"{line['tokens_per_s']:.0f} tok/s")
         finally:
-            self.dir.close()
+            self._close()
         return self.lines
+
+
+def _number(value) -> str:
+    return "–" if value is None else f"{value:.3g}"

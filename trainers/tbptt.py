@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from biaskit.errors import InputError
 
@@ -21,6 +22,11 @@ def batchify(stream: torch.Tensor, streams: int) -> torch.Tensor:
         raise InputError(f"a stream of {stream.shape[0]} positions cannot feed {streams} parallel streams: "
                          "use a smaller --batch-size or more data")
     return stream[: length * streams].reshape(streams, length, *stream.shape[1:])
+
+
+def core(model: nn.Module) -> nn.Module:
+    """The model itself, also when DistributedDataParallel wraps it (its forward syncs gradients)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def detach(state):
@@ -66,7 +72,7 @@ class Stream:
             out, _ = model(self.inputs[:, split:end], state)
             outputs.append(out)
         out = torch.cat(outputs, dim=1)[:, start - self.carry_pos:]
-        loss = model.loss(out, self.targets[:, start:end]).mean()
+        loss = core(model).loss(out, self.targets[:, start:end]).mean()
         self.carry, self.carry_pos, self.pos = next_carry, split, end
         return loss, end - start
 

@@ -1,0 +1,43 @@
+"""Code the distributed tests run in spawned processes (a module, so that spawn can import it)."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def environment(rank: int, world: int, port: int):
+    """What torchrun would set for this process."""
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+
+
+def sharded_decompose(rank: int, world: int, port: int, out: str):
+    """Each rank decomposes its contiguous share of the windows; rank 0 saves the Dataset."""
+    import biaskit
+    from biaskit import report
+    from test_distributed import problem
+
+    environment(rank, world, port)
+    dist.init_process_group("gloo")
+    system, x, y, metric = problem()
+    mine = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+    ds = biaskit.decompose(system, x[mine], y[mine], metric=metric, groups=2, process_group=dist.group.WORLD)
+    if rank == 0:
+        report.save(ds, out)
+    dist.destroy_process_group()
+
+
+def data_parallel_run(rank: int, world: int, port: int, config: dict, out: str, record: str):
+    """A training run as torchrun starts it; each rank records the K it used after every update."""
+    from trainers.loop import Run
+
+    environment(rank, world, port)
+    run = Run(config, out, quiet=True)
+    lines = run.fit()
+    with open(f"{record}.{rank}", "w") as fh:
+        json.dump({"K": [h["K"] for h in run.history], "next_K": [line["next_K"] for line in lines]}, fh)
+    dist.destroy_process_group()
