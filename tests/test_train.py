@@ -147,3 +147,22 @@ def test_a_run_from_before_an_option_existed_resumes_with_its_default(tmp_path):
         del ckpt["trainer"]["config"]["train"][key]
     torch.save(ckpt, path)
     assert len(loop.Run(config(K=4, epochs=2), tmp_path, quiet=True, resume=True).fit()) == 2
+
+
+def test_tensorboard_holds_the_scalars_of_metrics_jsonl(tmp_path, run_cli):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainers.board import tag
+
+    res = run_cli("train", "copy", "--K", "4", "--delta", "0.5", "--epochs", "1", "--out", tmp_path, "--tensorboard",
+                  *TINY_ARGS)
+    assert res.code == 0, res.err
+    res = run_cli("train", "copy", "--K", "4", "--delta", "0.5", "--epochs", "2", "--resume", tmp_path,
+                  "--tensorboard", *TINY_ARGS)
+    assert res.code == 0, res.err
+    lines = runs.read_metrics(tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    for key in ("train_loss", "valid_ppl", "K", "rel_bias_exact", "rel_bias_bound", "beta", "beta_high"):
+        scalars = events.Scalars(tag(key))
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([line[key] for line in lines], rel=1e-6)

@@ -97,6 +97,7 @@ TRAIN_OPTIONS = [
     click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this directory."),
     click.option("--device", "device_name", default="cpu", show_default=True),
     click.option("--quiet", is_flag=True, help="No progress bar or epoch lines."),
+    click.option("--tensorboard", is_flag=True, help="Also write the epoch lines for TensorBoard (RUN_DIR/tensorboard)."),
 ]
 
 DNI_OPTIONS = [
@@ -131,7 +132,7 @@ def train():
 def _train(task: str, task_config: dict, opts: dict):
     """Shared by every task: merge defaults, check everything, set up the run directory, train."""
     dev = device(opts.pop("device_name"))
-    quiet, out, resume = opts.pop("quiet"), opts.pop("out"), opts.pop("resume")
+    quiet, out, resume, board = opts.pop("quiet"), opts.pop("out"), opts.pop("resume"), opts.pop("tensorboard")
     if resume is not None and out is not None and Path(out) != Path(resume):
         raise InputError("--resume names the run directory; leave out --out or make them equal")
     if resume is None and out is None:
@@ -145,7 +146,7 @@ def _train(task: str, task_config: dict, opts: dict):
     if "seed" in given:
         task_config["seed"] = given["seed"]
     config = configs.full_config(task, task_config, {**TRAIN_DEFAULTS[task], **given})
-    run = Run(config, resume or out, device=dev, quiet=quiet, resume=resume is not None)
+    run = Run(config, resume or out, device=dev, quiet=quiet, resume=resume is not None, tensorboard=board)
     metrics = run.fit()
     if not run.ranks.main:
         return

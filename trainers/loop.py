@@ -24,6 +24,7 @@ from biaskit.probe import check_windows, evaluating
 from . import config as configs
 from . import ddp, schedule
 from .adaptive import Controller
+from .board import Board
 from .dni import SyntheticGradients
 from .runs import BEST, LAST, RunDirectory, clean
 from .tbptt import Stream, Truncation, batchify
@@ -77,7 +78,8 @@ class Run:
     decomposes its share of the controller's windows, and rank 0 alone writes.
     """
 
-    def __init__(self, config: dict, out, device="cpu", quiet: bool = False, resume: bool = False):
+    def __init__(self, config: dict, out, device="cpu", quiet: bool = False, resume: bool = False,
+                 tensorboard: bool = False):
         self.config, cfg = config, config["train"]
         self.ranks, self.device = ddp.start(torch.device(device))
         self.quiet = quiet or not self.ranks.main
@@ -97,12 +99,15 @@ class Run:
         self.next_update, self.history, self.record = cfg["update_every"], [], {}
         self.out = Path(out)
         self.dir = ddp.on_main(self.ranks, lambda: RunDirectory(out, resume=resume, config=config))
-        if resume:
-            try:
+        self.board = None
+        try:
+            if resume:
                 ddp.agree(self.ranks, self._resume)
-            except BaseException:
-                self._close()
-                raise
+            if tensorboard:
+                self.board = ddp.on_main(self.ranks, lambda: Board(self.out, self.epoch))
+        except BaseException:
+            self._close()
+            raise
 
     @property
     def adaptive(self) -> bool:
@@ -160,6 +165,8 @@ class Run:
                             dni=self.estimator.checkpoint_entry(), trainer=trainer)
 
     def _close(self):
+        if self.board is not None:
+            self.board.close()
         if self.dir is not None:
             self.dir.close()
 
@@ -244,6 +251,8 @@ class Run:
                 self.best = line["valid_loss"] if better else self.best
                 if self.ranks.main:
                     self.dir.append(line)
+                    if self.board is not None:
+                        self.board.write(line)
                 self._save([BEST, LAST] if better else [LAST])
                 if not self.quiet:
                     tqdm.write(f"epoch {self.epoch}: train {line['train_loss']:.4f}  valid {metric} "

@@ -20,7 +20,7 @@ from biaskit.errors import InputError
 
 CONFIG, METRICS, LOCK = "config.json", "metrics.jsonl", ".lock"
 LAST, BEST = "checkpoint-last.pt", "checkpoint-best.pt"
-OWNED = {CONFIG, METRICS, LOCK, LAST, BEST}
+OWNED = {CONFIG, METRICS, LOCK, LAST, BEST, "tensorboard"}
 
 
 def clean(record: dict) -> dict:
