@@ -185,8 +185,8 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
       ratio's limit by Fieller's theorem with ``t_{G−1, level}``. Fieller's
       limit is infinite when ``||E g||²`` itself is not resolved above zero at
       the level: the batch's mean gradient is then mostly noise, and no K can
-      be certified from it (more windows are needed). A tail that is exactly
-      zero in every group is certified zero.
+      be certified from it (more windows are needed). Where it is resolved, a
+      tail that is exactly zero in every group is certified zero.
     - The tail beyond the window, which the window's full BPTT cannot see: by
       the triangle inequality at most ``Σ_{k≥R} ||E g^(k)||``, bounded by the
       groups' mean contribution norms (``group_contribution``) decaying
@@ -216,11 +216,11 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
     K = _truncations((0, R - 1) if K_range is None else K_range)
     tails, grads = _jackknife_pieces(ds)
     factor = stats.t.ppf(level, G - 1)
-    within = np.sqrt(_fieller_upper(*tails, *grads, factor))
-    exactly_zero = (ds["abs_bias"].values == 0) & (ds["group_tail_sq"].transpose("K", "group").values == 0).all(1)
-    within = np.where(exactly_zero, 0.0, within)
     b, v_b = grads
     resolved = b > factor * np.sqrt(v_b)  # ||E g||² above zero at the level
+    within = np.sqrt(_fieller_upper(*tails, *grads, factor))
+    exactly_zero = (ds["abs_bias"].values == 0) & (ds["group_tail_sq"].transpose("K", "group").values == 0).all(1)
+    within = np.where(exactly_zero & resolved, 0.0, within)
     grad_low = np.float64(np.sqrt(b - factor * np.sqrt(v_b)) if resolved else 0.0)  # a lower limit of ||E g||
     beyond, fit = _beyond_window(ds, level)
     inside = K < R
