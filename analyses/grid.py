@@ -43,9 +43,9 @@ def held(lines: list[dict], delta: float | None) -> str:
     return f"{sum(v <= delta for v in measured)}/{len(measured)}" if measured else "–"
 
 
-def table(rows: list[tuple[str, dict, Path]], metric: str, paper: dict | None = None, extra: tuple[str, ...] = (),
-          final: tuple[str, ...] = ()) -> str:
-    """A markdown table of (group, setting, run directory): best valid and its test metric
+def table(rows: list[tuple[str, str, dict, Path]], metric: str, paper: dict | None = None,
+          extra: tuple[str, ...] = (), final: tuple[str, ...] = ()) -> str:
+    """A markdown table of (group, label, setting, run directory): best valid and its test metric
     (and the ``extra`` columns of that epoch's line), the K used over epochs, the median exact
     relative bias at the K in use, how often it held δ out of sample, the ``final`` columns of
     the last epoch, seconds per epoch, and the paper's value (``paper[(group, label)]``)."""
@@ -54,22 +54,36 @@ def table(rows: list[tuple[str, dict, Path]], metric: str, paper: dict | None = 
               "K over epochs (first → last; min–max)", "exact rel. bias at K (median)", "≤ δ out of sample",
               *(f"{f} (last epoch)" for f in final), "s/epoch"] + (["paper (test)"] if paper else [])
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group, setting, run_dir in rows:
+    for group, name, setting, run_dir in rows:
         lines = runs.read_metrics(run_dir)
         best = min(lines, key=lambda line: line["valid_loss"])
         Ks = [line["K"] for line in lines]
         bias = [line["rel_bias_exact"] for line in lines if line.get("rel_bias_exact") is not None]
-        cells = [group, label(setting), f"{best[f'valid_{metric}']:.3f}", f"{best[f'test_{metric}']:.3f}",
+        cells = [group, name, f"{best[f'valid_{metric}']:.3f}", f"{best[f'test_{metric}']:.3f}",
                  *(f"{best[e]:.3f}" for e in extra), f"{Ks[0]} → {Ks[-1]}; {min(Ks)}–{max(Ks)}",
                  f"{statistics.median(bias):.3g}" if bias else "–", held(lines, setting.get("delta")),
                  *("–" if lines[-1].get(f) is None else f"{lines[-1][f]:.3g}" for f in final),
                  f"{statistics.median(line['seconds'] for line in lines):.1f}"]
         if paper:
-            cells.append(paper.get((group, label(setting)), "–"))
+            cells.append(paper.get((group, name), "–"))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
-def figure(run_dirs: list[Path], labels: list[str], title: str, path: Path):
-    fig = runs.plot_training(run_dirs, labels, title=title)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+def report(results: Path, name: str, intro: str, sections: list[tuple[str, str, list]], metric: str,
+           **columns) -> str:
+    """Write ``results/name.md`` (``intro``, then per section its heading and table) and per section
+    a training-curve figure ``results/<figure>.png``; print and return the tables.
+
+    sections: (heading, figure name, rows of ``table``); ``columns``: ``table``'s paper/extra/final.
+    """
+    results.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for heading, figure_name, rows in sections:
+        tables.append((f"## {heading}\n\n" if heading else "") + table(rows, metric, **columns) + "\n")
+        fig = runs.plot_training([row[3] for row in rows], [row[1] for row in rows], title=heading or name)
+        fig.savefig(results / f"{figure_name}.png", dpi=120, bbox_inches="tight")
+    text = "\n".join(tables)
+    (results / f"{name}.md").write_text(f"{intro}\n\n{text}")
+    print(text)
+    return text
