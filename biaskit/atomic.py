@@ -24,7 +24,7 @@ def _refuse(err: OSError, path: Path, what: str):
 
 
 @contextmanager
-def writing(path, what: str = "") -> Iterator[Path]:
+def writing(path: str | Path, what: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write; it replaces ``path`` when the block succeeds."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -39,13 +39,13 @@ def writing(path, what: str = "") -> Iterator[Path]:
         raise
 
 
-def write_text(path, text: str, what: str = ""):
+def write_text(path: str | Path, text: str, what: str = "") -> None:
     """Write ``text`` to ``path`` atomically."""
     with writing(path, what) as tmp:
         tmp.write_text(text)
 
 
-def check_folder(out, owned: set[str]) -> Path:
+def check_folder(out: str | Path, owned: set[str]) -> Path:
     """``out`` if it can become an output folder: absent, empty, or holding only files of ``owned``
     (an earlier output of the same kind, which it replaces). Checked before any work is done."""
     out = Path(out)
@@ -65,7 +65,7 @@ def check_folder(out, owned: set[str]) -> Path:
 
 
 @contextmanager
-def staged_folder(out, owned: set[str], what: str = "the output folder") -> Iterator[Path]:
+def staged_folder(out: str | Path, owned: set[str], what: str = "the output folder") -> Iterator[Path]:
     """A temporary folder beside ``out`` to fill; it becomes ``out`` when the block succeeds.
 
     ``out`` is checked first (``check_folder``) and the temporary folder made at

@@ -6,9 +6,12 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 import xarray as xr
+from torch import nn
 
 from . import atomic, report
 from .bias import bias_bound, calibration, exact_kappa
@@ -132,7 +135,7 @@ class Audit:
                       f"{syn['synthetic_error_median']:.3g}"]
         return "\n".join(lines)
 
-    def save(self, out) -> Path:
+    def save(self, out: str | Path) -> Path:
         """Write audit.nc, summary.txt, summary.json and the figures into the folder ``out``, all
         at once: they are written beside it and renamed into place, so a failure leaves nothing
         half-written. An earlier audit in ``out`` is replaced; a folder with other files refused."""
@@ -154,9 +157,10 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def audit(module, inputs, targets, readout=None, loss_fn=None, encoder=None, *, start=None,
-          deltas=(0.9, 0.5, 0.1), K: int | None = None, level: float = 0.95, method: str = "regression",
-          tau=None, seed: int = 0) -> Audit:
+def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readout: nn.Module | None = None,
+          loss_fn: Callable | None = None, encoder: nn.Module | None = None, *, start: Any = None,
+          deltas: Sequence[float] = (0.9, 0.5, 0.1), K: int | None = None, level: float = 0.95,
+          method: str = "regression", tau: int | str | None = None, seed: int = 0) -> Audit:
     """Decompose one batch of windows (loss at the last step); recommend, for every δ, the
     smallest K whose exact relative bias is below δ at confidence ``level`` (``exact_kappa``);
     fit the decay of every norm and give the paper's κ̂ beside it, calibrated against the

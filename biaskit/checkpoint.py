@@ -69,7 +69,7 @@ def load_registered(group: str, name: str) -> Callable:
     return registered(group)[_registered_name(group, name)].load()
 
 
-def save(path, *, task: str, task_config: dict, model: dict, K: int | None = None,
+def save(path: str | Path, *, task: str, task_config: dict, model: dict, K: int | None = None,
          K_history: list | None = None, dni: dict | None = None, trainer: dict | None = None) -> Path:
     """Write a checkpoint atomically: a crash or a full disk never leaves half a file."""
     path = Path(path)
@@ -83,7 +83,7 @@ def save(path, *, task: str, task_config: dict, model: dict, K: int | None = Non
     return path
 
 
-def load(path, map_location="cpu") -> dict:
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint's dict (weights only: no pickled code can run)."""
     path = Path(path)
     if not path.is_file():
@@ -187,7 +187,8 @@ def _dni(entry, path: Path, device) -> nn.Module | None:
     return module.to(device).eval()
 
 
-def rebuild(path, factory: str | None = None, data: str | None = None, device="cpu") -> Rebuilt:
+def rebuild(path: str | Path, factory: str | None = None, data: str | None = None,
+            device: str | torch.device = "cpu") -> Rebuilt:
     """The model, its data, K and DNI of a checkpoint (loaded once), for ``biaskit analyze``.
 
     A biaskit checkpoint rebuilds its task by registered name (or with ``factory``,

@@ -29,12 +29,12 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 from torch.func import vjp, vmap
-from torch.utils import _pytree as pytree
 
 from . import distributed, fastpath, norms
 from .errors import InputError
@@ -51,7 +51,7 @@ DEFAULT_GROUPS = 8
 GRAPH_ELEMENTS_PER_STATE = 12
 
 
-def memory_estimate(system, batch: int, length: int) -> int:
+def memory_estimate(system: RecurrentSystem | torch.nn.Module, batch: int, length: int) -> int:
     """Bytes a decomposition of ``batch`` windows of ``length`` steps needs, about: the unrolled
     graph and cotangents, O(length·batch·state), and the parameter pass's chunk."""
     system = wrap(system)
@@ -59,7 +59,7 @@ def memory_estimate(system, batch: int, length: int) -> int:
     return system._like().element_size() * (length * per_step + 4 * CHUNK_ELEMENTS)
 
 
-def available_memory(device) -> int:
+def available_memory(device: torch.device | str) -> int:
     """Free bytes on ``device``: the CUDA allocator's free memory, or the host's available memory."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -72,7 +72,8 @@ def available_memory(device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_memory(system, batch: int, length: int, device):
+def check_memory(system: RecurrentSystem | torch.nn.Module, batch: int, length: int,
+                 device: torch.device | str) -> None:
     """Refuse, with the figures, a decomposition that cannot fit in the device's free memory."""
     need, free = memory_estimate(system, batch, length), available_memory(device)
     if need > free:
@@ -119,7 +120,8 @@ def _prepare(system, inputs, targets, start):
     return system, x
 
 
-def truncated_gradient(system, inputs, targets, K=None, *, start=None) -> dict[str, torch.Tensor]:
+def truncated_gradient(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                       K: int | None = None, *, start: Any = None) -> dict[str, torch.Tensor]:
     """ĝ_K: the gradient of the batch-mean last-step loss with the state entering step R-K detached.
 
     ``K=None`` is full BPTT through the whole window, from ``start`` (the state
@@ -327,18 +329,18 @@ def _chunk_steps(n_params: int, groups: int, batch: int, per_sample: bool) -> in
 
 
 def decompose(
-    system,
+    system: RecurrentSystem | torch.nn.Module,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    start=None,
+    start: Any = None,
     metric: torch.Tensor | None = None,
     probes: int = 8,
     metric_rows: int = 512,
     psi: bool = True,
     groups: int = DEFAULT_GROUPS,
     seed: int = 0,
-    process_group=None,
+    process_group: Any = None,
 ) -> xr.Dataset:
     """Per-lag gradient norms and the exact bias of TBPTT for every K in 0..R-1.
 

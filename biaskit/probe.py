@@ -37,7 +37,7 @@ class TrainedModel(Protocol):
     def system(self) -> RecurrentSystem: ...
 
 
-def check_model(model, needs: tuple[str, ...] = ("system",)) -> nn.Module:
+def check_model(model: Any, needs: tuple[str, ...] = ("system",)) -> nn.Module:
     """``model`` if it is a module with the ``TrainedModel`` methods in ``needs``, else an
     InputError saying what it lacks."""
     missing = [name for name in needs if not callable(getattr(model, name, None))]

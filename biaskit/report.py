@@ -8,7 +8,7 @@ import xarray as xr
 ENGINE = "netcdf4"
 
 
-def save(ds: xr.Dataset, path) -> Path:
+def save(ds: xr.Dataset, path: str | Path) -> Path:
     """Write a results Dataset to netCDF (parent folders are made)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -16,7 +16,7 @@ def save(ds: xr.Dataset, path) -> Path:
     return path
 
 
-def load(path) -> xr.Dataset:
+def load(path: str | Path) -> xr.Dataset:
     """Read a results Dataset written by ``save`` fully into memory."""
     with xr.open_dataset(path, engine=ENGINE) as ds:
         return ds.load()

@@ -20,19 +20,22 @@ the start (a stateless DNI passes it through).
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import torch
 import xarray as xr
 
 from .errors import InputError
-from .recurrent import wrap
+from .recurrent import RecurrentSystem, wrap
 
 
 def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.flatten() for t in tensors])
 
 
-def warm_up(system, dni, burn: torch.Tensor, K: int, start=None):
+def warm_up(system: RecurrentSystem | torch.nn.Module, dni: Callable, burn: torch.Tensor, K: int,
+            start: Any = None) -> tuple[Any, Any]:
     """Run the burn-in ``burn`` (batch first) from ``start`` and the DNI at its chunk boundaries,
     aligned so that a boundary falls at the burn-in's end. Returns ``(start, memory)`` for
     ``synthetic_bias``: the state entering the window (module format) and the DNI's memory."""
@@ -49,7 +52,8 @@ def warm_up(system, dni, burn: torch.Tensor, K: int, start=None):
     return system.unflatten(state), memory
 
 
-def synthetic_bias(system, inputs, targets, K: int, dni=None, *, start=None, memory=None,
+def synthetic_bias(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, K: int,
+                   dni: Callable | None = None, *, start: Any = None, memory: Any = None,
                    lookahead: int = 0) -> xr.Dataset:
     """Relative bias of BPTT(K, K) with and without ``dni``'s synthetic gradients.
 

@@ -1,5 +1,4 @@
 """fit_decay against systems whose decay rate is known in closed form."""
-import warnings
 
 import numpy as np
 import pytest

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from biaskit import checkpoint
 from trainers import cli as train_cli
 from trainers import config as configs
+from trainers.ddp import Ranks
 from trainers.tasks import copy
 
 TASK = {"train_tokens": 3000, "valid_tokens": 600, "test_tokens": 600, "hidden": 6}
@@ -175,7 +176,7 @@ def test_numeric_options_are_accepted_whole_or_refused_in_one_line(run_cli, tmp_
     class Stub:
         def __init__(self, config, out, **kw):
             started.append(configs.check(dict(config["train"])))
-            self.task = copy.build(TASK)
+            self.task, self.ranks = copy.build(TASK), Ranks()
 
         def fit(self):
             return [{"epoch": 1, "valid_loss": 1.0, "valid_ppl": math.e, "test_ppl": math.e}]

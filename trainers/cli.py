@@ -97,7 +97,8 @@ TRAIN_OPTIONS = [
     click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this directory."),
     click.option("--device", "device_name", default="cpu", show_default=True),
     click.option("--quiet", is_flag=True, help="No progress bar or epoch lines."),
-    click.option("--tensorboard", is_flag=True, help="Also write the epoch lines for TensorBoard (RUN_DIR/tensorboard)."),
+    click.option("--tensorboard", is_flag=True,
+                 help="Also write the epoch lines for TensorBoard (RUN_DIR/tensorboard)."),
 ]
 
 DNI_OPTIONS = [
