@@ -2,11 +2,12 @@
 norm with their calibration, in one report."""
 from __future__ import annotations
 
+import html
 import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from .decay import UnreliableFitWarning, fit_decay
 from .decompose import decompose
 from .norms import NORMS
 from .recurrent import wrap
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: What ``Audit.save`` writes: a folder holding only these is an earlier audit, which it replaces.
 FILES = {"audit.nc", "synthetic.nc", "summary.txt", "summary.json", "decay.png", "bias.png", "state.png"}
@@ -145,11 +149,91 @@ class Audit:
                 report.save(self.synthetic, stage / "synthetic.nc")
             (stage / "summary.txt").write_text(self.summary() + "\n")
             (stage / "summary.json").write_text(json.dumps(self.as_dict(), indent=1) + "\n")
-            fit = self.fits["phi"]
-            report.plot_decay(self.dataset, fit).savefig(stage / "decay.png", dpi=120)
-            report.plot_bias(self.dataset, self.bounds["phi"], K=self.K).savefig(stage / "bias.png", dpi=120)
-            report.plot_state_heatmap(self.dataset).savefig(stage / "state.png", dpi=120)
+            for name, fig in self.figures().items():
+                fig.savefig(stage / f"{name}.png", dpi=120)
         return Path(out)
+
+    def figures(self) -> dict[str, Figure]:
+        """The audit's figures, the ones ``save`` writes, for composing your own: ``decay`` (φ
+        against lag with the fit), ``bias`` (the decision figure, ``report.plot_bias``) and
+        ``state`` (the per-dimension heatmap)."""
+        return {
+            "decay": report.plot_decay(self.dataset, self.fits["phi"]),
+            "bias": report.plot_bias(self.dataset, self.bounds["phi"], K=self.K, exact=self.exact),
+            "state": report.plot_state_heatmap(self.dataset),
+        }
+
+    def _repr_html_(self) -> str:
+        """The audit in a notebook: the summary's tables as HTML, the decay and bias figures
+        inline, each with a caption."""
+        d = self.as_dict()
+        rec, deltas = d["recommended"], list(d["kappa_exact"])
+        parts = [f"<p><b>{_esc(d['module'])}</b>: {d['windows']} windows of {d['window_length']} steps, "
+                 f"||E g|| = {d['grad_norm']:.4g}</p>"]
+        rows = [[_esc(delta), r["K"], f"{r['rel_bias_upper']:.4g}", f"{r['rel_bias']:.4g}"] if r["reached"]
+                else [_esc(delta), (f"not reached for K ≤ {rec['K_max']}", 3)]
+                for delta, r in rec["per_delta"].items()]
+        parts.append(_table(
+            f"Recommended K: the smallest K whose exact relative bias is below δ at {100 * rec['level']:g}% "
+            f"confidence ({rec['groups']} groups of windows)",
+            ["δ", "K", "upper limit", "exact at K"], rows))
+        if not rec["gradient_resolved"]:
+            parts.append("<p><b>The windows' mean gradient is mostly noise</b> (not resolved above zero at this "
+                         "level): no K can be certified; use more windows.</p>")
+
+        def cell(entry):
+            return entry["K"] if entry["reached"] else "not reached"
+
+        rows = []
+        for norm, r in d["norms"].items():
+            beta = (f"{r['beta']:.4f} [{r['beta_low']:.4f}, {r['beta_high']:.4f}]" if r["method"] != "vanished"
+                    else "0: exactly 0 past τ")
+            rows.append([_esc(NORMS[norm].label), beta, r["tau"], "yes" if r["decays"] else "no",
+                         *(cell(r["kappa"][k]) for k in deltas), f"{100 * r['bound_holds_fraction']:.0f}%",
+                         "yes" if r["reliable"] else "no"])
+        rows.append(["exact (this batch)", "", "", "", *(cell(d["kappa_exact"][k]) for k in deltas), "", ""])
+        parts.append(_table(
+            "The paper's estimate κ̂(δ) from the decay of each norm, beside the batch's exact κ(δ)",
+            ["norm", f"β [{100 * self.fits['phi'].level:g}% interval]", "τ", "A-1",
+             *(f"κ̂({_esc(k)})" for k in deltas), "bound holds", "reliable"], rows))
+        if self.K is not None:
+            at = d["rel_bias_at_K"]
+            parts.append(f"<p>Exact relative bias at the model's own K = {self.K}: "
+                         + ("beyond the window" if at is None else f"{at:.4g}") + "</p>")
+        if "synthetic" in d:
+            syn = d["synthetic"]
+            parts.append(f"<p>Synthetic gradients, BPTT(K, K) chunks at K = {syn['K']}: relative bias against "
+                         f"full BPTT {syn['rel_bias_truncated']:.4g} truncated, {syn['rel_bias_synthetic']:.4g} "
+                         f"with the DNI.</p>")
+        figures = self.figures()
+        fit = self.fits["phi"]
+        parts.append(report.figure_html(figures["decay"], (
+            f"Decay: φ_k = ||∂L_s/∂h_(s−k)|| against lag k, each window faint, their mean, and the "
+            f"{fit.method} fit from τ = {fit.tau} with its {100 * fit.level:g}% band (the paper's assumption "
+            "A-1: geometric decay past τ).")))
+        parts.append(report.figure_html(figures["bias"], (
+            f"Bias: the exact relative bias of truncation K (solid) with its {100 * rec['level']:g}% upper limit "
+            "(shaded), the paper's bound Δ̂(K) (dashed) and each δ; ▼ marks the recommended K, where the "
+            "upper limit first falls below δ. Right: every K in the window.")))
+        return '<div class="biaskit-audit">' + "\n".join(parts) + "</div>"
+
+
+def _esc(text) -> str:
+    """``text`` safe inside HTML."""
+    return html.escape(str(text))
+
+
+def _table(caption: str, header: list[str], rows: list[list]) -> str:
+    """An HTML table; a cell is its text, or (text, number of columns it spans)."""
+
+    def td(cell):
+        text, span = cell if isinstance(cell, tuple) else (cell, 1)
+        return f"<td>{text}</td>" if span == 1 else f'<td colspan="{span}">{text}</td>'
+
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(map(td, row)) + "</tr>" for row in rows)
+    return (f'<table><caption style="text-align: left">{_esc(caption)}</caption>'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
 def _finite(value) -> float | None:

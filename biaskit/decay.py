@@ -106,6 +106,7 @@ candidate passes, the paper's default is used and ``tau_rule`` says so.
 """
 from __future__ import annotations
 
+import html
 import warnings
 
 import numpy as np
@@ -411,6 +412,14 @@ class DecayFit:
         if not self.reliable:
             smry.add_extra_txt(["Warning: " + self.reliability_note()])
         return smry
+
+    def _repr_html_(self) -> str:
+        """The summary in a notebook: statsmodels' HTML tables, then the reliability note
+        (escaped, as its own paragraph) when the interval is not to be trusted."""
+        smry = self.summary()
+        smry.extra_txt = None  # as_html would append the note unescaped; it follows as a paragraph
+        note = "" if self.reliable else f"<p><b>Warning</b>: {html.escape(self.reliability_note())}</p>"
+        return smry.as_html() + note
 
     def _settings(self) -> dict:
         """The estimator's own settings, for the attrs and the summary."""

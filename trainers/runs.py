@@ -128,50 +128,106 @@ def read_metrics(run_dir) -> list[dict]:
     return lines
 
 
-def plot_training(run_dirs, labels=None, title=None):
+def plot_training(run_dirs, labels: list[str] | None = None, title: str | None = None,
+                  smooth: int | None = None) -> Figure:
     """Training curves of run directories, like the paper's Figures 1-2.
 
-    Test metric, truncation K and relative bias (exact, solid; bound Δ̂,
-    dashed) versus epoch, one colour per run. When a run trained with
-    synthetic gradients, a fourth panel shows the chunked bias with its DNI
-    (solid) and without (dotted). Reads each ``metrics.jsonl``.
+    One row of panels against epoch: the test metric, the truncation K, the
+    relative bias at K (exact on the run's line, the bound Δ̂ thin and dotted)
+    and, when a run trained with synthetic gradients, the chunked bias with its
+    DNI (the run's line) and without (dotted). So that many runs stay readable,
+    fixed-K runs are dashed, in blues ordered by K (darker: longer K), and
+    adaptive runs solid and thicker, in oranges ordered by δ (darker: smaller
+    δ). A run is adaptive when its logged K changes or its ``config.json`` sets
+    a delta (a missing or unreadable config is no error).
+
+    ``smooth`` (epochs) replaces the metric and the biases by a centred moving
+    average over the epochs within ``smooth // 2`` of each (an odd ``smooth``
+    spans exactly that many). Near the ends the window shrinks to stay
+    centred, and a missing value stays missing, so nothing is extrapolated or
+    filled in. K is drawn as logged: it is the decision, not a noisy estimate.
     """
+    import numpy as np
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    def number(value) -> float:  # a logged value; missing (None, not a number) is NaN
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+    def moving_average(epoch, values, half):
+        """Mean of the finite values at epochs within ``half`` of each, the half-width shrunk
+        near the ends so the window stays centred; NaN stays NaN."""
+        reach = np.minimum(half, np.minimum(epoch - epoch.min(), epoch.max() - epoch))
+        inside = np.abs(epoch[None, :] - epoch[:, None]) <= reach[:, None]
+        present = np.isfinite(values)
+        total = np.where(inside, np.where(present, values, 0.0)[None, :], 0.0).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(present, total / (inside & present[None, :]).sum(1), np.nan)
+
+    def kind(run_dir, lines) -> tuple[bool, float]:
+        """(adaptive, what orders the run among its kind: K if fixed, δ if adaptive)."""
+        try:
+            config = json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = {}
+        train = config.get("train") if isinstance(config, dict) else None
+        train = train if isinstance(train, dict) else {}
+        delta = number(train.get("delta"))
+        Ks = {line["K"] for line in lines if not math.isnan(number(line.get("K")))}
+        if len(Ks) > 1 or math.isfinite(delta):
+            return True, delta
+        return False, Ks.pop() if Ks else number(train.get("K"))
+
+    if smooth is not None and (isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1):
+        raise InputError(f"smooth must be a whole number of epochs >= 1 (or None), got {smooth!r}")
+    half = 0 if smooth is None else smooth // 2
     runs = [read_metrics(run_dir) for run_dir in run_dirs]
+    labels = labels or [Path(d).name for d in run_dirs]
+    kinds = [kind(run_dir, lines) for run_dir, lines in zip(run_dirs, runs)]
+    styles = [{}] * len(runs)
+    for adaptive, cmap, base in ((False, "Blues", {"ls": "--", "lw": 1.3}), (True, "Oranges", {"ls": "-", "lw": 2.2})):
+        order = sorted((i for i, (a, _) in enumerate(kinds) if a == adaptive),  # unknown K or δ lightest
+                       key=lambda i: (math.isfinite(kinds[i][1]), -kinds[i][1] if adaptive else kinds[i][1]))
+        for i, shade in zip(order, np.linspace(0.45, 0.95, len(order)) if len(order) > 1 else [0.75]):
+            styles[i] = {**base, "color": colormaps[cmap](shade)}
     synthetic = any("rel_bias_synthetic" in line for lines in runs for line in lines)
-    fig = Figure(figsize=(17 if synthetic else 13, 3.8), layout="constrained")
+    fig = Figure(figsize=(19 if synthetic else 15, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 4 if synthetic else 3)
-    labels = labels or [Path(d).name for d in run_dirs]
-    metric = None
-    for i, (lines, label) in enumerate(zip(runs, labels)):
+    metric = next((key for key in ("test_ppl", "test_nll", "test_loss")
+                   if any(key in line for lines in runs for line in lines)), None)
+    faint = {"ls": ":", "lw": 0.9, "alpha": 0.7}
+    handles = []
+    for lines, label, style in zip(runs, labels, styles):
         if not lines:
             continue
-        metric = metric or next((k for k in ("test_ppl", "test_nll", "test_loss") if k in lines[0]), None)
-        epoch = [line["epoch"] for line in lines]
-        color = f"C{i % 10}"
+        epoch = np.array([number(line["epoch"]) for line in lines])
+
+        def series(key, smoothed=True):
+            values = np.array([number(line.get(key)) for line in lines])
+            return moving_average(epoch, values, half) if smoothed and half else values
+
         if metric:
-            axes[0].plot(epoch, [line.get(metric) for line in lines], color=color, label=label)
-        axes[1].plot(epoch, [line.get("K") for line in lines], color=color, label=label)
-        for key, style in (("rel_bias_exact", "-"), ("rel_bias_bound", "--")):
-            values = [line.get(key) for line in lines]
-            axes[2].plot(epoch, [float("nan") if v is None else v for v in values], style, color=color)
-        for key, style in (("rel_bias_synthetic", "-"), ("rel_bias_truncated", ":")):
-            if synthetic and key in lines[0]:
-                axes[3].plot(epoch, [line[key] for line in lines], style, color=color)
+            axes[0].plot(epoch, series(metric), **style)
+        handles += axes[1].plot(epoch, series("K", smoothed=False), label=label, **style)
+        axes[2].plot(epoch, series("rel_bias_exact"), **style)
+        axes[2].plot(epoch, series("rel_bias_bound"), **{**style, **faint})
+        if synthetic:
+            axes[3].plot(epoch, series("rel_bias_synthetic"), **style)
+            axes[3].plot(epoch, series("rel_bias_truncated"), **{**style, **faint})
     axes[0].set_ylabel(metric.replace("_", " ") if metric else "test metric")
-    axes[0].set_yscale("log")
     axes[1].set_ylabel("truncation K")
-    axes[2].set_ylabel("relative bias at K (solid exact, dashed bound)")
-    axes[2].set_yscale("log", nonpositive="mask")
+    axes[2].set_ylabel("relative bias at K (dotted: bound Δ̂)")
     if synthetic:
-        axes[3].set_ylabel("BPTT(K, K) relative bias (solid DNI, dotted none)")
-        axes[3].set_yscale("log", nonpositive="mask")
+        axes[3].set_ylabel("BPTT(K, K) relative bias (dotted: no DNI)")
     for ax in axes:
-        ax.set_xlabel("epoch")
-    axes[0].legend(fontsize="small")
+        if ax is not axes[1]:
+            ax.set_yscale("log", nonpositive="mask")
+        ax.set_xlabel("epoch" + (f" (centred mean over {2 * half + 1})" if half and ax is not axes[1] else ""))
+    if handles:
+        fig.legend(handles=handles, loc="outside right upper", fontsize="small",
+                   title="dashed: fixed K\nsolid: adaptive", title_fontsize="small")
     if title:
         fig.suptitle(title)
     return fig
