@@ -108,7 +108,8 @@ class Audit:
             lines.append("  the windows' mean gradient is mostly noise (not resolved above zero at this level): "
                          "no K can be certified; use more windows")
         lines += ["", "the paper's estimate (kappa-hat from the decay of each norm) beside the batch's exact kappa:"]
-        head = f"{'norm':<22}{'beta [95% interval]':<28}{'tau':>5}  {'A-1':<4}" + "".join(
+        level = next(iter(self.fits.values())).level
+        head = f"{'norm':<22}{f'beta [{100 * level:g}% interval]':<28}{'tau':>5}  {'A-1':<4}" + "".join(
             f"{'kappa(' + k + ')':>12}" for k in deltas) + f"{'bound holds':>13}"
         lines += [head, "-" * len(head)]
 

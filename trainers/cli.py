@@ -208,11 +208,12 @@ def train_point_process(data, events, hidden, **opts):
 @cli.command()
 @click.argument("run_dirs", metavar="RUN_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("figures"), show_default=True)
-def plot(run_dirs, out):
+@click.option("--smooth", type=click.IntRange(1), help="A centred moving average over this many epochs.")
+def plot(run_dirs, out, smooth):
     """Training curves of runs side by side (test metric, K, relative bias)."""
     for run_dir in run_dirs:
         read_metrics(run_dir)  # a missing or damaged log is refused before anything is drawn
-    fig = plot_training(run_dirs, [d.name for d in run_dirs])
+    fig = plot_training(run_dirs, [d.name for d in run_dirs], smooth=smooth)
     path = Path(out) / "training.png"
     if Path(out).exists() and not Path(out).is_dir():
         raise InputError(f"--out {out} is a file: choose a folder")
