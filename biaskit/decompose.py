@@ -160,8 +160,7 @@ class Sweep:
     h_prev: torch.Tensor        # (R, B, D) the state entering each step
     x: torch.Tensor             # (R, B, ...) each step's input
     out_cotangent: torch.Tensor | None = None  # (B, ...) ∂L_s/∂o for steps that return an output
-    fast: fastpath.Sweep | None = None
-    path: str = "generic"
+    fast: fastpath.Sweep | None = None  # the gates' cotangents, on the fast path
 
 
 def _generic_sweep(system, params, readout, x, start, targets) -> Sweep:
@@ -179,10 +178,6 @@ def _generic_sweep(system, params, readout, x, start, targets) -> Sweep:
 
 
 # --- the parameter pass -------------------------------------------------------------------------
-
-
-class VmapRefused(RuntimeError):
-    """torch.func.vmap cannot batch the step (data-dependent control flow, .item(), in-place writes)."""
 
 
 def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tensor, per_sample: bool,

@@ -33,8 +33,7 @@ class Sweep:
     delta_h: list      # per layer (R, B, gates·H): of the hidden pre-activations (GRU; else delta_i)
     inputs: list       # per layer (R, B, F_l): what W_ih multiplies
     hidden: list       # per layer (R, B, H): what W_hh multiplies (the state entering the step)
-    encoded: torch.Tensor | None  # (R, B, F) the encoder's output, when there is an encoder
-    encoded_cotangent: torch.Tensor | None
+    encoded_cotangent: torch.Tensor | None  # (R, B, F) the cotangent of the encoder's output, if any
 
 
 def applies(system: RecurrentSystem) -> bool:
@@ -123,9 +122,8 @@ def sweep(system: TorchRecurrent, params, readout, x: torch.Tensor, start, targe
     b = torch.stack(per_step)
     h_prev = torch.cat(hidden, dim=-1)  # (R, B, D): the flat state entering each step
     hidden = [h[..., :system.hidden] for h in hidden]  # what W_hh multiplies: h alone
-    fast = Sweep(list(delta_i), list(delta_h), inputs, hidden, encoded.detach() if encoded is not None else None,
-                 encoded_cotangent)
-    return Full(b, losses.detach(), output.detach(), h_prev, x_t, None, fast, "fast")
+    fast = Sweep(list(delta_i), list(delta_h), inputs, hidden, encoded_cotangent)
+    return Full(b, losses.detach(), output.detach(), h_prev, x_t, None, fast)
 
 
 def _grouped(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
