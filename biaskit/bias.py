@@ -197,6 +197,12 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
     - K ≥ R (past the window): the same fitted tail, summed past K, at the upper
       confidence limit of its decay rate; marked ``extrapolated``.
 
+    ``rel_bias_lower`` (K) is a lower limit from the separate one-sided limits
+    of the numerator (its lower) and the denominator (its upper), so its
+    confidence is at least ``2·level − 1`` (Bonferroni); it exists where the
+    upper limit does not, and says whether a K evidently misses δ (0 past the
+    window, where nothing is measured).
+
     ``kappa`` (δ) is the smallest K in ``K_range`` (default 0..R−1) with
     ``rel_bias_upper < δ``, else K_max with ``kappa_reached`` = 0. On systems
     with a known population (tests/test_bias.py) the limit covers at close to
@@ -233,9 +239,14 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
     grad = float(ds.attrs["grad_norm"])
     point = np.where(inside, exact[np.minimum(K, R - 1)], beyond["past_at_fit"](K) / grad)
     kappa, reached = _first_below(upper, K, deltas)
+    a, v_a, _ = tails
+    b_high = b + factor * np.sqrt(v_b)
+    lower_inside = np.sqrt(np.clip(a - factor * np.sqrt(v_a), 0, None) / b_high) if b_high > 0 else 0 * a
+    lower = np.where(inside, lower_inside[np.minimum(K, R - 1)], 0.0)
     out = xr.Dataset(
         {
             "rel_bias": ("K", point),
+            "rel_bias_lower": ("K", lower),
             "rel_bias_upper": ("K", upper),
             "extrapolated": ("K", (~inside).astype(np.int8)),
             "beyond_window": ((), float(past_window)),
@@ -251,6 +262,8 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
     )
     out["rel_bias"].attrs["long_name"] = "exact relative bias over the batch (extrapolated past the window)"
     out["rel_bias_upper"].attrs["long_name"] = f"one-sided {100 * level:g}% upper limit of the relative bias"
+    out["rel_bias_lower"].attrs["long_name"] = (f"lower limit of the relative bias, from {100 * level:g}% limits of "
+                                                f"its numerator and denominator (confidence >= {200 * level - 100:g}%)")
     out["beyond_window"].attrs["long_name"] = "bound on the relative bias from lags past the window"
     out["gradient_resolved"].attrs["long_name"] = "1 if ||E g||^2 is resolved above 0 at the level, else 0"
     out["kappa"].attrs["long_name"] = "smallest K in range with rel_bias_upper < delta (K_max if none)"

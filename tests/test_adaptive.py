@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -154,3 +156,26 @@ def test_as_many_windows_as_the_stream_offers_and_no_more():
         sample_windows(inputs, targets, 20, 22, torch.Generator())
     longest = int(str(err.value).split("at most ")[-1].split()[0])
     assert len(sample_windows(inputs, targets, longest, 22, torch.Generator()).starts.unique()) == 22
+
+
+@pytest.mark.parametrize("limits, resolved, lower, want", [
+    ([0.9, 0.6, 0.4, 0.2], True, 0.0, (4, True, "certified")),        # the first K below δ = 0.5
+    ([0.9, 0.6, 0.4, 0.2], False, 0.9, (4, True, "certified")),       # certified whatever else
+    ([0.9, 0.8, 0.7, 0.6], True, 0.0, (50, False, "none below delta")),  # the paper's K_max
+    ([math.inf] * 4, False, 0.7, (14, False, "raised")),               # the K in use evidently misses δ
+    ([math.inf] * 4, False, 0.3, (7, False, "held")),                  # no evidence either way
+])
+def test_the_exact_controllers_rule(limits, resolved, lower, want):
+    from trainers.adaptive import choose_K
+
+    assert choose_K(np.arange(2, 6), limits, 0.5, 7, 50, resolved, lower) == want
+    assert choose_K(np.arange(2, 6), [math.inf] * 4, 0.5, 40, 50, False, 0.9)[0] == 50  # at most K_max
+
+
+def test_the_lower_limit_is_below_the_batch_value_and_the_upper_limit():
+    torch.manual_seed(0)
+    model = LinearModel(0.9)
+    inputs, targets = torch.randn(3000, 2, dtype=torch.float64), 2 + torch.randn(3000, dtype=torch.float64)
+    record = Controller(delta=None, window=30, windows=64, groups=8, level=0.9).measure(
+        model, inputs, targets, 3, torch.Generator().manual_seed(0))
+    assert 0 <= record["rel_bias_exact_lower"] <= record["rel_bias_exact"] <= record["rel_bias_exact_upper"]

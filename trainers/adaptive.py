@@ -9,9 +9,10 @@ last-step gradient over each with biaskit, and sets the truncation:
   the bias stays above δ for every K in range, as the paper does when no K
   reaches δ. When the windows' mean gradient is not resolved from their noise
   (early, before the model has found any direction, and again near a minimum,
-  where the gradient fades), the relative bias is undefined on them and K is
-  kept: jumping to K_max there would multiply a converged model's step by
-  √(K_max/K) for nothing (seen on the copy task: perplexity 1.03 → 7.9).
+  where the gradient fades), no K can be certified: K is kept, unless the K in
+  use evidently misses δ, and then doubled (``choose_K``). Jumping to K_max
+  there would multiply a converged model's step by √(K_max/K) for nothing
+  (seen on the copy task: perplexity 1.03 → 7.9).
 - ``controller="paper"``: Algorithm 1 as printed: τ̂ = 0.9W, β̂ by Eq. 22 (OLS
   regression), Eq. 21 (``beta_method="max"``, all pairs) or the quantile, Ê by
   Eq. 23, Δ̂ by Eq. 24 (denominator over k ≤ K), κ̂ by Eq. 25, K_max when none.
@@ -27,6 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import biaskit
@@ -75,21 +77,21 @@ class Controller:
             fit = biaskit.fit_decay(ds, norm=self.norm, method=self.beta_method, tau=self.tau, weights="ols")
         bound = biaskit.bias_bound(ds, fit, deltas, span)
         in_range = slice(self.K_min, self.K_max)
-        chosen = exact if self.controller == "exact" else bound
-        curve = chosen["rel_bias_upper" if self.controller == "exact" else "rel_bias_bound"].sel(K=in_range)
-        below = curve.values < deltas[0]
-        reached = bool(below.any())
-        resolved = self.controller == "paper" or bool(exact["gradient_resolved"])
-        if self.delta is None or (not reached and not resolved):
-            new_K = K  # measuring only; or the windows' mean gradient is noise: no evidence either way
+        if self.controller == "exact":
+            curve, resolved = exact["rel_bias_upper"].sel(K=in_range), bool(exact["gradient_resolved"])
         else:
-            new_K = int(curve.K.values[below.argmax()]) if reached else self.K_max
+            curve, resolved = bound["rel_bias_bound"].sel(K=in_range), True
+        lower = float(exact["rel_bias_lower"].sel(K=K))
+        new_K, reached, rule = (K, False, "measured only") if self.delta is None else \
+            choose_K(curve.K.values, curve.values, deltas[0], K, self.K_max, resolved, lower)
         low, high = fit.conf_int()
         return {
             "K": new_K,
+            "K_rule": rule,
             "kappa_reached": int(reached),
             "rel_bias_exact": float(exact["rel_bias"].sel(K=K)),          # the K in use, on new windows
             "rel_bias_exact_upper": float(exact["rel_bias_upper"].sel(K=K)),
+            "rel_bias_exact_lower": lower,
             "rel_bias_upper": float(exact["rel_bias_upper"].sel(K=new_K)),  # the K chosen
             "rel_bias_bound": float(bound["rel_bias_bound"].sel(K=new_K)),
             "extrapolated": int(exact["extrapolated"].sel(K=max(K, new_K))),
@@ -101,3 +103,25 @@ class Controller:
             "tau": int(fit.tau),
             "update_seconds": time.perf_counter() - began,
         }
+
+
+def choose_K(Ks, limits, delta: float, K: int, K_max: int, resolved: bool, lower_in_use: float
+             ) -> tuple[int, bool, str]:
+    """The next K from a curve of limits over ``Ks``: ``(K, reached, rule)``.
+
+    - the smallest K whose limit is below δ ("certified");
+    - none, with the windows' mean gradient resolved: K_max, as the paper does ("none below δ");
+    - none, unresolved, while the K in use evidently misses δ (its lower limit is above δ): twice
+      the K in use, at most K_max ("raised"): a model stuck at a short K never shows the bias it
+      would need to learn a longer dependency, so holding would stall it (the copy task: K = 2
+      < m = 10, its exact bias 0.98 epoch after epoch);
+    - none, unresolved, and no evidence against the K in use: keep it ("held").
+    """
+    below = np.asarray(limits) < delta
+    if below.any():
+        return int(Ks[below.argmax()]), True, "certified"
+    if resolved:
+        return K_max, False, "none below delta"
+    if lower_in_use > delta:
+        return min(max(2 * K, K + 1), K_max), False, "raised"
+    return K, False, "held"
