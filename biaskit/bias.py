@@ -191,8 +191,8 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
       the triangle inequality at most ``Σ_{k≥R} ||E g^(k)||``, bounded by the
       groups' mean contribution norms (``group_contribution``) decaying
       geometrically from lag ``⌊0.9R⌋`` on, fitted by regression and summed past
-      the window from the upper end of the fit's band at the last lag, over the
-      lower limit of ``||E g||``. It is added to every K's limit, so a window too
+      the window from the upper end of the fit's band at the last lag at the
+      upper limit of its decay rate, over the lower limit of ``||E g||``. It is added to every K's limit, so a window too
       short for the gradient to have faded cannot certify a small K.
     - K ≥ R (past the window): the same fitted tail, summed past K, at the upper
       confidence limit of its decay rate; marked ``extrapolated``.
@@ -331,7 +331,7 @@ def _beyond_window(ds: xr.Dataset, level: float) -> tuple[dict, DecayFit]:
             return np.full(np.shape(K), np.inf)
         return last * rate ** (np.asarray(K) - R + 2) / (1 - rate)
 
-    return {"at_fit": float(past(R - 1, beta)), "beta_upper": beta_upper, "past": lambda K: past(K, beta_upper),
+    return {"at_fit": float(past(R - 1, beta_upper)), "beta_upper": beta_upper, "past": lambda K: past(K, beta_upper),
             "past_at_fit": lambda K: past(K, beta)}, fit
 
 

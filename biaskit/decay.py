@@ -112,6 +112,7 @@ import warnings
 import numpy as np
 import statsmodels.api as sm
 import xarray as xr
+from scipy import stats
 from numpy.typing import ArrayLike
 from statsmodels.iolib.summary import Summary
 from statsmodels.iolib.table import SimpleTable
@@ -471,8 +472,11 @@ class RegressionDecay(DecayFit):
     def _curve(self, lags, alpha):
         design = np.column_stack([np.ones(lags.size), lags - self.center])
         log_mean = design @ self.results.params
-        log_band = self.results.t_test(design).conf_int(alpha=alpha)
-        return np.exp(log_mean), np.exp(log_band[:, 0]), np.exp(log_band[:, 1])
+        # x·Σ·x, clipped at 0: on exact data the clustered covariance is rounding, and the band's
+        # variance can come out a hair below zero where its square root would be NaN
+        variance = np.clip(np.einsum("ij,jk,ik->i", design, self.results.cov_params(), design), 0, None)
+        half = stats.t.ppf(1 - alpha / 2, self.results.df_resid_inference) * np.sqrt(variance)  # clusters − 1
+        return np.exp(log_mean), np.exp(log_mean - half), np.exp(log_mean + half)
 
 
 class _SlopeDecay(DecayFit):

@@ -192,9 +192,9 @@ def test_exact_kappa_is_fieller_on_a_delete_one_group_jackknife_of_u_statistics(
     less the beyond-window term, is Fieller's limit of a/b computed here from per-window
     detach-based gradients: U-statistics over the groups' sums, their jackknife by actually deleting
     each group, the limit by bracketing its root, with t at G−1 degrees of freedom. The beyond-window
-    term is the decay fit's band at the last lag R−1 carried on geometrically, summed term by term
-    from lag R, over the lower limit sqrt(b − t·sd(b)) of ||E g||; past the window (K ≥ R) the same
-    sum from lag K+1 at the upper limit of β."""
+    term is the decay fit's band at the last lag R−1 carried on geometrically at the upper limit of
+    β, summed term by term from lag R, over the lower limit sqrt(b − t·sd(b)) of ||E g||; past the
+    window (K ≥ R) the same sum from lag K+1."""
     torch.manual_seed(0)
     B, R, G, level = 11, 6, 4, 0.9
     gru, head = nn.GRU(3, 4, batch_first=True).double(), nn.Linear(4, 1).double()
@@ -233,7 +233,7 @@ def test_exact_kappa_is_fieller_on_a_delete_one_group_jackknife_of_u_statistics(
     def past(K, rate):  # Σ_{k>K} last · rate^(k−(R−1)), term by term
         return sum(last * rate ** (k - (R - 1)) for k in range(K + 1, K + 4000)) / grad_low
 
-    beyond = past(R - 1, fit.beta)
+    beyond = past(R - 1, beta_upper)  # at β's upper limit, inside the window as past it
     assert float(ek["beyond_window"]) == pytest.approx(beyond, rel=1e-9)
     for K in range(R - 1):
         tails = [full[s] - window(s, K) for s in range(B)]
@@ -242,6 +242,8 @@ def test_exact_kappa_is_fieller_on_a_delete_one_group_jackknife_of_u_statistics(
         v_aa, v_ab, v_bb = _jackknife(tail_sums, grad_sums, sizes)
         want = np.sqrt(max(_fieller_upper(a, b, v_aa, v_ab, v_bb, t), 0.0))
         assert ek["rel_bias_upper"].sel(K=K).item() == pytest.approx(want + beyond, rel=1e-6, abs=1e-12), K
+        lower = np.sqrt(max(a - t * np.sqrt(v_aa), 0.0) / (b + t * np.sqrt(v_bb)))  # Bonferroni, each at level
+        assert ek["rel_bias_lower"].sel(K=K).item() == pytest.approx(lower, rel=1e-6, abs=1e-12), K
     for K in range(R, R + 7):
         assert ek["rel_bias_upper"].sel(K=K).item() == pytest.approx(past(K, beta_upper), rel=1e-9), K
 
@@ -338,3 +340,31 @@ def test_the_regression_band_is_the_fitted_line_through_the_log_lag_means(weight
     band = fit.band(lags)
     np.testing.assert_allclose(band["mean"].values, np.exp(intercept + slope * lags), rtol=1e-9)
     assert (band["lower"].values < band["mean"].values).all() and (band["mean"].values < band["upper"].values).all()
+
+
+def test_exact_kappa_stays_finite_when_the_decay_is_exactly_geometric():
+    """Identical windows of h' = 0.8 h + 0.5 x from 0.5/(1 − 0.8): the regression's clustered
+    covariance is rounding, and its band once came out NaN, and every limit with it."""
+    class Scalar(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.tensor([0.8], dtype=torch.float64))
+            self.u = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+
+        def initial_state(self, batch):
+            return torch.full((batch, 1), 0.5 / (1 - 0.8), dtype=torch.float64)
+
+        def forward(self, x, h):
+            return self.a * h + self.u * x
+
+    head = torch.nn.Linear(1, 1).double()
+    with torch.no_grad():
+        head.weight.fill_(1.3)
+        head.bias.zero_()
+    ds = biaskit.decompose(biaskit.wrap(Scalar(), head, lambda o, t: 0.5 * (o[:, 0] - t) ** 2),
+                           torch.ones(12, 16, 1, dtype=torch.float64), torch.full((12,), 4.0, dtype=torch.float64),
+                           psi=False, groups=4)
+    ek = biaskit.exact_kappa(ds, [0.5], K_range=(0, 30))
+    assert np.isfinite(float(ek["beyond_window"])) and np.isfinite(ek["rel_bias_upper"].values).all()
+    upper = ek["rel_bias_upper"].values
+    assert (np.diff(upper) <= 1e-12 * upper[:-1]).all()  # no jump at the window's edge
