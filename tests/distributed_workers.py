@@ -8,35 +8,24 @@ import torch
 import torch.distributed as dist
 
 
-def environment(rank: int, world: int, port: int):
-    """What torchrun would set for this process."""
-    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-
-
-def sharded_decompose(rank: int, world: int, port: int, out: str):
-    """Each rank decomposes its contiguous share of the windows; rank 0 saves the Dataset."""
+def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: str, record: str):
+    """As torchrun starts a process: a sharded decomposition (rank 0 saves its Dataset), then a
+    data-parallel training run (each rank records the K it used after every update)."""
     import biaskit
     from biaskit import report
     from test_distributed import problem
+    from trainers.loop import Run
 
-    environment(rank, world, port)
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
     dist.init_process_group("gloo")
     system, x, y, metric = problem()
     mine = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
     ds = biaskit.decompose(system, x[mine], y[mine], metric=metric, groups=2, process_group=dist.group.WORLD)
     if rank == 0:
-        report.save(ds, out)
-    dist.destroy_process_group()
-
-
-def data_parallel_run(rank: int, world: int, port: int, config: dict, out: str, record: str):
-    """A training run as torchrun starts it; each rank records the K it used after every update."""
-    from trainers.loop import Run
-
-    environment(rank, world, port)
-    run = Run(config, out, quiet=True)
+        report.save(ds, decomposed)
+    run = Run(config, out, quiet=True)  # finds the process group started, as under torchrun
     lines = run.fit()
     with open(f"{record}.{rank}", "w") as fh:
         json.dump({"K": [h["K"] for h in run.history], "next_K": [line["next_K"] for line in lines]}, fh)

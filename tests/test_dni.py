@@ -270,7 +270,7 @@ def test_alternating_uses_real_gradients_first_then_synthetic_after_each_restart
 
 # --- runs, checkpoints and the command line -----------------------------------------------
 
-TINY = ["--train-tokens", "4000", "--valid-tokens", "800", "--test-tokens", "800", "--hidden", "8",
+TINY = ["--train-tokens", "2000", "--valid-tokens", "400", "--test-tokens", "400", "--hidden", "8",
         "--batch-size", "8", "--window", "20", "--windows", "8", "--quiet"]
 
 
@@ -285,11 +285,11 @@ def test_a_dni_run_logs_both_biases_and_analyze_reports_them(run_cli, tmp_path, 
     assert [(line["K1"], line["K2"]) for line in lines] == [(4, 4)] * 2
     for line in lines:
         assert 0 < line["rel_bias_truncated"] and 0 < line["rel_bias_synthetic"] and line["dni_loss"] >= 0
-    res = run_cli("analyze", run_dir / "checkpoint-last.pt", "--window-length", "20", "--windows", "8",
+    res = run_cli("analyze", run_dir / "checkpoint-last.pt", "--window-length", "12", "--windows", "8",
                   "--out", tmp_path / "audit", "--format", "json")
     assert res.code == 0, res.err
     syn = json.loads(res.out)["synthetic"]
-    assert syn["K"] == 4 and syn["lookahead"] == 20 and syn["rel_bias_synthetic"] > 0
+    assert syn["K"] == 4 and syn["lookahead"] == 12 and syn["rel_bias_synthetic"] > 0
     assert (tmp_path / "audit" / "synthetic.nc").is_file()
     assert len(runs.plot_training([run_dir]).axes) == 4  # a panel for the DNI's bias
     # The checkpoint's DNI is the one the run trained, and it rebuilds by name.

@@ -16,7 +16,7 @@ pytest.importorskip("hypothesis")  # not in the test extra yet: skipped, not fai
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-FUZZ = settings(max_examples=200, deadline=None, database=None)  # no example database in the repository
+FUZZ = settings(max_examples=100, deadline=None, database=None)  # no example database in the repository
 HEADER = "sequence,time,mark"
 
 

@@ -17,7 +17,7 @@ from biaskit.errors import InputError
 from trainers import config as configs
 from trainers import loop, runs
 
-TINY = {"train_tokens": 3000, "valid_tokens": 600, "test_tokens": 600, "hidden": 6}
+TINY = {"train_tokens": 2000, "valid_tokens": 400, "test_tokens": 400, "hidden": 6}
 FAST = {"batch_size": 8, "window": 16, "windows": 6, "K": 3, "K_max": 20}
 TIMING = {"seconds", "tokens_per_s", "update_seconds"}
 

@@ -166,7 +166,7 @@ VALUES = st.one_of(
     st.text(max_size=6))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(options=st.lists(st.tuples(st.sampled_from(NUMERIC), VALUES), min_size=1, max_size=3))
 def test_numeric_options_are_accepted_whole_or_refused_in_one_line(run_cli, tmp_path, monkeypatch, options):
     """Whatever the values, the command either starts a run whose config passes every check or

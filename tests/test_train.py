@@ -9,7 +9,7 @@ from biaskit import checkpoint
 from trainers import config as configs
 from trainers import loop, runs
 
-TINY = {"train_tokens": 4000, "valid_tokens": 800, "test_tokens": 800, "hidden": 8}
+TINY = {"train_tokens": 2000, "valid_tokens": 400, "test_tokens": 400, "hidden": 8}
 FAST = {"batch_size": 8, "window": 20, "windows": 8, "K_max": 30}
 TIMING = {"seconds", "tokens_per_s", "update_seconds"}
 
@@ -58,7 +58,7 @@ def test_logged_perplexity_is_exp_of_the_mean_token_loss(tmp_path):
     assert lines[0]["valid_ppl"] == pytest.approx(torch.tensor(lines[0]["valid_loss"]).exp().item(), rel=1e-6)
 
 
-TINY_ARGS = ["--train-tokens", "4000", "--valid-tokens", "800", "--test-tokens", "800", "--hidden", "8",
+TINY_ARGS = ["--train-tokens", "2000", "--valid-tokens", "400", "--test-tokens", "400", "--hidden", "8",
              "--batch-size", "8", "--window", "20", "--windows", "8", "--quiet"]
 
 
