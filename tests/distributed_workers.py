@@ -1,4 +1,4 @@
-"""Code the distributed tests run in spawned processes (a module, so that spawn can import it)."""
+"""Code the distributed tests run in their two processes, as torchrun would start them."""
 from __future__ import annotations
 
 import json

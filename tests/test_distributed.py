@@ -45,8 +45,8 @@ def spawned(tmp_path_factory):
     """Two gloo processes, started once: their sharded Dataset, run directory and K records."""
     tmp = tmp_path_factory.mktemp("two")
     config = configs.full_config("copy", dict(TINY), TRAIN)
-    mp.spawn(workers.both, args=(2, free_port(), str(tmp / "sharded.nc"), config, str(tmp / "two"), str(tmp / "K")),
-             nprocs=2)
+    mp.start_processes(workers.both, nprocs=2, start_method="fork",  # forked: no second import of torch
+                       args=(2, free_port(), str(tmp / "sharded.nc"), config, str(tmp / "two"), str(tmp / "K")))
     return tmp, config
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
-import sys
-import textwrap
+import multiprocessing
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -43,28 +43,40 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_lives(tmp_pa
     first.dir.close()
 
 
+def hold(folder: str, locked) -> None:
+    """Another process's live run: take the folder, say so, and wait to be killed."""
+    held = runs.RunDirectory(folder, resume=False, config={})  # noqa: F841 (held until killed)
+    locked.set()
+    time.sleep(60)
+
+
 def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        from trainers.runs import RunDirectory
-        held = RunDirectory({str(tmp_path)!r}, resume=False, config={{}})
-        print("locked", flush=True)
-        time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
+    forked = multiprocessing.get_context("fork")  # no second import of torch
+    locked = forked.Event()
+    holder = forked.Process(target=hold, args=(str(tmp_path), locked), daemon=True)
+    holder.start()
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert locked.wait(60)
         with pytest.raises(InputError, match=f"process {holder.pid}"):
             runs.RunDirectory(tmp_path, resume=False, config={})
     finally:
         holder.kill()
-        holder.wait()
+        holder.join()
     runs.RunDirectory(tmp_path, resume=False, config={}).close()  # a killed holder leaves no lock
 
 
-def test_resume_rewrites_a_damaged_or_missing_log_from_the_checkpoint(tmp_path, straight, capsys):
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A finished one-epoch run, for tests to copy and damage."""
+    run_dir = tmp_path_factory.mktemp("one_epoch")
+    loop.Run(config(epochs=1), run_dir, quiet=True).fit()
+    return run_dir
+
+
+def test_resume_rewrites_a_damaged_or_missing_log_from_the_checkpoint(tmp_path, one_epoch, straight, capsys):
     for damage in ("truncate", "extra", "delete", "garbage"):
         run_dir = tmp_path / damage
-        loop.Run(config(epochs=1), run_dir, quiet=True).fit()
+        shutil.copytree(one_epoch, run_dir)
         log = run_dir / "metrics.jsonl"
         if damage == "truncate":
             log.write_text("")
@@ -80,10 +92,10 @@ def test_resume_rewrites_a_damaged_or_missing_log_from_the_checkpoint(tmp_path, 
         assert strip_timing(runs.read_metrics(run_dir)) == straight
 
 
-def test_a_crash_between_the_steps_of_the_log_rewrite_loses_nothing(tmp_path, straight, monkeypatch):
+def test_a_crash_between_the_steps_of_the_log_rewrite_loses_nothing(tmp_path, one_epoch, straight, monkeypatch):
     """The rewrite writes a temporary file and renames it: a crash before the rename leaves the
     old log whole, and the next resume completes the job."""
-    loop.Run(config(epochs=1), tmp_path, quiet=True).fit()
+    shutil.copytree(one_epoch, tmp_path, dirs_exist_ok=True)
     log = tmp_path / "metrics.jsonl"
     before = log.read_text()
     log.write_text(before + '{"epoch": 2, "stale": true}\n')  # needs a rewrite on resume
