@@ -16,7 +16,8 @@ from torch import nn
 import biaskit
 from biaskit.decay import default_tau, fit_decay
 from biaskit.synthetic import warm_up
-from helpers import LinearCell, make_module, naive_gradient
+from helpers import make_module, naive_gradient
+from test_adaptive import LinearModel
 from trainers.adaptive import Controller
 from trainers.tasks.token_model import TokenLSTM
 
@@ -278,34 +279,6 @@ def test_warm_up_calls_the_dni_at_boundaries_counted_back_from_the_end_of_the_bu
 # --- the controller ------------------------------------------------------------------------------------------
 
 
-class NoisyLinear(nn.Module):
-    """The trainer's model protocol around a LinearCell and a scalar readout, squared error."""
-
-    def __init__(self, n=3, features=2):
-        super().__init__()
-        q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
-        self.cell = LinearCell(0.5 * q, torch.randn(n, features, dtype=torch.float64))
-        self.head = nn.Linear(n, 1).double()
-
-    def forward(self, x, state=None):
-        h = self.cell.initial_state(x.shape[0]) if state is None else state
-        outs = []
-        for t in range(x.shape[1]):
-            h = self.cell(x[:, t], h)
-            outs.append(h)
-        return self.head(torch.stack(outs, 1)), h
-
-    @staticmethod
-    def squared_error(out, target):
-        return (out.squeeze(-1) - target) ** 2
-
-    def loss(self, out, targets):
-        return self.squared_error(out, targets)
-
-    def system(self):
-        return biaskit.wrap(self.cell, self.head, self.squared_error)
-
-
 def test_the_exact_controller_keeps_K_while_the_mean_gradient_is_unresolved():
     """Targets of pure noise a thousand times the model's output: the windows' mean gradient is noise,
     nothing certifies any K, and the controller keeps the K in use rather than jumping to K_max."""
@@ -314,7 +287,7 @@ def test_the_exact_controller_keeps_K_while_the_mean_gradient_is_unresolved():
     inputs = torch.randn(600, 2, dtype=torch.float64, generator=gen)
     targets = 1000 * torch.randn(600, dtype=torch.float64, generator=gen)
     controller = Controller(delta=0.1, window=12, windows=16, K_min=1, K_max=40, groups=4, level=0.9)
-    record = controller.measure(NoisyLinear(), inputs, targets, 5, torch.Generator().manual_seed(1))
+    record = controller.measure(LinearModel(0.5, n=3), inputs, targets, 5, torch.Generator().manual_seed(1))
     assert record["gradient_resolved"] == 0 and record["kappa_reached"] == 0  # the premise
     assert record["K"] == 5
 

@@ -14,9 +14,13 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from biaskit import atomic
 from biaskit.errors import InputError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CONFIG, METRICS, LOCK = "config.json", "metrics.jsonl", ".lock"
 LAST, BEST = "checkpoint-last.pt", "checkpoint-best.pt"
