@@ -8,12 +8,13 @@ paper's data size, model, batch, step size, W, K0 and [K_min, K_max] are kept;
 the paper controller draws the paper's 64 windows per update, the exact one
 256; what is scaled down is the number of epochs (``--epochs``, default 40).
 Runs go ``--jobs`` at a time, one thread each, and the script resumes every
-run a previous call left unfinished.
+run a previous call left unfinished; ``--report-only`` writes the tables from what
+is on disk (the epochs column says how far each run got).
 
 Writes ``analyses/results/copy.md`` and ``copy-fixed.png`` / ``copy-variable.png``
 (test perplexity, K and relative bias versus epoch).
 
-    python analyses/copy_experiment.py [--epochs 40] [--jobs 2]
+    python analyses/copy_experiment.py [--epochs 40] [--jobs 2] [--report-only]
 """
 from __future__ import annotations
 
@@ -48,13 +49,15 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--runs", type=Path, default=HERE / "runs" / "copy")
     parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--report-only", action="store_true", help="write the report without training")
     args = parser.parse_args()
     name = {id(s): grid.label(s).replace(" ", "_").replace(",", "") for s in SETTINGS}
     dirs = {(v, id(s)): args.runs / v / name[id(s)] for v in VARIANTS for s in SETTINGS}
     jobs = [(dirs[v, id(s)], configs.full_config("copy", dict(VARIANTS[v]),
                                                  {**copy.TRAIN, "epochs": args.epochs, **s}))
             for v in VARIANTS for s in SETTINGS]
-    grid.run(jobs, args.jobs)
+    if not args.report_only:
+        grid.run(jobs, args.jobs)
     sections = [(TITLES[v], f"copy-{v}", [(TITLES[v], grid.label(s), s, dirs[v, id(s)]) for s in SETTINGS])
                 for v in VARIANTS]
     grid.report(args.results, "copy", "# Copy task: fixed versus adaptive truncation\n\n"

@@ -50,16 +50,19 @@ def table(rows: list[tuple[str, str, dict, Path]], metric: str, paper: dict | No
     relative bias at the K in use, how often it held δ out of sample, the ``final`` columns of
     the last epoch, seconds per epoch, and the paper's value (``paper[(group, label)]``)."""
     name = metric.upper()
-    header = ["", "setting", f"best valid {name}", f"test {name}", *extra,
+    header = ["", "setting", "epochs", f"best valid {name}", f"test {name}", *extra,
               "K over epochs (first → last; min–max)", "exact rel. bias at K (median)", "≤ δ out of sample",
               *(f"{f} (last epoch)" for f in final), "s/epoch"] + (["paper (test)"] if paper else [])
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, name, setting, run_dir in rows:
-        lines = runs.read_metrics(run_dir)
+        lines = runs.read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+        if not lines:
+            out.append("| " + " | ".join([group, name, "not run"] + ["–"] * (len(header) - 3)) + " |")
+            continue
         best = min(lines, key=lambda line: line["valid_loss"])
         Ks = [line["K"] for line in lines]
         bias = [line["rel_bias_exact"] for line in lines if line.get("rel_bias_exact") is not None]
-        cells = [group, name, f"{best[f'valid_{metric}']:.3f}", f"{best[f'test_{metric}']:.3f}",
+        cells = [group, name, str(len(lines)), f"{best[f'valid_{metric}']:.3f}", f"{best[f'test_{metric}']:.3f}",
                  *(f"{best[e]:.3f}" for e in extra), f"{Ks[0]} → {Ks[-1]}; {min(Ks)}–{max(Ks)}",
                  f"{statistics.median(bias):.3g}" if bias else "–", held(lines, setting.get("delta")),
                  *("–" if lines[-1].get(f) is None else f"{lines[-1][f]:.3g}" for f in final),
@@ -81,7 +84,8 @@ def report(results: Path, name: str, intro: str, sections: list[tuple[str, str, 
     tables = []
     for heading, figure_name, rows in sections:
         tables.append((f"## {heading}\n\n" if heading else "") + table(rows, metric, **columns) + "\n")
-        fig = runs.plot_training([row[3] for row in rows], [row[1] for row in rows], title=heading or name)
+        ran = [row for row in rows if (row[3] / "metrics.jsonl").exists()]
+        fig = runs.plot_training([row[3] for row in ran], [row[1] for row in ran], title=heading or name)
         fig.savefig(results / f"{figure_name}.png", dpi=120, bbox_inches="tight")
     text = "\n".join(tables)
     (results / f"{name}.md").write_text(f"{intro}\n\n{text}")
