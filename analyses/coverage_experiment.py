@@ -5,9 +5,9 @@ over all of them); many small batches drawn from it each give an upper limit
 at a given level; the share of batches whose limit is at or above the
 population's value is the coverage. Two systems: a GRU with a common offset in
 its regression targets (the mean gradient stands out of the noise) and an
-LSTM on labels made from the inputs (a weaker mean gradient), each at two
-truncations where the population bias is between 0.1 and 0.9, at levels 80%
-and 95%. Also counted: how many batches could certify nothing (the mean
+LSTM on labels made from the inputs (a weaker mean gradient), each at the
+first and fourth truncations whose population bias is between 0.1 and 0.9
+(the LSTM has only one), at levels 80% and 95%. Also counted: how many batches could certify nothing (the mean
 gradient not resolved), where the limit is infinite and so covers.
 
 Writes ``analyses/results/coverage.md``.

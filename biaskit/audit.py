@@ -112,18 +112,9 @@ class Audit:
         head = f"{'norm':<22}{f'beta [{100 * level:g}% interval]':<28}{'tau':>5}  {'A-1':<4}" + "".join(
             f"{'kappa(' + k + ')':>12}" for k in deltas) + f"{'bound holds':>13}"
         lines += [head, "-" * len(head)]
-
-        def cell(entry):
-            return f"{entry['K']:>12}" if entry["reached"] else f"{'not reached':>12}"
-
-        for norm, r in d["norms"].items():
-            beta = (f"{r['beta']:.4f} [{r['beta_low']:.4f}, {r['beta_high']:.4f}]" if r["method"] != "vanished"
-                    else "0: exactly 0 past tau")
-            lines.append(f"{NORMS[norm].label:<22}{beta:<28}{r['tau']:>5}  {'yes' if r['decays'] else 'no':<4}"
-                         + "".join(cell(r["kappa"][k]) for k in deltas)
-                         + f"{100 * r['bound_holds_fraction']:>12.0f}%" + ("" if r["reliable"] else "  (unreliable)"))
-        lines.append(f"{'exact (this batch)':<22}{'':<28}{'':>5}  {'':<4}" + "".join(
-            cell(d["kappa_exact"][k]) for k in deltas))
+        for label, beta, tau, a1, *kappas, holds, reliable in _paper_rows(d, deltas, "tau"):
+            lines.append(f"{label:<22}{beta:<28}{tau!s:>5}  {a1:<4}" + "".join(f"{k!s:>12}" for k in kappas)
+                         + (f"{holds:>13}" if holds else "") + ("  (unreliable)" if reliable is False else ""))
         if any(not r["reliable"] for r in d["norms"].values()):
             lines.append("(unreliable: the far lags' means are dominated by a few windows; see fit.reliability_note())")
         if self.K is not None:
@@ -182,17 +173,8 @@ class Audit:
             parts.append("<p><b>The windows' mean gradient is mostly noise</b> (not resolved above zero at this "
                          "level): no K can be certified; use more windows.</p>")
 
-        def cell(entry):
-            return entry["K"] if entry["reached"] else "not reached"
-
-        rows = []
-        for norm, r in d["norms"].items():
-            beta = (f"{r['beta']:.4f} [{r['beta_low']:.4f}, {r['beta_high']:.4f}]" if r["method"] != "vanished"
-                    else "0: exactly 0 past τ")
-            rows.append([_esc(NORMS[norm].label), beta, r["tau"], "yes" if r["decays"] else "no",
-                         *(cell(r["kappa"][k]) for k in deltas), f"{100 * r['bound_holds_fraction']:.0f}%",
-                         "yes" if r["reliable"] else "no"])
-        rows.append(["exact (this batch)", "", "", "", *(cell(d["kappa_exact"][k]) for k in deltas), "", ""])
+        rows = [[_esc(label), *rest, {True: "yes", False: "no", None: ""}[reliable]]
+                for label, *rest, reliable in _paper_rows(d, deltas, "τ")]
         parts.append(_table(
             "The paper's estimate κ̂(δ) from the decay of each norm, beside the batch's exact κ(δ)",
             ["norm", f"β [{100 * self.fits['phi'].level:g}% interval]", "τ", "A-1",
@@ -217,6 +199,24 @@ class Audit:
             "(shaded), the paper's bound Δ̂(K) (dashed) and each δ; ▼ marks the recommended K, where the "
             "upper limit first falls below δ. Right: every K in the window.")))
         return '<div class="biaskit-audit">' + "\n".join(parts) + "</div>"
+
+
+def _paper_rows(d: dict, deltas: list[str], tau: str) -> list[list]:
+    """The paper's-estimate table of ``Audit.as_dict()`` ``d``, for the summary and the notebook: per
+    norm [label, β with its interval, τ, A-1, κ̂ per δ, bound holds, reliable], then the batch's
+    exact κ (empty cells, reliable None). ``tau``: how the text names τ."""
+    def kappa(entry):
+        return entry["K"] if entry["reached"] else "not reached"
+
+    rows = []
+    for norm, r in d["norms"].items():
+        beta = (f"{r['beta']:.4f} [{r['beta_low']:.4f}, {r['beta_high']:.4f}]" if r["method"] != "vanished"
+                else f"0: exactly 0 past {tau}")
+        rows.append([NORMS[norm].label, beta, r["tau"], "yes" if r["decays"] else "no",
+                     *(kappa(r["kappa"][k]) for k in deltas), f"{100 * r['bound_holds_fraction']:.0f}%",
+                     bool(r["reliable"])])
+    rows.append(["exact (this batch)", "", "", "", *(kappa(d["kappa_exact"][k]) for k in deltas), "", None])
+    return rows
 
 
 def _esc(text) -> str:

@@ -195,7 +195,11 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
       upper limit of its decay rate, over the lower limit of ``||E g||``. It is added to every K's limit, so a window too
       short for the gradient to have faded cannot certify a small K.
     - K ≥ R (past the window): the same fitted tail, summed past K, at the upper
-      confidence limit of its decay rate; marked ``extrapolated``.
+      confidence limit of its decay rate; marked ``extrapolated``. There the
+      point value ``rel_bias`` is the fit's own estimate (its mean at the last
+      lag, its β) over ``||g||``; inside the window ``rel_bias`` is the batch's
+      exact value, which leaves out the tail past the window (0 at K = R − 1),
+      so the point curve need not fall across R; the limits include it.
 
     ``rel_bias_lower`` (K) is a lower limit from the separate one-sided limits
     of the numerator (its lower) and the denominator (its upper), so its
@@ -321,18 +325,20 @@ def _beyond_window(ds: xr.Dataset, level: float) -> tuple[dict, DecayFit]:
                         tau=default_tau(R), weights="ols", level=level)
     alpha = 2 * (1 - level)  # the two-sided interval whose upper end is the one-sided limit
     beta, beta_upper = fit.beta, fit.conf_int(alpha)[1] if alpha < 1 else fit.beta
-    last = float(fit.band([R - 1], alpha)["upper"][0] if alpha < 1 else fit.band([R - 1])["mean"][0]) \
-        if fit.beta > 0 else 0.0
+    band = fit.band([R - 1], alpha if alpha < 1 else 0.5)
+    last_upper, last_mean = (float(band[end][0]) if fit.beta > 0 else 0.0 for end in ("upper", "mean"))
+    last_upper = last_upper if alpha < 1 else last_mean
 
-    def past(K, rate):  # Σ_{k>K} last · rate^(k−R+1): the tail's norm past K, at most
+    def past(K, rate, last):  # Σ_{k>K} last · rate^(k−R+1): the tail's norm past K
         if last == 0:
             return np.zeros(np.shape(K))
         if rate >= 1:
             return np.full(np.shape(K), np.inf)
         return last * rate ** (np.asarray(K) - R + 2) / (1 - rate)
 
-    return {"at_fit": float(past(R - 1, beta_upper)), "beta_upper": beta_upper, "past": lambda K: past(K, beta_upper),
-            "past_at_fit": lambda K: past(K, beta)}, fit
+    return {"at_fit": float(past(R - 1, beta_upper, last_upper)), "beta_upper": beta_upper,
+            "past": lambda K: past(K, beta_upper, last_upper),  # at most, at the level
+            "past_at_fit": lambda K: past(K, beta, last_mean)}, fit  # the fit's own estimate
 
 
 def calibration(ds: xr.Dataset, bound: xr.Dataset) -> xr.Dataset:

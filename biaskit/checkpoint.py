@@ -26,7 +26,7 @@ import errno
 import importlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import atomic
-from .errors import InputError
+from .errors import InputError, first_line
 from .probe import check_model
 
 FORMAT = "biaskit-checkpoint"
@@ -58,10 +58,11 @@ def _registered_name(group: str, named: str) -> str:
     by_path = {ep.value: name for name, ep in found.items()}
     if named in by_path:
         return by_path[named]
-    kind = "task" if group == TASKS else "DNI shape"
-    raise InputError(f"the checkpoint names {kind} {named!r}, which is not registered (known: "
-                     f"{', '.join(sorted(found)) or 'none'}): biaskit runs no code a file names; if you trust "
-                     f"that code, pass --factory package.module:function")
+    advice = ("if you trust that code, pass --factory package.module:function" if group == TASKS else
+              "install the package that registers it (entry-point group biaskit.dni)")
+    raise InputError(f"the checkpoint names {'task' if group == TASKS else 'DNI shape'} {named!r}, which is not "
+                     f"registered (known: {', '.join(sorted(found)) or 'none'}): biaskit runs no code a file "
+                     f"names; {advice}")
 
 
 def load_registered(group: str, name: str) -> Callable:
@@ -79,7 +80,7 @@ def save(path: str | Path, *, task: str, task_config: dict, model: dict, K: int 
         try:
             torch.save(fields, tmp)
         except RuntimeError as err:  # torch reports a failed write (a full disk, say) this way
-            raise OSError(errno.EIO, str(err).strip().splitlines()[0]) from None
+            raise OSError(errno.EIO, first_line(err)) from None
     return path
 
 
@@ -118,12 +119,15 @@ def resolve(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise InputError(f"{spec!r} must look like 'package.module:function'")
+    if module_name.startswith("."):
+        raise InputError(f"{spec!r}: name the module absolutely, e.g. 'package.module:function'")
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())  # last: a file in this folder never shadows an installed module
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise InputError(f"module {module_name!r} does not import: {err}") from None
+    except Exception as err:  # the user's module: its own error, in one line
+        raise InputError(f"module {module_name!r} does not import: {type(err).__name__}: {first_line(err)}") \
+            from None
     target = getattr(module, attr, None)
     if target is None:
         raise InputError(f"module {module_name!r} has no {attr!r} (from {spec!r})")
@@ -140,9 +144,7 @@ class Rebuilt:
     model: nn.Module
     streams: tuple[torch.Tensor, torch.Tensor] | None
     K: int | None = None
-    task: str | None = None
     dni: nn.Module | None = None
-    K_history: list = field(default_factory=list)
 
 
 def _call(factory: Callable, what: str, *args) -> Any:
@@ -151,8 +153,7 @@ def _call(factory: Callable, what: str, *args) -> Any:
     except InputError:
         raise
     except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise InputError(f"{what} failed: {type(err).__name__}: {first}") from None
+        raise InputError(f"{what} failed: {type(err).__name__}: {first_line(err)}") from None
 
 
 def _streams(value, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +171,7 @@ def _load_weights(model: nn.Module, state, path: Path):
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, KeyError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise InputError(f"the weights in {path} do not fit the model: {first}") from None
+        raise InputError(f"the weights in {path} do not fit the model: {first_line(err)}") from None
 
 
 def _dni(entry, path: Path, device) -> nn.Module | None:
@@ -215,10 +215,9 @@ def rebuild(path: str | Path, factory: str | None = None, data: str | None = Non
         if not isinstance(splits, dict) or "train" not in splits:
             raise InputError(f"the task {name!r} built no training split (a task has .model and .splits['train'])")
         streams = _streams(splits["train"], f"the task {name!r}'s training split")
-        state, K, history, dni_entry = ckpt["model"], ckpt.get("K"), ckpt.get("K_history") or [], ckpt.get("dni")
+        state, K, dni_entry = ckpt["model"], ckpt.get("K"), ckpt.get("dni")
     else:
-        model, name, streams, K, history, dni_entry = _call(resolve(factory), f"the factory {factory}"), None, \
-            None, None, [], None
+        model, streams, K, dni_entry = _call(resolve(factory), f"the factory {factory}"), None, None, None
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -229,6 +228,8 @@ def rebuild(path: str | Path, factory: str | None = None, data: str | None = Non
         streams = _streams(_call(resolve(data), f"the data function {data}"), f"the data function {data}")
     if streams is None:
         raise InputError("this file holds no data: pass --data package.module:function returning (inputs, targets)")
-    if K is not None and not isinstance(K, int):
-        raise InputError(f"{path} is damaged: its K is {K!r}, not a whole number")
-    return Rebuilt(model.to(device), streams, K, name, _dni(dni_entry, path, device), history)
+    if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < (1 if dni_entry else 0)):
+        raise InputError(f"{path} is damaged: its K is {K!r}, not a whole number >= {1 if dni_entry else 0}")
+    if dni_entry and K is None:
+        raise InputError(f"{path} is damaged: it holds a DNI but no K (the chunk length it trained with)")
+    return Rebuilt(model.to(device), streams, K, _dni(dni_entry, path, device))

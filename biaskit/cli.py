@@ -63,7 +63,8 @@ def deltas_option(ctx, param, value):
 @click.option("--window-length", type=click.IntRange(2), default=200, show_default=True)
 @click.option("--deltas", default="0.9,0.5,0.1", show_default=True, callback=deltas_option,
               help="Tolerated relative biases.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the windows.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed for drawing the windows.")
 @click.option("--device", "device_name", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("audit"), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)

@@ -93,6 +93,19 @@ def real(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.reshape(*t.shape[:lead], -1)
 
 
+def group_samples(per: dict, masks: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Per-sample products ``{name: (c, B, ...)}`` summed into groups, ``{name: (G, c, n)}`` (real),
+    and each sample's squared norm over every name, (c, B)."""
+    per = {n: real(g, 2) for n, g in per.items()}
+    sq = sum(g.pow(2).sum(-1) for g in per.values())
+    return {n: torch.einsum("gb,cbn->gcn", masks.to(g.dtype), g).contiguous() for n, g in per.items()}, sq
+
+
+def groups_first(grouped: dict) -> dict:
+    """Per-step group products ``{name: (c, G, ...)}`` as ``{name: (G, c, n)}`` (real)."""
+    return {n: real(g, 2).transpose(0, 1).contiguous() for n, g in grouped.items()}
+
+
 def _unroll(system, params, x, state, detach_before=None, nodes=False):
     """States after each step of ``x`` (batch, time, F) and the last step's output (None when
     the readout reads the state); optionally detach the state entering one step. ``nodes``:
@@ -222,10 +235,7 @@ def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tens
             per = {n: torch.stack([torch.stack([r[n] for r in row]) for row in rows]) for n in params}
         else:
             per = vmap(vmap(one_sample, in_dims=(0, 0, 0, None, 0)), in_dims=(0, 0, 0, 0, None))(h, x, b, last, ot)
-        per = {n: real(g, 2) for n, g in per.items()}  # (c, B, n)
-        sq = sum(g.pow(2).sum(-1) for g in per.values())
-        grouped = {n: torch.einsum("gb,cbn->gcn", masks.to(g.dtype), g).contiguous() for n, g in per.items()}
-        return grouped, sq
+        return group_samples(per, masks)
     if stepwise:
         rows = []
         for t in range(b.shape[0]):
@@ -234,7 +244,7 @@ def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tens
         grouped = {n: torch.stack([torch.stack([r[n] for r in row]) for row in rows]) for n in params}
     else:
         grouped = vmap(groups_of_one_step)(h, x, b, last)
-    return {n: real(g, 2).transpose(0, 1).contiguous() for n, g in grouped.items()}, None
+    return groups_first(grouped), None
 
 
 @dataclass
@@ -296,10 +306,14 @@ def _within(gram: torch.Tensor) -> torch.Tensor:
     return torch.cat([inclusive.new_zeros(*inclusive.shape[:-1], 1), inclusive[..., :-1]], dim=-1)
 
 
+def _positive_int(value, name: str, what: str):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive whole number of {what}, got {value!r}")
+
+
 def _groups(groups: int, batch: int, device) -> torch.Tensor:
     """(G, B) 0/1 masks of ``groups`` contiguous groups of windows (sizes differing by at most one)."""
-    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
-        raise InputError(f"groups must be a positive whole number of window groups, got {groups!r}")
+    _positive_int(groups, "groups", "window groups")
     G = min(int(groups), batch)
     masks = torch.zeros(G, batch, device=device)
     for g, members in enumerate(torch.arange(batch).tensor_split(G)):
@@ -347,7 +361,8 @@ def decompose(
     (step, sample) pairs of these windows with ``probes`` random probes each (see
     ``norms.estimate_metric``). ``psi=False`` skips the per-sample parameter-space
     norms. ``groups``: how many groups of windows the jackknife of
-    ``exact_kappa`` resamples. ``process_group`` (torch.distributed): the windows
+    ``exact_kappa`` resamples (at most one per window; under ``process_group``
+    each process's, so the Dataset holds the sum over the processes). ``process_group`` (torch.distributed): the windows
     are this rank's share; sums, norms and biases are those of every rank's
     windows together, and per-window variables (φ, ψ, loss) are gathered, so
     every rank holds the same Dataset (see ``biaskit.distributed``).
@@ -355,6 +370,12 @@ def decompose(
     system, x = _prepare(system, inputs, targets, start)
     B, R = x.shape[:2]
     params = {n: p.detach() for n, p in system.params().items()}
+    if not params:
+        raise InputError(f"{system.kind} has no trainable parameters in its recurrent step: truncation "
+                         "changes no gradient (are they all frozen?)")
+    if metric is None:
+        _positive_int(probes, "probes", "random probes")
+        _positive_int(metric_rows, "metric_rows", "(step, sample) rows")
     readout = {n: p.detach() for n, p in system.readout_params().items()}
     masks = _groups(groups, B, x.device)
     fast = fastpath.applies(system)
@@ -483,7 +504,7 @@ def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, met
             "dtype": str(sweep.b.dtype).removeprefix("torch."),
             "device": str(sweep.b.device),
             "grad_norm": float(grad_norm),
-            "n_params": n_params + sum(real(p, 0).numel() for p in readout.values()),
+            "n_params": n_params + sum(real(p, 0).numel() for n, p in readout.items() if keys[n] not in params),
             "metric_estimator": estimator,
             "path": ("fast: " + system.kind) if fast else ("generic, step by step" if stepwise else "generic"),
             "processes": distributed.world(process_group),

@@ -6,3 +6,8 @@ class InputError(ValueError):
 
     The command line turns it into one line on stderr and exit status 2.
     """
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (empty when it has none), for one-line errors."""
+    return (str(err).strip().splitlines() or [""])[0]

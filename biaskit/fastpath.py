@@ -40,7 +40,7 @@ def applies(system: RecurrentSystem) -> bool:
     """Whether the fast path serves ``system``: a built-in cell whose weights are distinct tensors."""
     if not isinstance(system, TorchRecurrent):
         return False
-    mine = list(system.module.parameters())
+    mine = [p for _, p in system.module.named_parameters(remove_duplicate=False)]
     return len({id(p) for p in mine}) == len(mine) and not any(p.is_complex() for p in mine)
 
 
@@ -175,20 +175,16 @@ def products(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tens
 
 def _encoder_products(system, encoder, x, cot, masks, per_sample):
     """The encoder's immediate products, through torch.func (an encoder is any per-step module)."""
-    from .decompose import real
+    from .decompose import group_samples, groups_first
 
     def pullback(xt):
         return vjp(lambda p: system.encode(p, xt), encoder)[1]
 
     if per_sample:
-        per = vmap(vmap(lambda xt, ct: pullback(xt[None])(ct[None])[0]))(x, cot)
-        per = {n: real(g, 2) for n, g in per.items()}
-        sq = sum(g.pow(2).sum(-1) for g in per.values())
-        return {n: torch.einsum("gb,cbn->gcn", masks.to(g.dtype), g).contiguous() for n, g in per.items()}, sq
+        return group_samples(vmap(vmap(lambda xt, ct: pullback(xt[None])(ct[None])[0]))(x, cot), masks)
 
     def one_step(xt, ct):
         pull = pullback(xt)
         return vmap(lambda m: pull(ct * m.reshape((-1,) + (1,) * (ct.dim() - 1)))[0])(masks.to(ct.dtype))
 
-    grouped = vmap(one_step)(x, cot)
-    return {n: real(g, 2).transpose(0, 1).contiguous() for n, g in grouped.items()}, None
+    return groups_first(vmap(one_step)(x, cot)), None

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .recurrent import RecurrentSystem
 
 
-@runtime_checkable
 class TrainedModel(Protocol):
     """What ``biaskit analyze`` and the trainers need of a model.
 
@@ -142,9 +141,8 @@ def probing(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, le
         try:
             with torch.no_grad():
                 _, start = model(windows.burn)
-        except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
-            first = (str(err).strip().splitlines() or [""])[0]
+        except Exception as err:  # the model's own code: its error, in one line
             raise InputError(f"the model's forward(inputs, state) failed on the burn-in: {type(err).__name__}: "
-                             f"{first}") from None
+                             f"{first_line(err)}") from None
         window_targets = windows.targets if every_step else windows.targets[:, length - 1]
         yield Probe(system, windows.inputs, window_targets, start, windows.burn)

@@ -276,6 +276,11 @@ class TorchRecurrent(RecurrentSystem):
                     "first, biaskit measures the deterministic recurrence"
                 )
         self.frozen = {n: q.detach() for n, q in module.named_parameters() if not q.requires_grad}
+        first: dict[int, str] = {}  # a tensor under several names (tied weights): each name → its first
+        named = list(module.named_parameters(remove_duplicate=False))
+        for n, q in named:
+            first.setdefault(id(q), n)
+        self.aliases = {n: first[id(q)] for n, q in named if first[id(q)] != n}
         blocks = [(l, comp) for l in range(self.num_layers) for comp in self.components]
         self.layout = StateLayout([c for _, c in blocks for _ in range(self.hidden)],
                                   [l for l, _ in blocks for _ in range(self.hidden)],
@@ -293,6 +298,7 @@ class TorchRecurrent(RecurrentSystem):
     def step(self, params, state, x):
         new, inp = [], self.encode(params, x)
         params = {**self.frozen, **params}
+        params.update({n: params[f] for n, f in self.aliases.items()})
         for layer, hs in enumerate(self.split(state)):
             gi, gh = _gates(params, inp, hs[0], self.suffix(layer))
             hs = self.cell(gi, gh, hs, self.nonlinearity)

@@ -97,7 +97,8 @@ def synthetic_bias(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tens
                 carried.append(h)
         grads = torch.autograd.grad(loss / (B * W), [*trained, *carried], allow_unused=True)
         exact = _flat(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, trained))
-        future = [g * (B * W) for g in grads[len(trained):]]  # per sample, Σ of later losses
+        # per sample, Σ of later losses (none after the last boundary without a lookahead: zero)
+        future = [torch.zeros_like(h) if g is None else g * (B * W) for g, h in zip(grads[len(trained):], carried)]
 
         # Truncated: the state entering each chunk detached; the DNI's term at each end.
         h, loss, term, predicted = state, 0.0, 0.0, []

@@ -237,6 +237,18 @@ def test_synthetic_bias_of_a_zero_dni_is_the_truncation_bias():
     assert ds["synthetic_error"].values == pytest.approx(1.0)  # predicting 0 misses all of it
 
 
+def test_synthetic_bias_without_a_lookahead_has_no_future_past_the_window():
+    """lookahead=0 (the default): the window's own losses only, so the last boundary's future is zero
+    and the truncation bias is that of the window's full BPTT."""
+    model, x, y, _, h0, W, _, K = audit_setup()
+    x, y = x[:, :W], y[:, :W]
+    ds = synthetic_bias(model.system(), x, y, K, start=h0)
+    future, _ = future_gradients(model, x, y, list(range(K, W, K)), state=h0)  # the boundaries before the last
+    assert float(ds["future_norm"][-1]) == 0 and float(ds["future_norm"][0]) > 0
+    torch.testing.assert_close(torch.tensor(ds["future_norm"].values[:-1]),
+                               torch.stack([f.norm(dim=1).mean() for f in future]))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"K": 0}, "K must be in"),
     ({"K": 13}, "K must be in"),

@@ -152,9 +152,46 @@ def test_a_readout_tied_to_the_embedding_is_one_coordinate_of_the_gradient():
     ds = biaskit.decompose(model.system(), tokens, y, psi=False, metric=torch.eye(8, dtype=torch.float64))
     full = gradient()
     assert ds.attrs["grad_norm"] == pytest.approx(float(full.norm()), rel=1e-10)
+    assert ds.attrs["n_params"] == full.numel()  # the shared matrix counted once
     for K in range(R):
         want = float((gradient(K) - full).norm() / full.norm())
         assert ds["rel_bias"].sel(K=K).item() == pytest.approx(want, rel=1e-8, abs=1e-13), K
+
+
+def test_an_rnn_whose_weights_are_tied_to_each_other_leaves_the_fast_path_and_is_measured_right():
+    """nn.RNN with W_hh the same tensor as W_ih (input size = hidden): module.parameters() lists it once,
+    so the fast path, which names each weight, must not take it; every K against detach-based truncation."""
+    torch.manual_seed(0)
+    B, R, H = 5, 7, 3
+    rnn, head = nn.RNN(H, H, batch_first=True).double(), nn.Linear(H, 2).double()
+    rnn.weight_hh_l0 = rnn.weight_ih_l0
+    x, y = torch.randn(B, R, H, dtype=torch.float64), torch.randint(0, 2, (B,))
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    ds = biaskit.decompose(biaskit.wrap(rnn, head, loss_fn), x, y, psi=False, metric=torch.eye(H, dtype=torch.float64))
+    assert not ds.attrs["path"].startswith("fast")
+
+    def flat_gradient(K=None):
+        grads = naive_gradient(rnn, head, loss_fn, x, y, K)
+        return torch.cat([g.flatten() for g in grads.values()])
+
+    full = flat_gradient()
+    assert ds.attrs["n_params"] == full.numel() == H * H + 2 * H + 2 * H + 2
+    for K in range(R):
+        want = float((flat_gradient(K) - full).norm() / full.norm())
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(want, rel=1e-8, abs=1e-13), K
+
+
+def test_a_step_with_no_trainable_parameter_and_meaningless_metric_sizes_are_refused():
+    torch.manual_seed(0)
+    rnn, head = nn.RNN(2, 3, batch_first=True), nn.Linear(3, 2)
+    x, y = torch.randn(4, 5, 2), torch.randint(0, 2, (4,))
+    frozen = biaskit.wrap(nn.RNN(2, 3, batch_first=True).requires_grad_(False), head, nn.CrossEntropyLoss(reduction="none"))
+    with pytest.raises(biaskit.InputError, match="no trainable parameters"):
+        biaskit.decompose(frozen, x, y)
+    system = biaskit.wrap(rnn, head, nn.CrossEntropyLoss(reduction="none"))
+    for bad in ({"probes": 0}, {"metric_rows": 0}, {"probes": -1}, {"metric_rows": 2.5}):
+        with pytest.raises(biaskit.InputError, match="positive whole number"):
+            biaskit.decompose(system, x, y, **bad)
 
 
 # --- exact_kappa: the statistic from its definition ---------------------------------------------------------

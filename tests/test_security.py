@@ -112,6 +112,8 @@ def one_tensor():
     return torch.zeros(10)
 def ragged():
     return torch.zeros(10), torch.zeros(9)
+def unknown_tokens():
+    return torch.full((300,), 9), torch.zeros(300, dtype=torch.long)
 '''
 
 
@@ -121,6 +123,8 @@ def ragged():
     ("mine:broken", "mine:ragged", "the factory mine:broken failed: KeyError"),
     ("mine:model", "mine:one_tensor", "must return (inputs, targets)"),
     ("mine:model", "mine:ragged", "both need the same number of steps"),
+    (".mine:model", "mine:ragged", "name the module absolutely"),
+    ("mine:model", "mine:unknown_tokens", "forward(inputs, state) failed on the burn-in: IndexError"),
 ])
 def test_a_factory_or_data_function_that_misbehaves_is_one_line(run_cli, tmp_path, monkeypatch, factory, data,
                                                                  message):
@@ -130,6 +134,39 @@ def test_a_factory_or_data_function_that_misbehaves_is_one_line(run_cli, tmp_pat
     torch.save(TokenLSTM(5, 3, 4, 1).state_dict(), tmp_path / "w.pt")
     res = run_cli("analyze", tmp_path / "w.pt", "--factory", factory, "--data", data, *FAST, "--out", tmp_path / "a")
     assert res.code == 2 and message in res.err and len(res.err.strip().splitlines()) == 1, res.err
+
+
+def test_a_module_in_the_current_folder_imports_but_never_shadows_an_installed_one(tmp_path, monkeypatch):
+    """--factory mine:build finds mine.py here, as python -m would; a json.py planted beside it is not
+    what a later ``import json`` finds (the folder goes last on sys.path)."""
+    import importlib.machinery
+    import sys
+    (tmp_path / "mine.py").write_text(FACTORIES)
+    (tmp_path / "json.py").write_text("raise SystemExit('planted')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert callable(checkpoint.resolve("mine:model"))
+    assert sys.path[-1] == str(tmp_path)
+    assert not importlib.machinery.PathFinder.find_spec("json").origin.startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("K, dni, message", [(-4, None, "its K is -4, not a whole number >= 0"),
+                                             (True, None, "its K is True"),
+                                             (0, "neuron", "its K is 0, not a whole number >= 1"),
+                                             (None, "neuron", "holds a DNI but no K")])
+def test_a_checkpoint_with_a_meaningless_K_is_refused_before_any_work(run_cli, tmp_path, honest, K, dni, message):
+    entry = {"shape": dni, "config": {"size": 12, "hidden": 3}, "state": {}} if dni else None
+    path = plant(tmp_path / "k.pt", version=2, task="copy", task_config=TASK, model=honest, K=K, dni=entry)
+    res = run_cli("analyze", path, *FAST, "--out", tmp_path / "audit")
+    assert res.code == 2 and message in res.err and len(res.err.strip().splitlines()) == 1, res.err
+
+
+def test_analyze_refuses_a_seed_torch_cannot_take(run_cli, tmp_path, honest):
+    path = plant(tmp_path / "ok.pt", version=2, task="copy", task_config=TASK, model=honest, K=3)
+    for seed in ("-1", "100000000000000000000"):
+        res = run_cli("analyze", path, *FAST, "--seed", seed, "--out", tmp_path / "audit")
+        assert res.code == 2 and "Invalid value for '--seed'" in res.err, res.err
+        assert len(res.err.strip().splitlines()) == 1
 
 
 def test_analyze_on_a_full_disk_leaves_nothing_half_written(run_cli, tmp_path, honest, monkeypatch):

@@ -105,6 +105,14 @@ def test_cli_trains_and_resumes(run_cli, tmp_path):
         (["train", "copy", "--estimator", "dni", "--dni", "cell", "--out", "{tmp}/x"], "Invalid value for '--dni'"),
         (["train", "copy", "--estimator", "dni", "--dni-discount", "2", "--out", "{tmp}/x"], "--dni-discount"),
         (["train", "point-process", "--estimator", "dni", "--out", "{tmp}/x"], "No such option"),
+        (["train", "copy", "--controller", "paper", "--windows", "2", "--out", "{tmp}/x"], "3 --windows"),
+        (["train", "copy", "--delta", "0.5", "--K1", "6", "--K2", "3", "--out", "{tmp}/x"], "leave out --K1"),
+        (["train", "copy", "--optimizer", "LBFGS", "--out", "{tmp}/x"], "cannot train here: TypeError"),
+        (["train", "copy", "--optimizer-options", '{"momentum": 0.9, "dampening": "x"}', "--out", "{tmp}/x"],
+         "cannot train here"),
+        (["train", "copy", "--schedule", "step:1e-6:1e10", "--out", "{tmp}/x"], "GAMMA must be in (0, 1]"),
+        (["train", "copy", "--seed", "-1", "--out", "{tmp}/x"], "Invalid value for '--seed'"),
+        (["train", "copy", "--seed", "100000000000000000000", "--out", "{tmp}/x"], "Invalid value for '--seed'"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(run_cli, tmp_path, args, message):
@@ -166,3 +174,25 @@ def test_tensorboard_holds_the_scalars_of_metrics_jsonl(tmp_path, run_cli):
         scalars = events.Scalars(tag(key))
         assert [s.step for s in scalars] == [1, 2]
         assert [s.value for s in scalars] == pytest.approx([line[key] for line in lines], rel=1e-6)
+
+
+def test_work_that_does_not_divide_among_the_processes_is_refused():
+    """Each rank takes its share of the streams, the windows and the window groups (so the
+    confidence limits are those one process would give); a remainder is refused up front."""
+    from trainers.ddp import Ranks
+    from trainers.tasks import copy
+    task = copy.build(TINY)
+    base = {**configs.TRAIN_DEFAULTS, "batch_size": 8, "window": 20, "windows": 16, "groups": 16}
+    loop.check_data(task, configs.check(dict(base)), Ranks(rank=0, world=2))
+    for key, value in (("batch_size", 9), ("windows", 15), ("groups", 15)):
+        option = "--" + key.replace("_", "-")
+        with pytest.raises(checkpoint.InputError, match=f"{option} \\({value}\\) must divide evenly among the 2"):
+            loop.check_data(task, configs.check({**base, key: value}), Ranks(rank=0, world=2))
+
+
+def test_an_epoch_whose_valid_loss_is_not_finite_is_logged_and_printed_as_missing(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "evaluate", lambda *args: (float("nan"), {}))
+    res = run_cli("train", "copy", "--K", "4", "--epochs", "1", "--out", str(tmp_path / "r"), *TINY_ARGS[:-1])
+    assert res.code == 0, res.err
+    assert "valid ppl –" in res.err + res.out and "best valid ppl –" in res.out
+    assert runs.read_metrics(tmp_path / "r")[0]["valid_loss"] is None

@@ -20,7 +20,7 @@ from biaskit.norms import NORMS
 
 from . import config as configs
 from .adaptive import BETA_METHODS, CONTROLLERS
-from .loop import Run
+from .loop import Run, shown
 from .runs import plot_training, read_metrics
 from .tasks import copy, language, point_process
 
@@ -82,7 +82,9 @@ TRAIN_OPTIONS = [
                  help="exact (default): K from the exact bias's upper limit; paper: Algorithm 1 as printed."),
     click.option("--level", type=Number(0.5, 1, high_open=True), help="The exact controller's confidence (0.9)."),
     click.option("--groups", type=click.IntRange(3), help="Window groups for its confidence limit (16)."),
-    click.option("--norm", type=click.Choice(CONTROL_NORMS), help="The paper controller's norm (phi)."),
+    click.option("--norm", type=click.Choice(CONTROL_NORMS),
+                 help="The paper controller's norm (default phi): "
+                      + "; ".join(f"{n}: {NORMS[n].description}" for n in CONTROL_NORMS) + "."),
     click.option("--beta-method", type=click.Choice(list(BETA_METHODS)),
                  help="The paper controller's beta: regression (Eq. 22, OLS), max (Eq. 21) or quantile."),
     click.option("--batch-size", type=click.IntRange(1), help="Parallel streams S."),
@@ -92,7 +94,7 @@ TRAIN_OPTIONS = [
     click.option("--optimizer-options", callback=_json_dict, help='JSON, e.g. \'{"momentum": 0.9}\'.'),
     click.option("--clip", type=POSITIVE, help="Clip the gradient norm to this."),
     click.option("--schedule", help="constant, cosine, step:EPOCHS:GAMMA or restarts:EPOCHS."),
-    click.option("--seed", type=int),
+    click.option("--seed", type=click.IntRange(0, 2**63 - 1)),
     click.option("--out", type=click.Path(path_type=Path), help="Run directory."),
     click.option("--resume", type=click.Path(path_type=Path), help="Continue the run in this directory."),
     click.option("--device", "device_name", default="cpu", show_default=True),
@@ -153,8 +155,8 @@ def _train(task: str, task_config: dict, opts: dict):
         return
     best = min(metrics, key=lambda m: m["valid_loss"] if m["valid_loss"] is not None else math.inf)
     metric = run.task.metric.lower()
-    click.echo(f"best valid {metric} {best[f'valid_{metric}']:.4f} (epoch {best['epoch']}), "
-               f"test {metric} {best[f'test_{metric}']:.4f}; run in {resume or out}")
+    click.echo(f"best valid {metric} {shown(best[f'valid_{metric}'], '.4f')} (epoch {best['epoch']}), "
+               f"test {metric} {shown(best[f'test_{metric}'], '.4f')}; run in {resume or out}")
 
 
 @train.command("copy")

@@ -11,10 +11,11 @@ import numbers
 
 import torch
 
-from biaskit.errors import InputError
+from biaskit.errors import InputError, first_line
 
 from . import schedule
 from .adaptive import BETA_METHODS, CONTROLLERS
+from .dni import SHAPES
 
 TRAIN_DEFAULTS = {
     "epochs": 20,
@@ -48,7 +49,7 @@ TRAIN_DEFAULTS = {
     "alternate": False,    # dni: real gradients in even warm restarts, synthetic in odd (schedule restarts:E)
     "seed": 0,
 }
-DNI_SHAPES = ("neuron", "layer")
+DNI_SHAPES = tuple(SHAPES)
 
 
 def _positive(cfg: dict, key: str, option: str, integer: bool = False, allow_none: bool = False):
@@ -89,14 +90,16 @@ def check(cfg: dict) -> dict:
         raise InputError(f"unknown --beta-method {cfg['beta_method']!r}: use {', '.join(BETA_METHODS)}")
     if not (isinstance(cfg["level"], numbers.Real) and 0.5 <= cfg["level"] < 1):
         raise InputError(f"--level must be in [0.5, 1), e.g. 0.9; got {cfg['level']}")
-    if cfg["groups"] < 3 or (cfg["controller"] == "exact" and cfg["windows"] < 3):
-        raise InputError(f"the exact controller's confidence limit needs at least 3 --groups of windows and 3 "
+    if cfg["groups"] < 3 or cfg["windows"] < 3:  # every update measures the exact bias's limits
+        raise InputError(f"the exact bias's confidence limit needs at least 3 --groups of windows and 3 "
                          f"--windows (got {cfg['groups']} groups, {cfg['windows']} windows); the groups are "
                          "capped at the windows")
     if cfg["estimator"] not in ("tbptt", "dni"):
         raise InputError(f"unknown estimator {cfg['estimator']!r}: use tbptt or dni")
     if cfg["dni"] not in DNI_SHAPES:
         raise InputError(f"unknown DNI {cfg['dni']!r}: use {' or '.join(DNI_SHAPES)}")
+    if cfg["delta"] is not None and cfg["K1"] is not None and cfg["estimator"] != "dni":
+        raise InputError("--delta adapts the K of BPTT(2K, K): leave out --K1 and --K2, which fix the truncation")
     if cfg["estimator"] == "dni" and (cfg["delta"] is not None or cfg["K1"] is not None):
         raise InputError("--estimator dni trains BPTT(K, K) chunks with a fixed --K: "
                          "leave out --delta, --K1 and --K2")
@@ -110,6 +113,15 @@ def check(cfg: dict) -> dict:
         raise InputError(f"unknown optimizer {cfg['optimizer']!r}: use a torch.optim name such as SGD or Adam")
     if not isinstance(cfg["optimizer_options"], dict):
         raise InputError("--optimizer-options must be a JSON object, e.g. '{\"momentum\": 0.9}'")
+    try:  # two steps on a throwaway parameter (the first may only fill buffers): options of the wrong
+        probe = torch.zeros(1, requires_grad=True)  # type, or a step that needs a closure, fail here
+        probe.grad = torch.zeros(1)
+        trial = optimizer([probe], lr=cfg["lr"], **cfg["optimizer_options"])
+        trial.step()
+        trial.step()
+    except Exception as err:
+        raise InputError(f"--optimizer {cfg['optimizer']} with options {cfg['optimizer_options']} cannot train "
+                         f"here: {type(err).__name__}: {first_line(err)}") from None
     return cfg
 
 

@@ -33,10 +33,8 @@ EVAL_CHUNK = 200
 
 
 def make_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
-    try:
-        return getattr(torch.optim, cfg["optimizer"])(model.parameters(), lr=cfg["lr"], **cfg["optimizer_options"])
-    except (TypeError, ValueError) as err:
-        raise InputError(f"bad options for {cfg['optimizer']}: {err}") from None
+    """The configured optimizer (its name and options were tried by ``config.check``)."""
+    return getattr(torch.optim, cfg["optimizer"])(model.parameters(), lr=cfg["lr"], **cfg["optimizer_options"])
 
 
 @torch.no_grad()
@@ -62,6 +60,7 @@ def check_data(task, cfg: dict, ranks: ddp.Ranks = ddp.Ranks()):
             raise InputError("synthetic gradients train on one process: run --estimator dni without torchrun")
         ddp.share(cfg["batch_size"], ranks, "--batch-size")
         ddp.share(cfg["windows"], ranks, "--windows")
+        ddp.share(cfg["groups"], ranks, "--groups")  # each rank its share: the limits one process would give
     for name, (inputs, _) in task.splits.items():
         if len(inputs) < 2 * cfg["batch_size"]:
             raise InputError(f"the {name} split has {len(inputs)} positions, too few for {cfg['batch_size']} "
@@ -136,9 +135,8 @@ class Run:
         torch.set_rng_state(mine)
         self.generator.set_state(rng["controller"])
         cuda = rng.get("cuda")
-        if cuda is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(cuda[self.ranks.rank], self.device) if isinstance(cuda, list) and \
-                len(cuda) == self.ranks.world and self.ranks.world > 1 else torch.cuda.set_rng_state_all(cuda)
+        if cuda is not None and self.device.type == "cuda":  # each rank's own device's state (cuda:N too)
+            torch.cuda.set_rng_state(cuda[self.ranks.rank], self.device)
         self.epoch, self.K, self.best = state["epoch"], ckpt["K"], state["best_valid"]
         self.next_update, self.history, self.record = state["next_update"], ckpt["K_history"], state["record"]
         self.lines = state["metrics"]
@@ -255,9 +253,10 @@ class Run:
                         self.board.write(line)
                 self._save([BEST, LAST] if better else [LAST])
                 if not self.quiet:
-                    tqdm.write(f"epoch {self.epoch}: train {line['train_loss']:.4f}  valid {metric} "
-                               f"{line[f'valid_{metric}']:.4f}  test {metric} {line[f'test_{metric}']:.4f}  "
-                               f"K {K_used}  rel.bias {_number(line.get('rel_bias_exact'))}  "
+                    tqdm.write(f"epoch {self.epoch}: train {shown(line['train_loss'], '.4f')}  valid {metric} "
+                               f"{shown(line[f'valid_{metric}'], '.4f')}  test {metric} "
+                               f"{shown(line[f'test_{metric}'], '.4f')}  "
+                               f"K {K_used}  rel.bias {shown(line.get('rel_bias_exact'))}  "
                                + (f"chunked {line['rel_bias_truncated']:.3g} → DNI {line['rel_bias_synthetic']:.3g}  "
                                   if "rel_bias_synthetic" in line else "") + f"{line['tokens_per_s']:.0f} tok/s")
         finally:
@@ -265,5 +264,6 @@ class Run:
         return self.lines
 
 
-def _number(value) -> str:
-    return "–" if value is None else f"{value:.3g}"
+def shown(value, spec: str = ".3g") -> str:
+    """A logged number for people: "–" where it is missing (not finite, or not measured)."""
+    return "–" if value is None else format(value, spec)

@@ -23,6 +23,8 @@ def parse(name: str) -> tuple[str, tuple[float, ...]]:
     if arity is None or len(args) != arity or len(values) != arity or not all(
             math.isfinite(v) and v > 0 for v in values):
         raise InputError(f"unknown schedule {name!r}: use {SCHEDULES}, with positive numbers")
+    if kind == "step" and values[1] > 1:
+        raise InputError(f"schedule {name!r}: a step schedule decays, its GAMMA must be in (0, 1]")
     return kind, values
 
 
