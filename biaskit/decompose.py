@@ -362,10 +362,11 @@ def decompose(
     ``norms.estimate_metric``). ``psi=False`` skips the per-sample parameter-space
     norms. ``groups``: how many groups of windows the jackknife of
     ``exact_kappa`` resamples (at most one per window; under ``process_group``
-    each process's, so the Dataset holds the sum over the processes). ``process_group`` (torch.distributed): the windows
-    are this rank's share; sums, norms and biases are those of every rank's
-    windows together, and per-window variables (φ, ψ, loss) are gathered, so
-    every rank holds the same Dataset (see ``biaskit.distributed``).
+    each process's, so the Dataset holds the sum over the processes).
+    ``process_group`` (torch.distributed): the windows are this rank's share;
+    sums, norms and biases are those of every rank's windows together, and
+    per-window variables (φ, ψ, loss) are gathered, so every rank holds the
+    same Dataset (see ``biaskit.distributed``).
     """
     system, x = _prepare(system, inputs, targets, start)
     B, R = x.shape[:2]
