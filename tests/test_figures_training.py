@@ -40,7 +40,9 @@ def test_fixed_and_adaptive_runs_differ_in_style_and_colour_family(tmp_path):
                                                 for e, (K, v) in enumerate(zip([5, 8, 8, 12], NLL), 1)])
     by_config = fixed(tmp_path / "delta", 7)  # K never changed, but the config says adaptive
     (by_config / "config.json").write_text(json.dumps({"train": {"K": 7, "delta": 0.1}}))
-    fig = runs.plot_training([long, changing, short, by_config], ["K=20", "adaptive", "K=5", "δ=0.1"])
+    paper = fixed(tmp_path / "paper", 9)
+    (paper / "config.json").write_text(json.dumps({"train": {"K": 9, "delta": 0.5, "controller": "paper"}}))
+    fig = runs.plot_training([long, changing, short, by_config, paper], ["K=20", "adaptive", "K=5", "δ=0.1", "paper"])
     K_panel = {line.get_label(): line for line in fig.axes[1].get_lines()}
     for label in ("K=20", "K=5"):
         assert K_panel[label].get_linestyle() == "--"
@@ -51,11 +53,14 @@ def test_fixed_and_adaptive_runs_differ_in_style_and_colour_family(tmp_path):
         assert K_panel[label].get_linewidth() > K_panel["K=5"].get_linewidth()
         r, _, b, _ = K_panel[label].get_color()
         assert r > b  # oranges
+    assert K_panel["paper"].get_linestyle() == "-."  # the paper's controller: its own style and greens
+    r, g, b, _ = K_panel["paper"].get_color()
+    assert g > r and g > b
     assert luminance(K_panel["K=20"].get_color()) < luminance(K_panel["K=5"].get_color())  # longer K darker
     for ax in (fig.axes[0], fig.axes[2]):  # every panel keeps the run's style
         styles = {line.get_linestyle() for line in ax.get_lines()}
         assert "--" in styles and "-" in styles
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["K=20", "adaptive", "K=5", "δ=0.1"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["K=20", "adaptive", "K=5", "δ=0.1", "paper"]
 
 
 def test_smoothing_is_a_centred_moving_average_that_invents_nothing(tmp_path):

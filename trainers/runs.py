@@ -141,9 +141,10 @@ def plot_training(run_dirs, labels: list[str] | None = None, title: str | None =
     and, when a run trained with synthetic gradients, the chunked bias with its
     DNI (the run's line) and without (dotted). So that many runs stay readable,
     fixed-K runs are dashed, in blues ordered by K (darker: longer K), and
-    adaptive runs solid and thicker, in oranges ordered by δ (darker: smaller
-    δ). A run is adaptive when its logged K changes or its ``config.json`` sets
-    a delta (a missing or unreadable config is no error).
+    adaptive runs thicker and ordered by δ (darker: smaller δ): solid oranges
+    for the exact controller, dash-dot greens for the paper's (its config's
+    ``controller``). A run is adaptive when its logged K changes or its
+    ``config.json`` sets a delta (a missing or unreadable config is no error).
 
     ``smooth`` (epochs) replaces the metric and the biases by a centred moving
     average over the epochs within ``smooth // 2`` of each (an odd ``smooth``
@@ -169,8 +170,8 @@ def plot_training(run_dirs, labels: list[str] | None = None, title: str | None =
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(present, total / (inside & present[None, :]).sum(1), np.nan)
 
-    def kind(run_dir, lines) -> tuple[bool, float]:
-        """(adaptive, what orders the run among its kind: K if fixed, δ if adaptive)."""
+    def kind(run_dir, lines) -> tuple[str, float]:
+        """(fixed, exact or paper, what orders the run among its kind: K if fixed, δ if adaptive)."""
         try:
             config = json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -180,8 +181,8 @@ def plot_training(run_dirs, labels: list[str] | None = None, title: str | None =
         delta = number(train.get("delta"))
         Ks = {line["K"] for line in lines if not math.isnan(number(line.get("K")))}
         if len(Ks) > 1 or math.isfinite(delta):
-            return True, delta
-        return False, Ks.pop() if Ks else number(train.get("K"))
+            return ("paper" if train.get("controller") == "paper" else "exact"), delta
+        return "fixed", Ks.pop() if Ks else number(train.get("K"))
 
     if smooth is not None and (isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1):
         raise InputError(f"smooth must be a whole number of epochs >= 1 (or None), got {smooth!r}")
@@ -190,9 +191,10 @@ def plot_training(run_dirs, labels: list[str] | None = None, title: str | None =
     labels = labels or [Path(d).name for d in run_dirs]
     kinds = [kind(run_dir, lines) for run_dir, lines in zip(run_dirs, runs)]
     styles = [{}] * len(runs)
-    for adaptive, cmap, base in ((False, "Blues", {"ls": "--", "lw": 1.3}), (True, "Oranges", {"ls": "-", "lw": 2.2})):
-        order = sorted((i for i, (a, _) in enumerate(kinds) if a == adaptive),  # unknown K or δ lightest
-                       key=lambda i: (math.isfinite(kinds[i][1]), -kinds[i][1] if adaptive else kinds[i][1]))
+    for family, cmap, base in (("fixed", "Blues", {"ls": "--", "lw": 1.3}), ("exact", "Oranges", {"ls": "-", "lw": 2.2}),
+                               ("paper", "Greens", {"ls": "-.", "lw": 2.2})):
+        order = sorted((i for i, (f, _) in enumerate(kinds) if f == family),  # unknown K or δ lightest
+                       key=lambda i: (math.isfinite(kinds[i][1]), kinds[i][1] if family == "fixed" else -kinds[i][1]))
         for i, shade in zip(order, np.linspace(0.45, 0.95, len(order)) if len(order) > 1 else [0.75]):
             styles[i] = {**base, "color": colormaps[cmap](shade)}
     synthetic = any("rel_bias_synthetic" in line for lines in runs for line in lines)
@@ -231,7 +233,7 @@ def plot_training(run_dirs, labels: list[str] | None = None, title: str | None =
         ax.set_xlabel("epoch" + (f" (centred mean over {2 * half + 1})" if half and ax is not axes[1] else ""))
     if handles:
         fig.legend(handles=handles, loc="outside right upper", fontsize="small",
-                   title="dashed: fixed K\nsolid: adaptive", title_fontsize="small")
+                   title="dashed: fixed K\nsolid: adaptive, exact\ndash-dot: adaptive, paper", title_fontsize="small")
     if title:
         fig.suptitle(title)
     return fig
