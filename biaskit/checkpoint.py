@@ -228,8 +228,9 @@ def rebuild(path: str | Path, factory: str | None = None, data: str | None = Non
         streams = _streams(_call(resolve(data), f"the data function {data}"), f"the data function {data}")
     if streams is None:
         raise InputError("this file holds no data: pass --data package.module:function returning (inputs, targets)")
-    if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < (1 if dni_entry else 0)):
-        raise InputError(f"{path} is damaged: its K is {K!r}, not a whole number >= {1 if dni_entry else 0}")
-    if dni_entry and K is None:
+    dni = _dni(dni_entry, path, device)  # an unregistered DNI shape is refused first
+    if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < (1 if dni else 0)):
+        raise InputError(f"{path} is damaged: its K is {K!r}, not a whole number >= {1 if dni else 0}")
+    if dni is not None and K is None:
         raise InputError(f"{path} is damaged: it holds a DNI but no K (the chunk length it trained with)")
-    return Rebuilt(model.to(device), streams, K, _dni(dni_entry, path, device))
+    return Rebuilt(model.to(device), streams, K, dni)

@@ -155,7 +155,9 @@ def test_a_module_in_the_current_folder_imports_but_never_shadows_an_installed_o
                                              (0, "neuron", "its K is 0, not a whole number >= 1"),
                                              (None, "neuron", "holds a DNI but no K")])
 def test_a_checkpoint_with_a_meaningless_K_is_refused_before_any_work(run_cli, tmp_path, honest, K, dni, message):
-    entry = {"shape": dni, "config": {"size": 12, "hidden": 3}, "state": {}} if dni else None
+    from trainers.dni import SHAPES
+    config = {"size": 24, "hidden": 3}
+    entry = {"shape": dni, "config": config, "state": SHAPES[dni](config).state_dict()} if dni else None
     path = plant(tmp_path / "k.pt", version=2, task="copy", task_config=TASK, model=honest, K=K, dni=entry)
     res = run_cli("analyze", path, *FAST, "--out", tmp_path / "audit")
     assert res.code == 2 and message in res.err and len(res.err.strip().splitlines()) == 1, res.err
