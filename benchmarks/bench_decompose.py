@@ -15,8 +15,14 @@ fused ``nn.LSTM`` forward+backward measured in the same run:
 - ``naive``: every K's truncated gradient by its own forward and backward, the
   obvious way to the exact bias (every m-th K timed and scaled for long windows).
 
+Every method runs with denormal floats flushed to zero (``decompose`` does so
+itself): at long windows the cotangents vanish into denormals, which x86 CPUs
+process ~100x slower, and a plain pass that pays for them (1.2 s instead of
+0.1 s at R = 200 here) would flatter every ratio. ``--denormals`` keeps
+PyTorch's default for the other methods, to see what an unprepared run costs.
+
     python benchmarks/bench_decompose.py [--lengths 50 200 800] [--device cpu|cuda]
-                                         [--hidden 128] [--batch 32] [--methods ...]
+                                         [--hidden 128] [--batch 32] [--methods ...] [--denormals]
 """
 from __future__ import annotations
 
@@ -75,10 +81,11 @@ def _per_lag(lstm, head, x, y):
     return torch.stack(phi, 1)
 
 
-def _measure(method, R, device, hidden, batch, stride, repeats, queue):
+def _measure(method, R, device, hidden, batch, stride, repeats, denormals, queue):
     import biaskit
 
     torch.set_num_threads(torch.get_num_threads())
+    torch.set_flush_denormal(not denormals)
     lstm, head, x, y = _setup(R, device, hidden, batch)
     system = biaskit.wrap(lstm, head, torch.nn.CrossEntropyLoss(reduction="none"))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -114,10 +121,10 @@ def _measure(method, R, device, hidden, batch, stride, repeats, queue):
     queue.put({"method": method, "R": R, "seconds": seconds, "peak_mb": peak_mb})
 
 
-def measure(method, R, device, hidden, batch, stride=1, repeats=3):
+def measure(method, R, device, hidden, batch, stride=1, repeats=3, denormals=False):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(method, R, device, hidden, batch, stride, repeats, queue))
+    proc = ctx.Process(target=_measure, args=(method, R, device, hidden, batch, stride, repeats, denormals, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -132,15 +139,18 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--denormals", action="store_true",
+                        help="leave denormal floats on for the methods other than decompose (PyTorch's default)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     print(f"device={args.device} LSTM {LAYERS}x{args.hidden}, batch {args.batch}, threads {torch.get_num_threads()}; "
-          "seconds (ratio to plain) and peak MB")
+          f"denormals {'on' if args.denormals else 'flushed'}; seconds (ratio to plain) and peak MB")
     rows = []
     for R in args.lengths:
         stride = max(1, R // 25)
         res = {m: measure(m, R, args.device, args.hidden, args.batch, stride=stride if m == "naive" else 1,
-                          repeats=1 if m in ("naive", "per-lag") else args.repeats) for m in args.methods}
+                          repeats=1 if m in ("naive", "per-lag") else args.repeats, denormals=args.denormals)
+               for m in args.methods}
         base = res.get("plain", {}).get("seconds")
         row = {"R": R, **{f"{m} s": r["seconds"] for m, r in res.items()},
                **{f"{m} MB": r["peak_mb"] for m, r in res.items()}}

@@ -60,7 +60,7 @@ class Mutant:
     reason: str = ""  # why an equivalent mutant computes the same numbers for every input
 
 
-D, F, N = "biaskit/decompose.py", "biaskit/fastpath.py", "biaskit/norms.py"
+D, F, N, TA = "biaskit/decompose.py", "biaskit/fastpath.py", "biaskit/norms.py", "biaskit/tails.py"
 B, Y, REC = "biaskit/bias.py", "biaskit/decay.py", "biaskit/recurrent.py"
 SYN, TB, AD = "biaskit/synthetic.py", "trainers/tbptt.py", "trainers/adaptive.py"
 T_DEC, T_BIAS, T_DECAY = "tests/test_decompose.py", "tests/test_bias.py", "tests/test_decay.py"
@@ -68,25 +68,22 @@ T_CELLS, T_AD, T_TB = "tests/test_cells.py", "tests/test_adaptive.py", "tests/te
 T_DNI, T_DIST, T_INV = "tests/test_dni.py", "tests/test_distributed.py", "tests/test_invariants.py"
 
 MUTANTS: list[Mutant] = [
-    # --- decompose.py: the running tails and their Gram expansions -----------------------------------------
-    Mutant("tail-carry-dropped", D,
-           "total_sq = total_sq + carry_t @ carry_t + 2 * _before(T @ carry_t) + _within(gram_t)",
-           "total_sq = total_sq + _within(gram_t)",
+    # --- tails.py: the running tails and their Gram expansions ---------------------------------------------
+    Mutant("tail-carry-dropped", TA, "self.total_sq.append(s.carry_sq + 2 * _before(s.v) + _within(s.TT))",
+           "self.total_sq.append(2 * _before(s.v) + _within(s.TT))",
            "the total tail's norm forgets the carry from earlier chunks", (T_DEC, T_INV)),
-    Mutant("tail-carry-forgets-chunks", D, "carry_t += T.sum(0)", "carry_t.copy_(T.sum(0))",
-           "the total carry holds only the last chunk (carry = ..., not +=)", (T_DEC, T_INV)),
-    Mutant("group-carry-forgets-chunks", D, "carry_g += X.sum(1)", "carry_g.copy_(X.sum(1))",
-           "each group's carry holds only the last chunk", (T_DEC, T_INV)),
-    Mutant("group-dot-carry-dropped", D,
-           "(carry_g @ carry_t)[:, None] + _before(X @ carry_t) + _before(carry_g @ T.T)",
-           "(carry_g @ carry_t)[:, None] + _before(X @ carry_t)",
+    Mutant("tail-carry-forgets-chunks", TA, "carry_t += self.T.sum(0)", "carry_t.copy_(self.T.sum(0))",
+           "whole products: the total carry holds only the last chunk (carry = ..., not +=)", (T_DEC, T_INV)),
+    Mutant("group-carry-forgets-chunks", TA, "carry_g += self.X.sum(1)", "carry_g.copy_(self.X.sum(1))",
+           "whole products: each group's carry holds only the last chunk", (T_DEC, T_INV)),
+    Mutant("group-dot-carry-dropped", TA, "_before(s.W + s.y)", "_before(s.y)",
            "<group tail, total tail> loses the group carry's dot with the chunk's totals", (T_DEC, T_INV)),
-    Mutant("before-inclusive", D, "return values.cumsum(-1) - values", "return values.cumsum(-1)",
+    Mutant("before-inclusive", TA, "return values.cumsum(-1) - values", "return values.cumsum(-1)",
            "_before sums i <= j instead of i < j", (T_DEC,)),
-    Mutant("within-unshifted", D,
+    Mutant("within-unshifted", TA,
            "return torch.cat([inclusive.new_zeros(*inclusive.shape[:-1], 1), inclusive[..., :-1]], dim=-1)",
            "return inclusive", "_within includes step j itself in the tail before j", (T_DEC,)),
-    Mutant("lag-contribution-rowsum", D, "lag_sq = lag_sq + gram_t.diagonal()", "lag_sq = lag_sq + gram_t.sum(1)",
+    Mutant("lag-contribution-rowsum", TA, "self.lag_sq.append(s.TT.diagonal())", "self.lag_sq.append(s.TT.sum(1))",
            "lag_contribution: a row of the Gram matrix, not its diagonal", (T_DEC, T_INV)),
     Mutant("by-K-unflipped", D, "return torch.cat(rows).flip(0) / world_batch**2",
            "return torch.cat(rows) / world_batch**2",
@@ -103,15 +100,30 @@ MUTANTS: list[Mutant] = [
            "if sweep.out_cotangent is not None and sl.start == 0:",
            "(output, state) steps: the output's cotangent enters the first chunk, not the last step's",
            (T_CELLS, T_DEC, T_INV)),
-    # --- fastpath.py: outer products, ψ, chunks ---------------------------------------------------------------
-    Mutant("fast-wih-hidden-delta", F, '("weight_ih" + suffix, di, xi)', '("weight_ih" + suffix, dh, xi)',
+    # --- fastpath.py: outer products, rows, ψ, chunks ------------------------------------------------------------
+    Mutant("fast-wih-hidden-delta", F, '("weight_ih" + suffix, di, fast.inputs[layer][sl])',
+           '("weight_ih" + suffix, dh, fast.inputs[layer][sl])',
            "GRU: W_ih's product uses the hidden gates' cotangents", (T_DEC,)),
     Mutant("fast-whh-reads-c", F, "hidden = [h[..., :system.hidden] for h in hidden]",
            "hidden = [h[..., -system.hidden:] for h in hidden]", "LSTM: W_hh multiplies c instead of h", (T_DEC,)),
-    Mutant("fast-psi-abs", F, "(1 if by is None else by.pow(2).sum(-1))", "(1 if by is None else by.abs().sum(-1))",
-           "ψ: ||δ xᵀ||² taken as ||δ||²·||x||₁", (T_DEC,)),
+    Mutant("fast-psi-abs", F, "sq = sq + delta.pow(2).sum(-1) * by.pow(2).sum(-1)",
+           "sq = sq + delta.pow(2).sum(-1) * by.abs().sum(-1)", "ψ: ||δ aᵀ||² taken as ||δ||²·||a||₁", (T_DEC,)),
     Mutant("fast-chunk-first-hidden", F, "fast.hidden[layer][sl]", "fast.hidden[layer][:sl.stop - sl.start]",
            "every chunk's W_hh product reads the first chunk's hidden states", (T_DEC,)),
+    Mutant("fast-rows-total-carry-forgets-chunks", F, "carry_t += self.T.sum(0)", "carry_t.copy_(self.T.sum(0))",
+           "rows: the total carry holds only the last chunk", (T_DEC, T_INV)),
+    Mutant("fast-rows-group-carry-forgets-chunks", F,
+           "carry_g.view(G, p, q).baddbmm_(self.dg.transpose(1, 2), self.ag)",
+           "carry_g.view(G, p, q).copy_(torch.bmm(self.dg.transpose(1, 2), self.ag))",
+           "rows: each group's carry holds only the last chunk", (T_DEC, T_INV)),
+    Mutant("fast-rows-own-carry-dropped", F, "u=(self.dg * own).sum(-1).view(G, -1, m).sum(-1), ", "",
+           "rows: a group's tail forgets its carry's dot with the chunk's rows", (T_DEC, T_INV)),
+    Mutant("fast-rows-offset-zero", F, "own = self.K[..., self.offset:self.offset + B]", "own = self.K[..., :B]",
+           "rows under a process group: every rank pairs its groups with rank 0's windows", (T_DIST,)),
+    Mutant("fast-rows-cross-local", F, "self.masks, self.K.sum(-1))", "self.masks, own.sum(-1))",
+           "rows under a process group: <group, total> within a chunk sees this rank's windows only", (T_DIST,)),
+    Mutant("denormals-not-restored", D, "torch.set_flush_denormal(before)", "torch.set_flush_denormal(False)",
+           "decompose leaves the caller's flush-denormal setting off", (T_DEC,)),
     # --- norms.py ---------------------------------------------------------------------------------------------
     Mutant("mahalanobis-diagonal", N, 'torch.einsum("...i,ij,...j->...", cotangents, metric, cotangents)',
            'torch.einsum("...i,ii,...i->...", cotangents, metric, cotangents)',

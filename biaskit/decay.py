@@ -137,7 +137,8 @@ def norm_table(ds: xr.Dataset, norm: str) -> np.ndarray:
     if norm not in NORMS:
         raise InputError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
     if norm not in ds:
-        hint = " (decompose(..., psi=True) computes it)" if norm == "psi" else ""
+        hint = {"psi": " (decompose(..., psi=True) computes it)",
+                "phi_mahalanobis": " (decompose(..., metric=False) leaves it out)"}.get(norm, "")
         raise InputError(f"the Dataset has no {norm!r} variable{hint}")
     table = ds[norm].transpose("sample", "lag").values.astype(np.float64)
     if table.shape[0] < 2 or table.shape[1] < 2:

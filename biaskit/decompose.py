@@ -26,9 +26,11 @@ Memory is O(R·state + chunk·groups·|θ|).
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,7 @@ from torch.func import vjp, vmap
 from . import distributed, fastpath, norms
 from .errors import InputError
 from .recurrent import CustomStep, Params, RecurrentSystem, check_reachable, wrap
+from .tails import Tails, held
 
 #: Elements of per-step, per-group parameter products held at once in the parameter pass.
 CHUNK_ELEMENTS = 2**23
@@ -247,65 +250,6 @@ def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tens
     return groups_first(grouped), None
 
 
-@dataclass
-class Tails:
-    """Running tails of the per-lag contributions, from the oldest step on: every window's together
-    (all ranks' under a process group) and each of this process's groups of windows apart.
-
-    For each step t (oldest first) it records, before adding step t's products,
-    the squared norm of the total tail and, per group, the squared norm of its
-    tail and its dot product with the total tail; and the squared norms of step
-    t's own products, total and per group.
-    """
-
-    group_carry: dict = field(default_factory=dict)  # name -> (G, n)
-    total_carry: dict = field(default_factory=dict)  # name -> (n,)
-    total_sq: list = field(default_factory=list)
-    group_sq: list = field(default_factory=list)
-    group_dot: list = field(default_factory=list)
-    lag_sq: list = field(default_factory=list)
-    lag_group_sq: list = field(default_factory=list)
-
-    def add(self, products: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]):
-        """Add one chunk of steps: per-group products ``{name: (G, c, n)}`` and their totals over
-        every window ``{name: (c, n)}`` (real).
-
-        Each tail before step j is a carry plus the chunk's steps i < j, so its squared norms and
-        dot products expand into the carries' dots with the chunk's rows and 2-d running sums of
-        the chunk's Gram matrices: matmuls over (c × n) blocks instead of memory-bound cumulative
-        sums of (G × c × n) tensors.
-        """
-        total_sq = group_sq = group_dot = lag_sq = lag_group_sq = 0.0
-        for name, X in products.items():
-            T = totals[name]
-            carry_g = self.group_carry.setdefault(name, X.new_zeros(X.shape[0], X.shape[2]))
-            carry_t = self.total_carry.setdefault(name, X.new_zeros(X.shape[2]))
-            gram_t, gram_g, cross = T @ T.T, X @ X.transpose(1, 2), X @ T.T  # (c, c), (G, c, c), (G, c, c)
-            total_sq = total_sq + carry_t @ carry_t + 2 * _before(T @ carry_t) + _within(gram_t)
-            group_sq = group_sq + ((carry_g * carry_g).sum(1, keepdim=True)
-                                   + 2 * _before(torch.bmm(X, carry_g[:, :, None])[..., 0]) + _within(gram_g))
-            group_dot = group_dot + ((carry_g @ carry_t)[:, None] + _before(X @ carry_t) + _before(carry_g @ T.T)
-                                     + _within(cross))
-            lag_sq = lag_sq + gram_t.diagonal()
-            lag_group_sq = lag_group_sq + gram_g.diagonal(dim1=1, dim2=2)
-            carry_g += X.sum(1)
-            carry_t += T.sum(0)
-        for record, value in ((self.total_sq, total_sq), (self.group_sq, group_sq.T), (self.group_dot, group_dot.T),
-                              (self.lag_sq, lag_sq), (self.lag_group_sq, lag_group_sq.T)):
-            record.append(value)
-
-
-def _before(values: torch.Tensor) -> torch.Tensor:
-    """Σ_{i<j} values[..., i] for each j (the last dimension)."""
-    return values.cumsum(-1) - values
-
-
-def _within(gram: torch.Tensor) -> torch.Tensor:
-    """Σ_{i, i' < j} gram[..., i, i'] for each j: the squared norm of the chunk's steps before j."""
-    inclusive = gram.cumsum(-1).cumsum(-2).diagonal(dim1=-2, dim2=-1)
-    return torch.cat([inclusive.new_zeros(*inclusive.shape[:-1], 1), inclusive[..., :-1]], dim=-1)
-
-
 def _positive_int(value, name: str, what: str):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise InputError(f"{name} must be a positive whole number of {what}, got {value!r}")
@@ -330,20 +274,46 @@ def _direct(system, readout: Params, sweep: Sweep, targets, masks: torch.Tensor)
     return {n: real(g, 1) for n, g in grads.items()}
 
 
-def _chunk_steps(n_params: int, groups: int, batch: int, per_sample: bool) -> int:
-    """Steps per chunk: as many as ``CHUNK_ELEMENTS`` hold, at most ``CHUNK_STEPS`` (the Gram
-    matrices' cost grows with the chunk)."""
-    width = n_params * (groups + (batch if per_sample else 0))
-    return max(1, min(CHUNK_STEPS, CHUNK_ELEMENTS // max(1, width)))
+def _chunk_steps(width: int, rows: int = 0) -> int:
+    """Steps per chunk: as many as ``CHUNK_ELEMENTS`` hold at ``width`` elements a step and, on the
+    fast path, a Gram matrix of ``rows`` rows a step (its size grows as the chunk's square), at
+    most ``CHUNK_STEPS`` (the Gram matrices' cost grows with the chunk)."""
+    steps = CHUNK_ELEMENTS // max(1, width)
+    if rows:
+        steps = min(steps, math.isqrt(CHUNK_ELEMENTS) // rows)
+    return max(1, min(CHUNK_STEPS, steps))
 
 
+def _flushing_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero now (torch has no getter)."""
+    return bool((torch.full((1,), 1e-30) * 1e-9).item() == 0)
+
+
+def _without_denormals(fn):
+    """Run ``fn`` with denormal floats flushed to zero, as the caller had it after: the cotangents of
+    long windows vanish into denormals (below 1.2e-38 in float32), which x86 CPUs process about
+    100x slower, and a tail that small is zero at float32's precision anyway."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        before = _flushing_denormals()
+        torch.set_flush_denormal(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_flush_denormal(before)
+
+    return run
+
+
+@_without_denormals
 def decompose(
     system: RecurrentSystem | torch.nn.Module,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
     start: Any = None,
-    metric: torch.Tensor | None = None,
+    metric: torch.Tensor | None | bool = None,
     probes: int = 8,
     metric_rows: int = 512,
     psi: bool = True,
@@ -359,8 +329,9 @@ def decompose(
     model's forward over a burn-in returns; None: zeros). ``metric`` is the (D, D)
     Mahalanobis metric; by default it is estimated from ``metric_rows`` random
     (step, sample) pairs of these windows with ``probes`` random probes each (see
-    ``norms.estimate_metric``). ``psi=False`` skips the per-sample parameter-space
-    norms. ``groups``: how many groups of windows the jackknife of
+    ``norms.estimate_metric``); ``metric=False`` leaves the Mahalanobis norm out
+    (the exact controller does: it needs no metric). ``psi=False`` skips the
+    per-sample parameter-space norms. ``groups``: how many groups of windows the jackknife of
     ``exact_kappa`` resamples (at most one per window; under ``process_group``
     each process's, so the Dataset holds the sum over the processes).
     ``process_group`` (torch.distributed): the windows are this rank's share;
@@ -374,7 +345,7 @@ def decompose(
     if not params:
         raise InputError(f"{system.kind} has no trainable parameters in its recurrent step: truncation "
                          "changes no gradient (are they all frozen?)")
-    if metric is None:
+    if metric is None:  # estimated: its options are checked before any work
         _positive_int(probes, "probes", "random probes")
         _positive_int(metric_rows, "metric_rows", "(step, sample) rows")
     readout = {n: p.detach() for n, p in system.readout_params().items()}
@@ -386,12 +357,21 @@ def decompose(
 
     # Parameter pass, oldest step first: T_K is the running sum before step R-K.
     n_params = sum(real(p, 0).numel() for p in params.values())
-    chunk = _chunk_steps(n_params, masks.shape[0], B, psi)
+    G = masks.shape[0]
+    if fast:
+        n_encoder = sum(real(p, 0).numel() for n, p in params.items() if n.startswith("encoder."))
+        world_batch = distributed.total(B, process_group)
+        rows = fastpath.by_rows(params, B, world_batch, G)
+        chunk = _chunk_steps(fastpath.chunk_width(params, G, rows) + n_encoder * (G + (B if psi else 0)),
+                             math.isqrt(B * world_batch) + 1 if rows else 0)
+        offset = distributed.offset(B, process_group)
+    else:
+        chunk = _chunk_steps(n_params * (G + (B if psi else 0)))
     tails, psi_rows, stepwise = Tails(), [], False
     for first in range(0, R, chunk):
         sl = slice(first, min(R, first + chunk))
         if fast:
-            products, psi_sq = fastpath.products(system, params, sweep, sl, masks, psi)
+            blocks, psi_sq = fastpath.blocks(system, params, sweep, sl, masks, psi, process_group, offset, rows)
         else:
             try:
                 products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi, stepwise)
@@ -401,11 +381,12 @@ def decompose(
                 stepwise = True
                 warnings.warn(f"{system.kind}'s step cannot be batched with torch.func.vmap ("
                               f"{str(err).strip().splitlines()[0][:160]}); decomposing it step by step, "
-                              f"exactly but about {B if psi else masks.shape[0]}x slower per step. Steps that "
+                              f"exactly but about {B if psi else G}x slower per step. Steps that "
                               "avoid data-dependent Python control flow, .item() and in-place writes into new "
                               "tensors are batched.", stacklevel=2)
                 products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi, stepwise)
-        tails.add(products, distributed.all_reduce_sum({n: X.sum(0) for n, X in products.items()}, process_group))
+            blocks = held(products, process_group)
+        tails.add(blocks, G)
         if psi:
             psi_rows.append(psi_sq)
     direct = _direct(system, readout, sweep, targets, masks)
@@ -416,6 +397,8 @@ def decompose(
 
 def _metric(system, params, sweep, metric, probes, rows, seed, process_group):
     D = system.layout.size
+    if metric is False:
+        return None, "none (metric=False)"
     if metric is not None:
         if not torch.is_tensor(metric) or tuple(metric.shape) != (D, D):
             got = tuple(metric.shape) if torch.is_tensor(metric) else type(metric).__name__
@@ -455,7 +438,6 @@ def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, met
     b_lag = sweep.b.flip(0).transpose(0, 1)  # (B, R, D) by lag: lag k is the state after step R-k
     phi = distributed.gather_samples(norms.euclidean(b_lag), process_group)
     phi_state = distributed.gather_samples(b_lag.abs(), process_group).mean(0)
-    phi_m = distributed.gather_samples(norms.mahalanobis(b_lag, metric.to(b_lag)), process_group)
     losses = distributed.gather_samples(sweep.losses, process_group)
 
     def np_(t):
@@ -467,7 +449,6 @@ def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, met
         {
             "phi": (("sample", "lag"), np_(phi)),
             "phi_state": (("lag", "state"), np_(phi_state)),
-            "phi_mahalanobis": (("sample", "lag"), np_(phi_m)),
             "abs_bias": (("K",), np_(abs_bias)),
             "rel_bias": (("K",), np_(abs_bias / grad_norm)),
             "lag_contribution": (("lag",), np_((torch.cat(tails.lag_sq).flip(0).clamp_min(0).sqrt()
@@ -484,7 +465,6 @@ def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, met
             "group_grad_dot": (("group",), np_(distributed.gather_groups(group_grad_dot, process_group)
                                                / world_batch**2)),
             "group_size": (("group",), np_(group_sizes).astype(np.int64)),
-            "metric": (("state", "state_"), np_(metric)),
             "loss": (("sample",), np_(losses)),
         },
         coords={
@@ -511,6 +491,10 @@ def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, met
             "processes": distributed.world(process_group),
         },
     )
+    if metric is not None:
+        ds["phi_mahalanobis"] = (("sample", "lag"), np_(distributed.gather_samples(
+            norms.mahalanobis(b_lag, metric.to(b_lag)), process_group)))
+        ds["metric"] = (("state", "state_"), np_(metric))
     if psi_rows is not None:
         psi = distributed.gather_samples(torch.cat(psi_rows).clamp_min(0).sqrt().flip(0).T, process_group)
         ds["psi"] = (("sample", "lag"), np_(psi))

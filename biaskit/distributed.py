@@ -43,6 +43,15 @@ def total(count: int, group) -> int:
     return int(t)
 
 
+def offset(count: int, group) -> int:
+    """Rows the ranks before this one hold, when each holds ``count`` (0 without a group)."""
+    if group is None:
+        return 0
+    counts = [torch.zeros(1, dtype=torch.int64, device=_device(group)) for _ in range(world(group))]
+    dist.all_gather(counts, torch.tensor([count], device=_device(group)), group=group)
+    return int(sum(counts[:dist.get_rank(group)]))
+
+
 def gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
     """Every rank's rows (first dimension) of ``tensor``, in rank order; rows may differ in number."""
     if group is None:

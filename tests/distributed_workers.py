@@ -12,19 +12,23 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
     """As torchrun starts a process: a sharded decomposition (rank 0 saves its Dataset), then a
     data-parallel training run (each rank records the K it used after every update)."""
     import biaskit
-    from biaskit import report
+    from biaskit import fastpath, report
     from test_distributed import problem
     from trainers.loop import Run
 
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
+    by_rows = fastpath.by_rows
     dist.init_process_group("gloo")
     system, x, y, metric = problem()
     mine = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-    ds = biaskit.decompose(system, x[mine], y[mine], metric=metric, groups=2, process_group=dist.group.WORLD)
-    if rank == 0:
-        report.save(ds, decomposed)
+    for rows in (False, True):  # the fast path's two ways: products whole per group, or kept as rows
+        fastpath.by_rows = lambda *a, rows=rows: rows
+        ds = biaskit.decompose(system, x[mine], y[mine], metric=metric, groups=2, process_group=dist.group.WORLD)
+        if rank == 0:
+            report.save(ds, decomposed.replace(".nc", ".rows.nc" if rows else ".nc"))
+    fastpath.by_rows = by_rows
     run = Run(config, out, quiet=True)  # finds the process group started, as under torchrun
     lines = run.fit()
     with open(f"{record}.{rank}", "w") as fh:

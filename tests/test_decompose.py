@@ -263,11 +263,16 @@ def generic(monkeypatch):
     monkeypatch.setattr(fastpath, "applies", lambda system: False)
 
 
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "whole"])
 @pytest.mark.parametrize("spec", ADAPTERS[:9], ids=IDS[:9])
-def test_the_fast_path_gives_the_generic_paths_numbers(spec, monkeypatch):
+def test_the_fast_path_gives_the_generic_paths_numbers(spec, rows, monkeypatch):
+    """Both ways of the fast path (products kept as rows, or whole per group), uneven groups."""
+    from biaskit import fastpath
+
     module, head, loss_fn, x, inputs, y = setup(spec)
     system = biaskit.wrap(module, head, loss_fn)
     metric = torch.eye(system.layout.size, dtype=torch.float64)
+    monkeypatch.setattr(fastpath, "by_rows", lambda *a: rows)
     fast = biaskit.decompose(system, inputs, y, metric=metric, groups=3)
     assert fast.attrs["path"] == f"fast: {spec['kind']}"
     generic(monkeypatch)
@@ -292,14 +297,17 @@ def test_an_encoder_takes_the_fast_path_too(monkeypatch):
 
 
 @pytest.mark.parametrize("psi", [True, False])
-@pytest.mark.parametrize("path", ["fast", "generic"])
+@pytest.mark.parametrize("path", ["fast", "fast-whole", "generic"])
 @pytest.mark.parametrize("spec", ADAPTERS, ids=IDS)
 def test_several_chunks_give_the_naive_bias(spec, path, psi, monkeypatch):
     """Real models run in many chunks of steps: force chunks of 2-3 steps and check every K."""
+    from biaskit import fastpath
+
     dec = importlib.import_module("biaskit.decompose")  # the module, not the function biaskit exports
 
     if path == "generic":
         generic(monkeypatch)
+    monkeypatch.setattr(fastpath, "by_rows", lambda *a: path == "fast")
     monkeypatch.setattr(dec, "_chunk_steps", lambda *a: 3 if psi else 2)
     module, head, loss_fn, x, inputs, y = setup(spec)
     ds = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y, psi=psi)
@@ -361,3 +369,65 @@ def test_mahalanobis_is_sqrt_b_m_b_for_a_random_positive_definite_metric():
         b = grads[R - 1 - k]
         want = torch.sqrt(torch.einsum("si,ij,sj->s", b, metric, b))
         np.testing.assert_allclose(ds["phi_mahalanobis"].sel(lag=k).values, want.numpy(), rtol=1e-10, atol=1e-15)
+
+
+class FlushWatch(nn.Module):
+    """A custom cell that notes, at every step, whether denormal floats are being flushed."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.RNNCell(F, 5)
+        self.seen = set()
+
+    def initial_state(self, batch_size):
+        return torch.zeros(batch_size, 5, dtype=self.cell.weight_hh.dtype)
+
+    def forward(self, x_t, state):
+        self.seen.add(importlib.import_module("biaskit.decompose")._flushing_denormals())
+        return self.cell(x_t, state)
+
+
+@pytest.mark.parametrize("flushing", [False, True])
+def test_denormals_are_flushed_while_decomposing_and_the_callers_setting_restored(flushing):
+    dec = importlib.import_module("biaskit.decompose")
+    cell = FlushWatch().double()
+    torch.set_flush_denormal(flushing)
+    try:
+        biaskit.decompose(biaskit.wrap(cell, nn.Linear(5, C).double(), nn.CrossEntropyLoss(reduction="none")),
+                          torch.randn(B, R, F, dtype=torch.float64), torch.randint(0, C, (B,)), psi=False)
+        assert cell.seen == {True}
+        assert dec._flushing_denormals() == flushing
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_float32_bias_of_a_window_whose_cotangents_vanish_into_denormals_matches_float64():
+    """Old lags' cotangents fall below 1e-38 (flushed to zero while decomposing): every K's bias above
+    float32's resolution still matches the float64 decomposition."""
+    torch.manual_seed(3)
+    lstm = nn.LSTM(F, 8, batch_first=True)
+    with torch.no_grad():
+        lstm.weight_hh_l0.mul_(0.2)
+        lstm.bias_ih_l0[8:16].fill_(-1.0)  # forget gates half shut: the state forgets within tens of steps
+    head, loss_fn = nn.Linear(8, C), nn.CrossEntropyLoss(reduction="none")
+    x, y = torch.randn(B, 120, F), torch.randint(0, C, (B,))
+    single = biaskit.decompose(biaskit.wrap(lstm, head, loss_fn), x, y, psi=False)
+    double = biaskit.decompose(biaskit.wrap(lstm.double(), head.double(), loss_fn), x.double(), y, psi=False)
+    assert double["phi"].isel(lag=-1).max() < 1e-38  # the old lags' cotangents are denormal in float32
+    big = double["rel_bias"].values > 1e-6
+    assert big.sum() >= 5
+    np.testing.assert_allclose(single["rel_bias"].values[big], double["rel_bias"].values[big], rtol=1e-3)
+    assert np.all(single["rel_bias"].values[~big] < 1e-5)
+
+
+def test_metric_false_leaves_the_mahalanobis_norm_out_and_changes_nothing_else():
+    module, head, loss_fn, x, inputs, y = setup(ADAPTERS[0])
+    system = biaskit.wrap(module, head, loss_fn)
+    with_metric = biaskit.decompose(system, inputs, y, psi=False)
+    without = biaskit.decompose(system, inputs, y, psi=False, metric=False)
+    assert "phi_mahalanobis" not in without and "metric" not in without
+    assert without.attrs["metric_estimator"] == "none (metric=False)"
+    xr.testing.assert_identical(without, with_metric.drop_vars(["phi_mahalanobis", "metric"]).assign_attrs(
+        metric_estimator="none (metric=False)"))
+    with pytest.raises(biaskit.errors.InputError, match="metric=False"):
+        biaskit.fit_decay(without, norm="phi_mahalanobis")

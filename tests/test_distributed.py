@@ -50,9 +50,10 @@ def spawned(tmp_path_factory):
     return tmp, config
 
 
-def test_a_sharded_decomposition_is_one_process_holding_every_window(spawned):
+@pytest.mark.parametrize("saved", ["sharded.nc", "sharded.rows.nc"], ids=["whole", "rows"])
+def test_a_sharded_decomposition_is_one_process_holding_every_window(spawned, saved):
     tmp, _ = spawned
-    sharded = report.load(tmp / "sharded.nc")
+    sharded = report.load(tmp / saved)
     system, x, y, metric = problem()
     whole = biaskit.decompose(system, x, y, metric=metric, groups=4)  # the same four groups of four windows
     assert sharded.attrs["processes"] == 2 and whole.attrs["processes"] == 1

@@ -68,6 +68,7 @@ class Controller:
         with probing(model, inputs, targets, length=self.window, count=self.windows, generator=generator,
                      part=part) as probe:
             ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
+                                   metric=None if self.norm == "phi_mahalanobis" else False,  # only it needs one
                                    groups=max(1, self.groups // self.ranks.world), process_group=self.ranks.group)
         deltas = [self.delta if self.delta is not None else 0.5]
         span = (min(self.K_min, K), max(self.K_max, K))
