@@ -3,17 +3,18 @@
 A step of these cells reads its weights only through ``W x`` products, so its
 immediate parameter product with a cotangent is a sum of outer products: for
 layer l at step t, ``∂/∂W_ih = δ_iᵀ x``, ``∂/∂W_hh = δ_hᵀ h_{t−1}``, the biases
-the summed δ, with δ the cotangents of the gates' pre-activations. One
-backward pass through a layer-by-layer unroll yields every δ (and the state
-cotangents φ needs), so no step is run twice, and a group's product is one
-batched matmul. The per-window norm ψ needs no per-window product at all:
-``||δ xᵀ|| = ||δ||·||x||``.
+the summed δ, with δ the cotangents of the gates' pre-activations. The sweep
+runs the cells forward without a graph and then their backward recurrences,
+written out per cell (one product with ``W_hh`` a step), which yield every δ
+and the state cotangents φ needs: no step is run twice and no autograd graph
+is built. The per-window norm ψ needs no per-window product at all:
+``||δ aᵀ|| = ||δ||·||a||``, and the tails need no per-group product of |θ|
+entries a step either (``Outer``, ``RowGram``): ``<δ aᵀ, δ' a'ᵀ> = (δ·δ')(a·a')``.
 
 The state cotangents keep the generic path's meaning: ``b_t`` is the gradient
-with respect to the state after step t *as the next step reads it*, so each
-layer's recurrent input is its own graph node (a view), apart from the same
-tensor going up to the next layer within the step. Tests check every quantity
-against the generic path to float64 precision.
+with respect to the state after step t *as the next step reads it* (its
+recurrent input), apart from the same h going up to the next layer within the
+step. Tests check every quantity against the generic path to float64 precision.
 """
 from __future__ import annotations
 
@@ -46,84 +47,141 @@ def applies(system: RecurrentSystem) -> bool:
     return len({id(p) for p in mine}) == len(mine) and not any(p.is_complex() for p in mine)
 
 
+@dataclass
+class _Layer:
+    """One layer's forward run over the window."""
+
+    weights: dict          # weight_ih, weight_hh, bias_ih, bias_hh (None when absent)
+    inputs: torch.Tensor   # (R, B, F_l) what W_ih multiplies
+    gi: torch.Tensor       # (R, B, gates·H) the input pre-activations
+    entering: list         # (R, B, H) each part of the state (h, c) entering each step
+    h: torch.Tensor        # (R, B, H) h after each step
+
+
 def sweep(system: TorchRecurrent, params, readout, x: torch.Tensor, start, targets):
-    """Forward layer by layer, then one backward pass for the state and gate cotangents."""
-    from .decompose import (
-        Sweep as Full,  # the generic sweep's record, which this one extends
-    )
+    """Forward layer by layer without a graph, then the cells' backward recurrences by hand, from the
+    top layer down: per step one product with ``W_hh`` and a few elementwise operations."""
+    from .decompose import Sweep as Full  # the generic sweep's record, which this one extends
 
     p = {**system.frozen, **params}
     B, R = x.shape[:2]
     x_t = x.transpose(0, 1)
-    with torch.enable_grad():
-        encoded = None
-        inp = x_t
-        if system.encoder is not None:
-            flat = system.encode(params, x_t.reshape(R * B, *x_t.shape[2:]))
-            encoded = flat.reshape(R, B, *flat.shape[1:]).detach().requires_grad_()
-            inp = encoded
-        start_layers = system.split(system.initial_state(start, B).detach().requires_grad_())
-        gi_all, gh_steps, aliases, hidden, inputs, outs = [], [], [], [], [], []
-        for layer, hs0 in enumerate(start_layers):
-            suffix = system.suffix(layer)
-            gi = _linear(inp.reshape(R * B, -1), p["weight_ih" + suffix], p.get("bias_ih" + suffix))
-            gi = gi.reshape(R, B, -1)
-            if not gi.requires_grad:  # inputs and weights are constants: the gates are where gradients start
-                gi = gi.detach().requires_grad_()
-            gi_all.append(gi)
-            inputs.append(inp.detach())
-            hs, gh_layer, alias_layer, h_out = tuple(hs0), [], [], []
-            entering = [[] for _ in hs]  # each part of the state entering each step
-            gi_steps = gi.unbind(0)  # one backward node for every step (indexing would copy gi per step)
+    layers = []
+    with torch.no_grad():
+        inp = x_t if system.encoder is None else \
+            system.encode(params, x_t.reshape(R * B, *x_t.shape[2:])).reshape(R, B, -1)
+        for layer, hs in enumerate(system.split(system.initial_state(start, B).detach())):
+            w = _layer_weights(system, p, layer)
+            gi = _linear(inp.reshape(R * B, -1), w["weight_ih"], w["bias_ih"]).reshape(R, B, -1)
+            entering, outs = [[] for _ in hs], []
             for t in range(R):
                 for part, rows in zip(hs, entering):
-                    rows.append(part.detach())
-                gh = _linear(hs[0], p["weight_hh" + suffix], p.get("bias_hh" + suffix))
-                gh_layer.append(gh)
-                new = CELLS[system.base](gi_steps[t], gh, hs, system.nonlinearity)
-                h_out.append(new[0])
-                if t < R - 1:  # the state as the next step reads it: a node of its own
-                    hs = tuple(part.view_as(part) for part in new)
-                    alias_layer.append(hs)
-                else:
-                    last = new
-            gh_steps.append(gh_layer)
-            aliases.append(alias_layer)
-            hidden.append(torch.cat([torch.stack(rows) for rows in entering], dim=-1))  # (R, B, parts·H)
-            inp = torch.stack(h_out)
-            outs.append(last)
-        output = outs[-1][0].view_as(outs[-1][0])  # what the readout reads: the top h after the last step
+                    rows.append(part)
+                hs = CELLS[system.base](gi[t], _linear(hs[0], w["weight_hh"], w["bias_hh"]), hs,
+                                       system.nonlinearity)
+                outs.append(hs[0])
+            layers.append(_Layer(w, inp, gi, [torch.stack(rows) for rows in entering], torch.stack(outs)))
+            inp = layers[-1].h
+    with torch.enable_grad():
+        output = layers[-1].h[-1].clone().requires_grad_()  # what the readout reads: the top h at the end
         losses = system.loss(readout, output, targets)
-        flat_aliases = [part for layer in aliases for hs in layer for part in hs]
-        wrt = [*flat_aliases, output, *gi_all]
-        if system.base == "GRU":
-            wrt += [gh for layer in gh_steps for gh in layer]
-        if encoded is not None:
-            wrt.append(encoded)
-        grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
-    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
-    n_alias = len(flat_aliases)
-    alias_grads, output_grad = grads[:n_alias], grads[n_alias]
-    L, parts = system.num_layers, len(system.components)
-    delta_i = grads[n_alias + 1:n_alias + 1 + L]
-    rest = grads[n_alias + 1 + L:]
-    if system.base == "GRU":
-        delta_h = [torch.stack(rest[l * R:(l + 1) * R]) for l in range(L)]
-        rest = rest[L * R:]
-    else:
-        delta_h = delta_i
-    encoded_cotangent = rest[0] if encoded is not None else None
-    # b_t in the flat layout: layer by layer, h then c; at the last step only the output's h.
-    columns = []
-    for layer in range(L):
-        for part in range(parts):
-            last = output_grad if layer == L - 1 and part == 0 else torch.zeros_like(output_grad)
-            columns.append(torch.stack([*alias_grads[layer * (R - 1) * parts + part::parts][:R - 1], last]))
-    b = torch.cat(columns, dim=-1)
-    h_prev = torch.cat(hidden, dim=-1)  # (R, B, D): the flat state entering each step
-    hidden = [h[..., :system.hidden] for h in hidden]  # what W_hh multiplies: h alone
-    fast = Sweep(list(delta_i), list(delta_h), inputs, hidden, encoded_cotangent)
+        (output_grad,) = torch.autograd.grad(losses.sum(), [output])
+    deltas, b_parts, above = [None] * len(layers), [None] * len(layers), None
+    with torch.no_grad():
+        for l in reversed(range(len(layers))):
+            arriving = above  # what reaches each step's h from the layer above
+            if arriving is None:
+                arriving = torch.zeros_like(layers[l].h)
+                arriving[-1] = output_grad
+            *deltas[l], b_parts[l] = BACKWARD[system.base](system, layers[l], arriving)
+            if l or system.encoder is not None:
+                above = (deltas[l][0].flatten(0, 1) @ layers[l].weights["weight_ih"]).reshape(R, B, -1)
+    b_parts[-1][0][-1] = output_grad  # the last step's state is read by the readout alone: its top h
+    b = torch.cat([part for parts in b_parts for part in parts], dim=-1)
+    h_prev = torch.cat([part for layer in layers for part in layer.entering], dim=-1)  # (R, B, D)
+    fast = Sweep([d[0] for d in deltas], [d[1] for d in deltas], [layer.inputs for layer in layers],
+                 [layer.entering[0] for layer in layers], None if system.encoder is None else above)
     return Full(b, losses.detach(), output.detach(), h_prev, x_t, None, fast)
+
+
+def _layer_weights(system: TorchRecurrent, p, layer: int) -> dict:
+    suffix = system.suffix(layer)
+    return {name: p.get(name + suffix) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+
+
+def _lstm_backward(system, layer: _Layer, arriving):
+    """δ = ∂L/∂(gates' pre-activations) and the recurrent state cotangents ``(b_h, b_c)``, stepping back:
+    with ``c = f c' + i g`` and ``h = o tanh(c)``, ``dc = b_c + dh·o·(1 − tanh²c)``,
+    ``δ = [dc·g·σ'(i), dc·c'·σ'(f), dc·i·(1 − g²), dh·tanh(c)·σ'(o)]``, then ``b_h' = δ W_hh``, ``b_c' = dc·f``."""
+    w, gi, (h_prev, c_prev) = layer.weights, layer.gi, layer.entering
+    gates = gi + _linear(h_prev.flatten(0, 1), w["weight_hh"], w["bias_hh"]).reshape(gi.shape)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c = f * c_prev + i * g
+    tanh_c = torch.tanh(c)
+    through_c = o * (1 - tanh_c**2)                                             # dh → dc
+    per_dc = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g**2)], dim=2)  # (R, B, 3, H)
+    per_dh = tanh_c * o * (1 - o)
+    R = gi.shape[0]
+    delta = torch.empty_like(gates)
+    b_h, b_c = torch.zeros_like(h_prev), torch.zeros_like(c_prev)
+    W_hh = w["weight_hh"]
+    for t in reversed(range(R)):
+        dh = b_h[t] + arriving[t]
+        dc = torch.addcmul(b_c[t], dh, through_c[t])
+        step = delta[t].view(dh.shape[0], 4, -1)
+        torch.mul(dc[:, None], per_dc[t], out=step[:, :3])
+        torch.mul(dh, per_dh[t], out=step[:, 3])
+        if t:
+            torch.mm(delta[t], W_hh, out=b_h[t - 1])
+            torch.mul(dc, f[t], out=b_c[t - 1])
+    return delta, delta, [b_h, b_c]
+
+
+def _gru_backward(system, layer: _Layer, arriving):
+    """With ``n = tanh(i_n + r·h_n)`` and ``h = (1 − z) n + z h'``, every δ is ``dh`` times a coefficient:
+    ``δ_n = dh (1 − z)(1 − n²)``, ``δ_z = dh (h' − n) σ'(z)``, ``δ_r = δ_n h_n σ'(r)``, and the hidden
+    pre-activation's ``δ_hn = δ_n r``; then ``b_h' = δ_h W_hh + dh·z``."""
+    w, gi, (h_prev,) = layer.weights, layer.gi, layer.entering
+    gh = _linear(h_prev.flatten(0, 1), w["weight_hh"], w["bias_hh"]).reshape(gi.shape)
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    d_n = (1 - z) * (1 - n**2)
+    d_r, d_z = d_n * h_n * r * (1 - r), (h_prev - n) * z * (1 - z)
+    per_dh_i = torch.stack([d_r, d_z, d_n], dim=2)      # (R, B, 3, H): δ_i / dh
+    per_dh_h = torch.stack([d_r, d_z, d_n * r], dim=2)  # δ_h / dh
+    R = gi.shape[0]
+    dh_all, b_h = torch.empty_like(h_prev), torch.zeros_like(h_prev)
+    delta_h = torch.empty_like(gh)
+    W_hh = w["weight_hh"]
+    for t in reversed(range(R)):
+        dh = torch.add(b_h[t], arriving[t], out=dh_all[t])
+        torch.mul(dh[:, None], per_dh_h[t], out=delta_h[t].view(dh.shape[0], 3, -1))
+        if t:
+            torch.addcmul(delta_h[t] @ W_hh, dh, z[t], out=b_h[t - 1])
+    delta_i = (dh_all[:, :, None] * per_dh_i).flatten(2)
+    return delta_i, delta_h, [b_h]
+
+
+def _rnn_backward(system, layer: _Layer, arriving):
+    """``h = act(gi + gh)``: ``δ = dh·act'`` (``1 − h²`` for tanh, ``h > 0`` for relu), ``b_h' = δ W_hh``."""
+    w, gi, h_out = layer.weights, layer.gi, layer.h
+    slope = 1 - h_out**2 if system.nonlinearity == "tanh" else (h_out > 0).to(h_out.dtype)
+    R = gi.shape[0]
+    delta, b_h = torch.empty_like(gi), torch.zeros_like(h_out)
+    W_hh = w["weight_hh"]
+    for t in reversed(range(R)):
+        torch.mul(b_h[t] + arriving[t], slope[t], out=delta[t])
+        if t:
+            torch.mm(delta[t], W_hh, out=b_h[t - 1])
+    return delta, delta, [b_h]
+
+
+#: Each cell's backward recurrence: (layer, what reaches each step's h from above) -> δ_i, δ_h and the
+#: cotangents of the state parts after each step as the next step reads them.
+BACKWARD = {"LSTM": _lstm_backward, "GRU": _gru_backward, "RNN": _rnn_backward}
 
 
 def _grouped(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
