@@ -276,7 +276,7 @@ def _direct(system, readout: Params, sweep: Sweep, targets, masks: torch.Tensor)
 
 def _chunk_steps(width: int, rows: int = 0) -> int:
     """Steps per chunk: as many as ``CHUNK_ELEMENTS`` hold at ``width`` elements a step and, on the
-    fast path, a Gram matrix of ``rows`` rows a step (its size grows as the chunk's square), at
+    fast path, square matrices of ``rows`` rows a step (their size grows as the chunk's square), at
     most ``CHUNK_STEPS`` (the Gram matrices' cost grows with the chunk)."""
     steps = CHUNK_ELEMENTS // max(1, width)
     if rows:
@@ -359,11 +359,9 @@ def decompose(
     n_params = sum(real(p, 0).numel() for p in params.values())
     G = masks.shape[0]
     if fast:
-        n_encoder = sum(real(p, 0).numel() for n, p in params.items() if n.startswith("encoder."))
         world_batch = distributed.total(B, process_group)
-        rows = fastpath.by_rows(params, B, world_batch, G)
-        chunk = _chunk_steps(fastpath.chunk_width(params, G, rows) + n_encoder * (G + (B if psi else 0)),
-                             math.isqrt(B * world_batch) + 1 if rows else 0)
+        rows = fastpath.by_rows(system, params, B, world_batch, G)
+        chunk = _chunk_steps(*fastpath.chunk_limits(system, params, G, B, world_batch, psi, rows))
         offset = distributed.offset(B, process_group)
     else:
         chunk = _chunk_steps(n_params * (G + (B if psi else 0)))

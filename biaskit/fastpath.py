@@ -18,9 +18,11 @@ step. Tests check every quantity against the generic path to float64 precision.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.func import vjp, vmap
 
 from . import distributed
@@ -53,7 +55,6 @@ class _Layer:
 
     weights: dict          # weight_ih, weight_hh, bias_ih, bias_hh (None when absent)
     inputs: torch.Tensor   # (R, B, F_l) what W_ih multiplies
-    gi: torch.Tensor       # (R, B, gates·H) the input pre-activations
     entering: list         # (R, B, H) each part of the state (h, c) entering each step
     h: torch.Tensor        # (R, B, H) h after each step
 
@@ -80,7 +81,7 @@ def sweep(system: TorchRecurrent, params, readout, x: torch.Tensor, start, targe
                 hs = CELLS[system.base](gi[t], _linear(hs[0], w["weight_hh"], w["bias_hh"]), hs,
                                        system.nonlinearity)
                 outs.append(hs[0])
-            layers.append(_Layer(w, inp, gi, [torch.stack(rows) for rows in entering], torch.stack(outs)))
+            layers.append(_Layer(w, inp, [torch.stack(rows) for rows in entering], torch.stack(outs)))
             inp = layers[-1].h
     with torch.enable_grad():
         output = layers[-1].h[-1].clone().requires_grad_()  # what the readout reads: the top h at the end
@@ -109,21 +110,35 @@ def _layer_weights(system: TorchRecurrent, p, layer: int) -> dict:
     return {name: p.get(name + suffix) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
 
 
+def _pre_activations(layer: _Layer):
+    """Every step's input and hidden pre-activations at once, (R, B, gates·H) each (recomputed rather
+    than kept from the forward run: two matmuls, and the window's largest tensors are not held)."""
+    w, (h_prev, *_) = layer.weights, layer.entering
+    gi = _linear(layer.inputs.flatten(0, 1), w["weight_ih"], w["bias_ih"])
+    gh = _linear(h_prev.flatten(0, 1), w["weight_hh"], w["bias_hh"])
+    return gi.reshape(*h_prev.shape[:2], -1), gh.reshape(*h_prev.shape[:2], -1)
+
+
 def _lstm_backward(system, layer: _Layer, arriving):
     """δ = ∂L/∂(gates' pre-activations) and the recurrent state cotangents ``(b_h, b_c)``, stepping back:
     with ``c = f c' + i g`` and ``h = o tanh(c)``, ``dc = b_c + dh·o·(1 − tanh²c)``,
     ``δ = [dc·g·σ'(i), dc·c'·σ'(f), dc·i·(1 − g²), dh·tanh(c)·σ'(o)]``, then ``b_h' = δ W_hh``, ``b_c' = dc·f``."""
-    w, gi, (h_prev, c_prev) = layer.weights, layer.gi, layer.entering
-    gates = gi + _linear(h_prev.flatten(0, 1), w["weight_hh"], w["bias_hh"]).reshape(gi.shape)
+    w, (h_prev, c_prev) = layer.weights, layer.entering
+    gates, gh = _pre_activations(layer)
+    gates += gh
+    del gh
     i, f, g, o = gates.chunk(4, dim=-1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-    c = f * c_prev + i * g
-    tanh_c = torch.tanh(c)
+    for gate in (i, f, o):
+        gate.sigmoid_()
+    g.tanh_()
+    tanh_c = (f * c_prev).addcmul_(i, g).tanh_()
     through_c = o * (1 - tanh_c**2)                                             # dh → dc
     per_dc = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g**2)], dim=2)  # (R, B, 3, H)
     per_dh = tanh_c * o * (1 - o)
-    R = gi.shape[0]
-    delta = torch.empty_like(gates)
+    del tanh_c
+    f = f.clone()
+    delta = gates  # the gates are spent: their storage holds δ
+    R = delta.shape[0]
     b_h, b_c = torch.zeros_like(h_prev), torch.zeros_like(c_prev)
     W_hh = w["weight_hh"]
     for t in reversed(range(R)):
@@ -142,8 +157,8 @@ def _gru_backward(system, layer: _Layer, arriving):
     """With ``n = tanh(i_n + r·h_n)`` and ``h = (1 − z) n + z h'``, every δ is ``dh`` times a coefficient:
     ``δ_n = dh (1 − z)(1 − n²)``, ``δ_z = dh (h' − n) σ'(z)``, ``δ_r = δ_n h_n σ'(r)``, and the hidden
     pre-activation's ``δ_hn = δ_n r``; then ``b_h' = δ_h W_hh + dh·z``."""
-    w, gi, (h_prev,) = layer.weights, layer.gi, layer.entering
-    gh = _linear(h_prev.flatten(0, 1), w["weight_hh"], w["bias_hh"]).reshape(gi.shape)
+    w, (h_prev,) = layer.weights, layer.entering
+    gi, gh = _pre_activations(layer)
     i_r, i_z, i_n = gi.chunk(3, dim=-1)
     h_r, h_z, h_n = gh.chunk(3, dim=-1)
     r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
@@ -167,10 +182,11 @@ def _gru_backward(system, layer: _Layer, arriving):
 
 def _rnn_backward(system, layer: _Layer, arriving):
     """``h = act(gi + gh)``: ``δ = dh·act'`` (``1 − h²`` for tanh, ``h > 0`` for relu), ``b_h' = δ W_hh``."""
-    w, gi, h_out = layer.weights, layer.gi, layer.h
+    w, h_out = layer.weights, layer.h
     slope = 1 - h_out**2 if system.nonlinearity == "tanh" else (h_out > 0).to(h_out.dtype)
-    R = gi.shape[0]
-    delta, b_h = torch.empty_like(gi), torch.zeros_like(h_out)
+    R = h_out.shape[0]
+    delta, b_h = torch.empty(*h_out.shape[:2], w["weight_hh"].shape[0], dtype=h_out.dtype, device=h_out.device), \
+        torch.zeros_like(h_out)
     W_hh = w["weight_hh"]
     for t in reversed(range(R)):
         torch.mul(b_h[t] + arriving[t], slope[t], out=delta[t])
@@ -217,6 +233,10 @@ class Outer:
     masks: torch.Tensor   # (G, B)
     T: torch.Tensor       # (c, p·q) every window's product at each step (all ranks')
 
+    @property
+    def width(self) -> int:
+        return self.T.shape[1]
+
     def __post_init__(self):
         G, m = self.index.shape
         self.dg = _grouped(self.delta, self.index).reshape(G, -1, self.delta.shape[-1])  # (G, c·m, p)
@@ -251,6 +271,71 @@ class RowGram:
                      XT=torch.einsum("gb,ibj->gij", self.masks, self.K.sum(-1)))
 
 
+@dataclass
+class Lookup:
+    """An embedding's products in a chunk: a window's step adds its output's cotangent to the row of
+    its token, so the products live in the rows the chunk's tokens touch (``used``), and every
+    quantity is a gather from the carries or a product over those rows; no (groups × vocabulary ×
+    width) product is formed."""
+
+    name: str
+    tokens: torch.Tensor      # (c, B) this process's tokens
+    cot: torch.Tensor         # (c, B, E) the cotangents of their embeddings
+    index: torch.Tensor       # (G, m) each group's windows, padded with B
+    masks: torch.Tensor       # (G, B)
+    used: torch.Tensor        # (U,) the rows any rank's tokens touch in the chunk, sorted
+    T: torch.Tensor           # (c, U·E) every window's product at each step, in the used rows
+    width: int                # vocabulary × E: the weight's size
+
+    def stats(self, carry_g, carry_t):
+        G, (c, B, E) = carry_g.shape[0], self.cot.shape
+        rows_g, rows_t = carry_g.view(G, -1, E), carry_t.view(-1, E)
+        used_g, used_t = rows_g[:, self.used].flatten(1), rows_t[self.used].flatten()
+        group = self.masks.argmax(0).expand(c, B)  # each window's group
+        own = (rows_g[group, self.tokens] * self.cot).sum(-1)       # (c, B): <C_g, the window's row>
+        every = (rows_t[self.tokens] * self.cot).sum(-1)            # (c, B): <C, the window's row>
+        at = torch.searchsorted(self.used, self.tokens)             # each token's place among the used rows
+        spread = (self.T.view(c, -1, E)[:, at] * self.cot).sum(-1)  # (c', c, B): <T_i', the window's row>
+        tok_g = _grouped(self.tokens[..., None], self.index).flatten(1, 2)  # (G, c·m, 1)
+        cot_g = _grouped(self.cot, self.index).flatten(1, 2)               # (G, c·m, E)
+        same = (tok_g == tok_g.transpose(1, 2)).to(cot_g.dtype)
+        XX = (same * (cot_g @ cot_g.transpose(1, 2))).view(G, c, -1, c, same.shape[-1] // c).sum((2, 4))
+        return Chunk(carry_sq=carry_t @ carry_t, group_carry_sq=torch.linalg.vecdot(carry_g, carry_g),
+                     group_carry_dot=carry_g @ carry_t, v=self.T @ used_t, TT=self.T @ self.T.T,
+                     W=used_g @ self.T.T, u=self.masks @ own.T, y=self.masks @ every.T, XX=XX,
+                     XT=torch.einsum("gb,jib->gij", self.masks, spread))
+
+    def update(self, carry_g, carry_t):
+        G, (c, B, E) = carry_g.shape[0], self.cot.shape
+        V = self.width // E
+        group = self.masks.argmax(0).expand(c, B)
+        carry_g.view(G * V, E).index_add_(0, (group * V + self.tokens).flatten(), self.cot.flatten(0, 1))
+        carry_t.view(V, E).index_add_(0, self.used, self.T.view(c, -1, E).sum(0))
+
+
+def lookup(system: TorchRecurrent, params) -> bool:
+    """Whether the encoder is a plain ``nn.Embedding`` lookup whose weight is trained (no max_norm,
+    which rewrites the weight, no scale_grad_by_freq, which rescales its gradient)."""
+    enc = system.encoder
+    return type(enc) is nn.Embedding and "encoder.weight" in params and enc.max_norm is None \
+        and not enc.scale_grad_by_freq
+
+
+def _lookup_block(system, params, sweep, sl, masks, process_group):
+    """The embedding's ``Lookup`` for steps ``sl`` (a padding token's row gets no gradient)."""
+    tokens, cot = sweep.x[sl].contiguous(), sweep.fast.encoded_cotangent[sl]
+    if system.encoder.padding_idx is not None:
+        cot = cot * (tokens != system.encoder.padding_idx)[..., None]
+    every_tok = distributed.gather_rows(tokens.transpose(0, 1), process_group).transpose(0, 1)
+    every_cot = distributed.gather_rows(cot.transpose(0, 1), process_group).transpose(0, 1)
+    used, at = torch.unique(every_tok, return_inverse=True)
+    c, E = cot.shape[0], cot.shape[-1]
+    T = cot.new_zeros(c, used.numel(), E)
+    T.scatter_add_(1, at[..., None].expand(-1, -1, E), every_cot)
+    return Lookup("encoder.weight", tokens, cot, _members(masks), masks, used, T.flatten(1),
+                  system.encoder.weight.numel())
+
+
 def _weights(system: TorchRecurrent, params, fast, layer: int, sl: slice):
     """Layer ``layer``'s trainable weights and biases in steps ``sl``: (name, δ, what δ multiplies)."""
     suffix = system.suffix(layer)
@@ -262,20 +347,33 @@ def _weights(system: TorchRecurrent, params, fast, layer: int, sl: slice):
     return [b for b in blocks if b[0] in params]  # a missing one is absent (bias=False) or frozen
 
 
-def by_rows(params, batch: int, world_batch: int, groups: int) -> bool:
+def by_rows(system: TorchRecurrent, params, batch: int, world_batch: int, groups: int) -> bool:
     """Whether to keep the weights' products as rows ``δ aᵀ`` (a step costs the rows' Gram matrix,
-    ~ B·B_all·(p+q)) rather than whole per group (~ G·|θ| a step, memory-bound): rows win for wide
-    layers and modest batches, whole products for narrow layers and many windows."""
+    ~ B·B_all·(the widths of the δ and the a's)) rather than whole per group (~ G·|θ| a step,
+    memory-bound): rows win for wide layers and modest batches, whole products for narrow layers and
+    many windows (the factor 16 is where the two meet on a CPU, measured in benchmarks/)."""
     weights = [p for n, p in params.items() if not n.startswith("encoder.")]
-    width = sum(p.shape[0] + (p.shape[1] if p.dim() > 1 else 1) for p in weights)
-    return batch * world_batch * width <= 4 * groups * sum(p.numel() for p in weights)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[system.base] * system.hidden
+    width = sum(p.shape[1] if p.dim() > 1 else 1 for p in weights) + \
+        system.num_layers * gates * (2 if system.base == "GRU" else 1)
+    return batch * world_batch * width <= 16 * groups * sum(p.numel() for p in weights)
 
 
-def chunk_width(params, groups: int, rows: bool) -> int:
-    """Elements a step of the weights' products holds at once: the largest block's totals when kept
-    as rows, every block per group when whole."""
+def chunk_limits(system: TorchRecurrent, params, groups: int, batch: int, world_batch: int, per_sample: bool,
+                 rows: bool) -> tuple[int, int]:
+    """What bounds a chunk of steps (``decompose._chunk_steps``): the elements one step's products
+    hold at once, and the rows a step adds to the chunk's square Gram matrices (0: none)."""
     weights = [p.numel() for n, p in params.items() if not n.startswith("encoder.")]
-    return max(weights) if rows else groups * sum(weights)
+    width = max(weights) if rows else groups * sum(weights)
+    square = math.isqrt(batch * world_batch) + 1 if rows else 0
+    encoder = [p.numel() for n, p in params.items() if n.startswith("encoder.")]
+    if encoder and lookup(system, params):
+        E = system.encoder.embedding_dim
+        width += world_batch * E                               # the used rows' totals
+        square = max(square, math.isqrt(batch * E) + 1)        # every total at every window's token
+    elif encoder:
+        width += sum(encoder) * (groups + (batch if per_sample else 0))
+    return width, square
 
 
 def blocks(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tensor, per_sample: bool,
@@ -310,7 +408,11 @@ def blocks(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tensor
         K = sum((d.flatten(0, 1) @ all_rows(d).flatten(0, 1).T) * gram for d, gram in by_delta.values())
         out.append(RowGram(K.reshape(c, B, c, -1), masks, offset))
     encoder = {n: p for n, p in params.items() if n.startswith("encoder.")}
-    if encoder:
+    if encoder and lookup(system, params):
+        out.append(_lookup_block(system, params, sweep, sl, masks, process_group))
+        if per_sample:
+            sq = sq + out[-1].cot.pow(2).sum(-1)
+    elif encoder:
         x, cot = sweep.x[sl], fast.encoded_cotangent[sl]
         grouped, enc_sq = _encoder_products(system, encoder, x, cot, masks, per_sample)
         whole.update(grouped)

@@ -53,6 +53,10 @@ class Products:
     X: torch.Tensor
     T: torch.Tensor
 
+    @property
+    def width(self) -> int:
+        return self.X.shape[2]
+
     def stats(self, carry_g, carry_t) -> Chunk:
         X, T = self.X, self.T
         return carry_products(carry_g, carry_t, T) + Chunk(
@@ -96,9 +100,8 @@ class Tails:
             if name is None:  # a Gram of the chunk's rows: no carry of its own
                 s = s + block.stats()
                 continue
-            n = block.T.shape[1]
-            carry_g = self.group_carry.setdefault(name, block.T.new_zeros(groups, n))
-            carry_t = self.total_carry.setdefault(name, block.T.new_zeros(n))
+            carry_g = self.group_carry.setdefault(name, block.T.new_zeros(groups, block.width))
+            carry_t = self.total_carry.setdefault(name, block.T.new_zeros(block.width))
             s = s + block.stats(carry_g, carry_t)
             block.update(carry_g, carry_t)
         self.total_sq.append(s.carry_sq + 2 * _before(s.v) + _within(s.TT))

@@ -13,7 +13,7 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
     data-parallel training run (each rank records the K it used after every update)."""
     import biaskit
     from biaskit import fastpath, report
-    from test_distributed import problem
+    from test_distributed import problem, token_problem
     from trainers.loop import Run
 
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
@@ -29,6 +29,10 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
         if rank == 0:
             report.save(ds, decomposed.replace(".nc", ".rows.nc" if rows else ".nc"))
     fastpath.by_rows = by_rows
+    system, tokens, y = token_problem()  # an embedding encoder: its products gathered by token
+    ds = biaskit.decompose(system, tokens[mine], y[mine], metric=False, groups=2, process_group=dist.group.WORLD)
+    if rank == 0:
+        report.save(ds, decomposed.replace(".nc", ".tokens.nc"))
     run = Run(config, out, quiet=True)  # finds the process group started, as under torchrun
     lines = run.fit()
     with open(f"{record}.{rank}", "w") as fh:

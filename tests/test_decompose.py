@@ -284,14 +284,28 @@ def test_the_fast_path_gives_the_generic_paths_numbers(spec, rows, monkeypatch):
     np.testing.assert_allclose(est_fast.values, slow.assign(metric=est_fast)["metric"].values)
 
 
-def test_an_encoder_takes_the_fast_path_too(monkeypatch):
+@pytest.mark.parametrize("embedding", [{}, {"padding_idx": 0}, {"scale_grad_by_freq": True}],
+                         ids=["lookup", "lookup-padding", "through-vjp"])
+@pytest.mark.parametrize("steps", [None, 2], ids=["one-chunk", "chunks-of-2"])
+def test_an_encoder_takes_the_fast_path_too(embedding, steps, monkeypatch):
+    """An nn.Embedding encoder's products are gathered from the rows its tokens touch (any other
+    encoder goes through torch.func); both against the generic path, with uneven groups, repeated
+    tokens within a chunk, and several chunks."""
+    from biaskit import fastpath
+
+    dec = importlib.import_module("biaskit.decompose")
     torch.manual_seed(0)
-    emb, lstm, head = nn.Embedding(7, 3).double(), nn.LSTM(3, 5, 2, batch_first=True).double(), nn.Linear(5, C).double()
+    emb = nn.Embedding(7, 3, **embedding).double()
+    lstm, head = nn.LSTM(3, 5, 2, batch_first=True).double(), nn.Linear(5, C).double()
     system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"), encoder=emb)
-    tokens, y = torch.randint(0, 7, (B, R)), torch.randint(0, C, (B,))
-    fast = biaskit.decompose(system, tokens, y, metric=torch.eye(20, dtype=torch.float64))
+    tokens, y = torch.randint(0, 4, (B + 3, R)), torch.randint(0, C, (B + 3,))
+    if steps:
+        monkeypatch.setattr(dec, "_chunk_steps", lambda *a: steps)
+    assert fastpath.lookup(system, system.params()) == ("scale_grad_by_freq" not in embedding)
+    kw = dict(metric=torch.eye(20, dtype=torch.float64), groups=3)
+    fast = biaskit.decompose(system, tokens, y, **kw)
     generic(monkeypatch)
-    slow = biaskit.decompose(system, tokens, y, metric=torch.eye(20, dtype=torch.float64))
+    slow = biaskit.decompose(system, tokens, y, **kw)
     for name in fast.data_vars:
         np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
 

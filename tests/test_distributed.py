@@ -35,6 +35,15 @@ def problem():
     return system, x, y, torch.eye(16, dtype=torch.float64) * 2
 
 
+def token_problem():
+    """16 windows of tokens through an nn.Embedding encoder and an LSTM, in float64."""
+    torch.manual_seed(0)
+    emb, lstm, head = nn.Embedding(6, 3).double(), nn.LSTM(3, 4, batch_first=True).double(), nn.Linear(4, 3).double()
+    system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"), encoder=emb)
+    gen = torch.Generator().manual_seed(2)
+    return system, torch.randint(0, 6, (16, 9), generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+
 TINY = {"train_tokens": 2000, "valid_tokens": 400, "test_tokens": 400, "hidden": 6}
 TRAIN = {"batch_size": 8, "window": 12, "windows": 8, "groups": 4, "K": 3, "K_max": 12, "delta": 0.5,
          "update_every": 0.5, "epochs": 1, "level": 0.5}
@@ -60,6 +69,15 @@ def test_a_sharded_decomposition_is_one_process_holding_every_window(spawned, sa
     for name in whole.data_vars:
         np.testing.assert_allclose(sharded[name].values, whole[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
     assert sharded.attrs["grad_norm"] == pytest.approx(whole.attrs["grad_norm"], rel=1e-12)
+
+
+def test_a_sharded_decomposition_through_an_embedding_is_one_process_holding_every_window(spawned):
+    tmp, _ = spawned
+    sharded = report.load(tmp / "sharded.tokens.nc")
+    system, tokens, y = token_problem()
+    whole = biaskit.decompose(system, tokens, y, metric=False, groups=4)
+    for name in whole.data_vars:
+        np.testing.assert_allclose(sharded[name].values, whole[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
 
 
 def test_a_data_parallel_run_ends_where_one_process_does(spawned, tmp_path):
