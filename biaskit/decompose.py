@@ -416,7 +416,7 @@ def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, met
     # its coordinate in θ rather than counted apart), per group and over every window.
     theta_ids = {id(p): n for n, p in system.params().items()}
     keys = {n: theta_ids.get(id(p), "readout." + n) for n, p in system.readout_params().items()}
-    group_full, total_full = dict(tails.group_carry), dict(tails.total_carry)
+    group_full, total_full = tails.carries()
     direct_total = distributed.all_reduce_sum({n: g.sum(0) for n, g in direct.items()}, process_group)
     for name, g in direct.items():
         key = keys[name]

@@ -222,11 +222,11 @@ def _members(masks: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Outer:
-    """One weight's (or bias's, ``by`` all ones) products in a chunk, kept as rows ``δ aᵀ``: every
-    quantity the tails need is a product of the carries with the rows, so no (groups × |θ|) product
-    is formed per step."""
+    """The products of a layer's weights that multiply the same δ, in a chunk, kept as rows ``δ aᵀ``
+    (``a`` their inputs side by side, 1 for a bias): every quantity the tails need is a product of the
+    carries with the rows, so no (groups × |θ|) product is formed per step."""
 
-    name: str
+    name: tuple           # ((parameter, the columns of a it takes), ...)
     delta: torch.Tensor   # (c, B, p) this process's rows
     by: torch.Tensor      # (c, B, q)
     index: torch.Tensor   # (G, m) each group's windows, padded with B
@@ -391,21 +391,25 @@ def blocks(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tensor
             everyone[id(t)] = distributed.gather_rows(t.transpose(0, 1), process_group).transpose(0, 1)
         return everyone[id(t)]
 
-    out, whole, sq, by_delta = [], {}, 0.0, {}
+    out, whole, sq, K = [], {}, 0.0, 0.0
     for layer in range(system.num_layers):
+        shared = {}  # the layer's weights by the δ they multiply: one for LSTM and RNN, two for GRU
         for name, delta, by in _weights(system, params, fast, layer, sl):
+            shared.setdefault(id(delta), (delta, []))[1].append((name, by))
+        for delta, members in shared.values():
+            by = torch.cat([part for _, part in members], dim=-1)  # [x, h, 1, 1]: one block for them all
             if per_sample:
                 sq = sq + delta.pow(2).sum(-1) * by.pow(2).sum(-1)
             if not rows:
-                whole[name] = (_grouped(delta, index).transpose(-1, -2) @ _grouped(by, index)).flatten(2)
+                for name, part in members:
+                    whole[name] = (_grouped(delta, index).transpose(-1, -2) @ _grouped(part, index)).flatten(2)
                 continue
             T = torch.einsum("ibp,ibq->ipq", all_rows(delta), all_rows(by)).flatten(1)
-            out.append(Outer(name, delta, by, index, masks, T))
-            pairs = by_delta.setdefault(id(delta), [delta, 0.0])
-            pairs[1] = pairs[1] + by.flatten(0, 1) @ all_rows(by).flatten(0, 1).T
+            out.append(Outer(tuple((name, part.shape[-1]) for name, part in members), delta, by, index, masks, T))
+            K = K + (delta.flatten(0, 1) @ all_rows(delta).flatten(0, 1).T) * (by.flatten(0, 1) @
+                                                                                all_rows(by).flatten(0, 1).T)
     if rows:
         c, B = delta.shape[:2]
-        K = sum((d.flatten(0, 1) @ all_rows(d).flatten(0, 1).T) * gram for d, gram in by_delta.values())
         out.append(RowGram(K.reshape(c, B, c, -1), masks, offset))
     encoder = {n: p for n, p in params.items() if n.startswith("encoder.")}
     if encoder and lookup(system, params):

@@ -86,6 +86,22 @@ class Tails:
     lag_sq: list = field(default_factory=list)
     lag_group_sq: list = field(default_factory=list)
 
+    def carries(self) -> tuple[dict, dict]:
+        """Each parameter's carries, ``{name: (G, n)}`` and ``{name: (n,)}``: the whole gradient's
+        pieces once every step is in. A block kept for several parameters side by side (its name a
+        tuple of (parameter, columns)) is split back into theirs."""
+        group, total = {}, {}
+        for key, carry_g in self.group_carry.items():
+            if isinstance(key, str):
+                group[key], total[key] = carry_g, self.total_carry[key]
+                continue
+            names, columns = zip(*key)
+            G = carry_g.shape[0]
+            for name, g, t in zip(names, carry_g.view(G, -1, sum(columns)).split(columns, dim=2),
+                                  self.total_carry[key].view(-1, sum(columns)).split(columns, dim=1)):
+                group[name], total[name] = g.reshape(G, -1), t.reshape(-1)
+        return group, total
+
     def add(self, blocks, groups: int):
         """Add one chunk of steps, given as blocks (``Products``, or the fast path's) that each
         report their ``Chunk`` against the carries before the chunk and then update them.
@@ -97,7 +113,7 @@ class Tails:
         s = Chunk()
         for block in blocks:
             name = getattr(block, "name", None)
-            if name is None:  # a Gram of the chunk's rows: no carry of its own
+            if name is None:  # the Gram of the chunk's rows: no carry of its own
                 s = s + block.stats()
                 continue
             carry_g = self.group_carry.setdefault(name, block.T.new_zeros(groups, block.width))

@@ -16,7 +16,7 @@ from torch import nn
 import biaskit
 from biaskit.decay import default_tau, fit_decay
 from biaskit.synthetic import warm_up
-from helpers import make_module, naive_gradient
+from helpers import final_output, make_module, naive_gradient
 from test_adaptive import LinearModel
 from trainers.adaptive import Controller
 from trainers.tasks.token_model import TokenLSTM
@@ -155,6 +155,34 @@ def test_a_readout_tied_to_the_embedding_is_one_coordinate_of_the_gradient():
     assert ds.attrs["n_params"] == full.numel()  # the shared matrix counted once
     for K in range(R):
         want = float((gradient(K) - full).norm() / full.norm())
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(want, rel=1e-8, abs=1e-13), K
+
+
+@pytest.mark.parametrize("tied", ["weight_hh_l0", "bias_ih_l0"])
+def test_a_readout_tied_to_a_recurrent_weight_adds_to_its_coordinates(tied):
+    """A readout whose weight (or bias) is the LSTM's own: the fast path keeps a layer's weights side by
+    side in one block and must split them back so the readout's gradient lands on the right entries."""
+    torch.manual_seed(0)
+    B, R, H = 5, 6, 3
+    lstm = nn.LSTM(2, H, batch_first=True).double()
+    head = nn.Linear(H, 4 * H).double()
+    setattr(head, "weight" if tied == "weight_hh_l0" else "bias", getattr(lstm, tied))
+    x, y = torch.randn(B, R, 2, dtype=torch.float64), torch.randint(0, 4 * H, (B,))
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    ds = biaskit.decompose(biaskit.wrap(lstm, head, loss_fn), x, y, psi=False, metric=False)
+    assert ds.attrs["path"].startswith("fast")
+
+    unique = list({id(p): p for p in [*lstm.parameters(), *head.parameters()]}.values())  # the tie once
+
+    def flat_gradient(K=None):
+        out = final_output(lstm, x, None if K is None else R - 1 - K)
+        grads = torch.autograd.grad(loss_fn(head(out), y).mean(), unique)
+        return torch.cat([g.flatten() for g in grads])
+
+    full = flat_gradient()
+    assert ds.attrs["grad_norm"] == pytest.approx(float(full.norm()), rel=1e-10)
+    for K in range(R):
+        want = float((flat_gradient(K) - full).norm() / full.norm())
         assert ds["rel_bias"].sel(K=K).item() == pytest.approx(want, rel=1e-8, abs=1e-13), K
 
 
