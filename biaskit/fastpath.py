@@ -290,7 +290,6 @@ class Lookup:
     def stats(self, carry_g, carry_t):
         G, (c, B, E) = carry_g.shape[0], self.cot.shape
         rows_g, rows_t = carry_g.view(G, -1, E), carry_t.view(-1, E)
-        used_g, used_t = rows_g[:, self.used].flatten(1), rows_t[self.used].flatten()
         group = self.masks.argmax(0).expand(c, B)  # each window's group
         own = (rows_g[group, self.tokens] * self.cot).sum(-1)       # (c, B): <C_g, the window's row>
         every = (rows_t[self.tokens] * self.cot).sum(-1)            # (c, B): <C, the window's row>
@@ -300,10 +299,9 @@ class Lookup:
         cot_g = _grouped(self.cot, self.index).flatten(1, 2)               # (G, c·m, E)
         same = (tok_g == tok_g.transpose(1, 2)).to(cot_g.dtype)
         XX = (same * (cot_g @ cot_g.transpose(1, 2))).view(G, c, -1, c, same.shape[-1] // c).sum((2, 4))
-        return Chunk(carry_sq=carry_t @ carry_t, group_carry_sq=torch.linalg.vecdot(carry_g, carry_g),
-                     group_carry_dot=carry_g @ carry_t, v=self.T @ used_t, TT=self.T @ self.T.T,
-                     W=used_g @ self.T.T, u=self.masks @ own.T, y=self.masks @ every.T, XX=XX,
-                     XT=torch.einsum("gb,jib->gij", self.masks, spread))
+        entries = (self.used[:, None] * E + torch.arange(E, device=self.used.device)).flatten()
+        return carry_products(carry_g, carry_t, self.T, entries) + Chunk(
+            u=self.masks @ own.T, y=self.masks @ every.T, XX=XX, XT=torch.einsum("gb,jib->gij", self.masks, spread))
 
     def update(self, carry_g, carry_t):
         G, (c, B, E) = carry_g.shape[0], self.cot.shape

@@ -39,10 +39,12 @@ class Chunk:
         return Chunk(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Chunk)))
 
 
-def carry_products(carry_g: torch.Tensor, carry_t: torch.Tensor, T: torch.Tensor) -> Chunk:
-    """A block's carries with themselves and with the chunk's totals ``T`` (c, n)."""
+def carry_products(carry_g: torch.Tensor, carry_t: torch.Tensor, T: torch.Tensor, entries=None) -> Chunk:
+    """A block's carries with themselves and with the chunk's totals ``T`` (c, n), which cover the
+    carries' ``entries`` (all of them when None)."""
+    covered_g, covered_t = (carry_g, carry_t) if entries is None else (carry_g[:, entries], carry_t[entries])
     return Chunk(carry_sq=carry_t @ carry_t, group_carry_sq=torch.linalg.vecdot(carry_g, carry_g),
-                 group_carry_dot=carry_g @ carry_t, v=T @ carry_t, TT=T @ T.T, W=carry_g @ T.T)
+                 group_carry_dot=carry_g @ carry_t, v=T @ covered_t, TT=T @ T.T, W=covered_g @ T.T)
 
 
 @dataclass
