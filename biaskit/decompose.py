@@ -10,11 +10,14 @@ All K cost one sweep: one forward pass keeping the states, one backward pass
 for every state cotangent ``b_k`` (O(R·state), which φ needs anyway), then the
 per-step parameter products taken from the OLDEST lag to the newest in chunks
 of steps, so ``T_K`` is a running sum and ``||T_K||`` comes out for every K.
-For nn.RNN/GRU/LSTM and their cells (``fastpath``) the backward pass also
-yields the gates' cotangents, and a step's product is a sum of outer products
-with its inputs: no step is run twice. Any other cell goes through
-``torch.func.vjp`` batched with ``vmap`` over steps (step by step, with a
-warning, when vmap cannot batch it).
+The running sums are kept by ``tails``. For nn.RNN/GRU/LSTM and their cells
+(``fastpath``) the backward pass is written out per cell and also yields the
+gates' cotangents, a step's product is a sum of outer products with its
+inputs, and the tails are taken from those rows: no step is run twice and no
+per-group product of |θ| entries is formed a step. Any other cell goes
+through ``torch.func.vjp`` batched with ``vmap`` over steps (step by step,
+with a warning, when vmap cannot batch it). Denormal floats are flushed to
+zero while it runs (``_without_denormals``).
 
 The windows are cut into ``groups`` contiguous groups and the tails are kept
 per group too, so each K's bias comes with what a delete-one-group jackknife
@@ -22,7 +25,7 @@ needs (``biaskit.exact_kappa`` turns it into a confidence limit), and the
 per-lag contributions' norms per group, whose decay bounds the tail beyond
 the window. With a ``process_group`` every rank decomposes its own windows
 and the sums are all-reduced: every rank gets the answer for all windows.
-Memory is O(R·state + chunk·groups·|θ|).
+Memory is O(R·state + groups·|θ|) plus a chunk's products (``CHUNK_ELEMENTS``).
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from .errors import InputError
 from .recurrent import CustomStep, Params, RecurrentSystem, check_reachable, wrap
 from .tails import Tails, held
 
-#: Elements of per-step, per-group parameter products held at once in the parameter pass.
+#: Elements of a chunk's parameter products (and the fast path's square Gram matrices) held at once.
 CHUNK_ELEMENTS = 2**23
 #: Most steps in one chunk of the parameter pass.
 CHUNK_STEPS = 16

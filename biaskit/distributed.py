@@ -43,27 +43,29 @@ def total(count: int, group) -> int:
     return int(t)
 
 
+def _counts(count: int, group, device) -> list[int]:
+    """Every rank's ``count``, in rank order."""
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world(group))]
+    dist.all_gather(counts, torch.tensor([count], dtype=torch.int64, device=device), group=group)
+    return [int(c) for c in counts]
+
+
 def offset(count: int, group) -> int:
     """Rows the ranks before this one hold, when each holds ``count`` (0 without a group)."""
-    if group is None:
-        return 0
-    counts = [torch.zeros(1, dtype=torch.int64, device=_device(group)) for _ in range(world(group))]
-    dist.all_gather(counts, torch.tensor([count], device=_device(group)), group=group)
-    return int(sum(counts[:dist.get_rank(group)]))
+    return 0 if group is None else sum(_counts(count, group, _device(group))[:dist.get_rank(group)])
 
 
 def gather_rows(tensor: torch.Tensor, group) -> torch.Tensor:
     """Every rank's rows (first dimension) of ``tensor``, in rank order; rows may differ in number."""
     if group is None:
         return tensor
-    counts = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(world(group))]
-    dist.all_gather(counts, torch.tensor([tensor.shape[0]], device=tensor.device), group=group)
-    most = int(max(counts))
+    counts = _counts(tensor.shape[0], group, tensor.device)
+    most = max(counts)
     padded = tensor.new_zeros(most, *tensor.shape[1:])
     padded[:tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([part[:int(n)] for part, n in zip(parts, counts)])
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
 gather_samples = gather_rows  # per-window rows: φ, ψ, the loss
