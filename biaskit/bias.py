@@ -234,11 +234,15 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
     grad_low = np.float64(np.sqrt(b - factor * np.sqrt(v_b)) if resolved else 0.0)  # a lower limit of ||E g||
     beyond, fit = _beyond_window(ds, level)
     inside = K < R
-    with np.errstate(divide="ignore", invalid="ignore"):
-        past_window = np.where(beyond["at_fit"] == 0, 0.0, beyond["at_fit"] / grad_low)
-        upper = np.empty(K.shape)
-        upper[inside] = within[K[inside]] + past_window
-        upper[~inside] = np.where(beyond["past"](K[~inside]) == 0, 0.0, beyond["past"](K[~inside]) / grad_low)
+
+    def over_gradient(tail):  # a fitted tail over the lower limit of ||E g||: nothing certified unresolved
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(~resolved, np.inf, np.where(tail == 0, 0.0, tail / grad_low))
+
+    past_window = over_gradient(beyond["at_fit"])
+    upper = np.empty(K.shape)
+    upper[inside] = within[K[inside]] + past_window
+    upper[~inside] = over_gradient(beyond["past"](K[~inside]))
     exact = ds["rel_bias"].values.astype(np.float64)
     grad = float(ds.attrs["grad_norm"])
     point = np.where(inside, exact[np.minimum(K, R - 1)], beyond["past_at_fit"](K) / grad)

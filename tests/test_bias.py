@@ -409,6 +409,19 @@ def test_an_unresolved_mean_gradient_certifies_nothing():
     assert unresolved >= 30 and covered >= 38
 
 
+def test_an_unresolved_mean_gradient_certifies_no_K_past_the_window_even_where_the_fit_says_zero():
+    """Old lags whose contributions underflow to exactly 0 make the fitted tail past the window 0;
+    while the mean gradient is not resolved, that must not certify a K ≥ R (it did: 0 / 0 taken as 0)."""
+    system, X, Y, _, gen = _population_and_batches("weak")
+    pick = torch.randperm(X.shape[0], generator=gen)[:64]
+    ds = biaskit.decompose(system, X[pick], Y[pick], psi=False, metric=False)
+    R = ds.sizes["K"]
+    ds["group_contribution"][:, R // 2:] = 0.0  # every group's contribution past the middle underflowed
+    ek = biaskit.exact_kappa(ds, [0.5], K_range=(0, R + 20))
+    assert int(ek["gradient_resolved"]) == 0
+    assert np.isinf(ek["rel_bias_upper"].values).all() and not ek["kappa_reached"].any()
+
+
 def test_exact_kappa_refuses_what_it_cannot_use():
     ds = geometric_table()
     with pytest.raises(InputError, match="pass the output of biaskit.decompose"):
