@@ -319,7 +319,7 @@ def lookup(system: TorchRecurrent, params) -> bool:
         and not enc.scale_grad_by_freq
 
 
-def _lookup_block(system, params, sweep, sl, masks, process_group):
+def _lookup_block(system, sweep, sl, masks, process_group):
     """The embedding's ``Lookup`` for steps ``sl`` (a padding token's row gets no gradient)."""
     tokens, cot = sweep.x[sl].contiguous(), sweep.fast.encoded_cotangent[sl]
     if system.encoder.padding_idx is not None:
@@ -349,7 +349,7 @@ def by_rows(system: TorchRecurrent, params, batch: int, world_batch: int, groups
     """Whether to keep the weights' products as rows ``δ aᵀ`` (a step costs the rows' Gram matrix,
     ~ B·B_all·(the widths of the δ and the a's)) rather than whole per group (~ G·|θ| a step,
     memory-bound): rows win for wide layers and modest batches, whole products for narrow layers and
-    many windows (the factor 16 is where the two meet on a CPU, measured in benchmarks/)."""
+    many windows (16: where the two met, timed on a 2-core CPU over batches 32-256, hidden 50-200)."""
     weights = [p for n, p in params.items() if not n.startswith("encoder.")]
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[system.base] * system.hidden
     width = sum(p.shape[1] if p.dim() > 1 else 1 for p in weights) + \
@@ -376,10 +376,10 @@ def chunk_limits(system: TorchRecurrent, params, groups: int, batch: int, world_
 
 def blocks(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tensor, per_sample: bool,
            process_group, offset: int, rows: bool):
-    """The steps ``sl`` as blocks for ``Tails.add``: with ``rows``, each weight's rows (``Outer``) and
-    one Gram of every row pair (``RowGram``), else each weight's products per group whole; the
-    encoder's products whole; and per-window squared norms ``(c, B)`` when ``per_sample``
-    (``||δ aᵀ|| = ||δ||·||a||``)."""
+    """The steps ``sl`` as blocks for ``Tails.add``: with ``rows``, each layer's weights as rows
+    (``Outer``) and one Gram of every row pair (``RowGram``), else each weight's products per group
+    whole; an embedding's gathered by token (``Lookup``), any other encoder's whole; and per-window
+    squared norms ``(c, B)`` when ``per_sample`` (``||δ aᵀ|| = ||δ||·||a||``)."""
     fast, index = sweep.fast, _members(masks)
     masks = masks.to(sweep.b.dtype)
     everyone = {}  # every rank's rows of a tensor, gathered once per chunk
@@ -411,7 +411,7 @@ def blocks(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tensor
         out.append(RowGram(K.reshape(c, B, c, -1), masks, offset))
     encoder = {n: p for n, p in params.items() if n.startswith("encoder.")}
     if encoder and lookup(system, params):
-        out.append(_lookup_block(system, params, sweep, sl, masks, process_group))
+        out.append(_lookup_block(system, sweep, sl, masks, process_group))
         if per_sample:
             sq = sq + out[-1].cot.pow(2).sum(-1)
     elif encoder:
