@@ -246,12 +246,22 @@ def test_non_finite_gradients_are_refused_clearly():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "whole"])
+@pytest.mark.parametrize("embedding", [False, True], ids=["inputs", "tokens"])
+def test_cuda_matches_cpu(rows, embedding, monkeypatch):
+    from biaskit import fastpath
+
+    monkeypatch.setattr(fastpath, "by_rows", lambda *a: rows)
     module, head, loss_fn, x, inputs, y = setup(dict(kind="LSTM", layers=2, batch_first=True))
-    cpu = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y, psi=True)
-    gpu = biaskit.decompose(biaskit.wrap(module.cuda(), head.cuda(), loss_fn), inputs.cuda(), y.cuda(), psi=True)
+    encoder = nn.Embedding(7, F).double() if embedding else None
+    if embedding:
+        inputs = torch.randint(0, 7, (B, R))
+    cpu = biaskit.decompose(biaskit.wrap(module, head, loss_fn, encoder=encoder), inputs, y, psi=True)
+    gpu = biaskit.decompose(biaskit.wrap(module.cuda(), head.cuda(), loss_fn,
+                                         encoder=encoder.cuda() if embedding else None),
+                            inputs.cuda(), y.cuda(), psi=True)
     assert gpu.attrs["device"].startswith("cuda")
-    for name in ("phi", "psi", "rel_bias", "abs_bias"):
+    for name in ("phi", "psi", "rel_bias", "abs_bias", "group_tail_sq", "group_tail_dot"):
         np.testing.assert_allclose(gpu[name].values, cpu[name].values, rtol=1e-6, atol=1e-10)
 
 
