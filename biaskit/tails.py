@@ -43,7 +43,7 @@ def carry_products(carry_g: torch.Tensor, carry_t: torch.Tensor, T: torch.Tensor
     """A block's carries with themselves and with the chunk's totals ``T`` (c, n), which cover the
     carries' ``entries`` (all of them when None)."""
     covered_g, covered_t = (carry_g, carry_t) if entries is None else (carry_g[:, entries], carry_t[entries])
-    return Chunk(carry_sq=carry_t @ carry_t, group_carry_sq=torch.linalg.vecdot(carry_g, carry_g),
+    return Chunk(carry_sq=carry_t @ carry_t, group_carry_sq=torch.linalg.vector_norm(carry_g, dim=1).square(),
                  group_carry_dot=carry_g @ carry_t, v=T @ covered_t, TT=T @ T.T, W=covered_g @ T.T)
 
 
@@ -118,8 +118,10 @@ class Tails:
             if name is None:  # the Gram of the chunk's rows: no carry of its own
                 s = s + block.stats()
                 continue
-            carry_g = self.group_carry.setdefault(name, block.T.new_zeros(groups, block.width))
-            carry_t = self.total_carry.setdefault(name, block.T.new_zeros(block.width))
+            if name not in self.group_carry:
+                self.group_carry[name] = block.T.new_zeros(groups, block.width)
+                self.total_carry[name] = block.T.new_zeros(block.width)
+            carry_g, carry_t = self.group_carry[name], self.total_carry[name]
             s = s + block.stats(carry_g, carry_t)
             block.update(carry_g, carry_t)
         self.total_sq.append(s.carry_sq + 2 * _before(s.v) + _within(s.TT))

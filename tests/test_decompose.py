@@ -294,6 +294,23 @@ def test_the_fast_path_gives_the_generic_paths_numbers(spec, rows, monkeypatch):
     np.testing.assert_allclose(est_fast.values, slow.assign(metric=est_fast)["metric"].values)
 
 
+@pytest.mark.parametrize("spec", ADAPTERS[:9], ids=IDS[:9])
+def test_the_fast_path_starts_from_the_given_state(spec, monkeypatch):
+    """The fused kernels run from ``start`` (every layer's h and an LSTM's c): a random one, against
+    the generic path that steps the cell itself."""
+    module, head, loss_fn, x, inputs, y = setup(spec)
+    system = biaskit.wrap(module, head, loss_fn)
+    start = system.unflatten(torch.randn(B, system.layout.size, dtype=torch.float64))
+    kw = dict(start=start, metric=torch.eye(system.layout.size, dtype=torch.float64), groups=3)
+    fast = biaskit.decompose(system, inputs, y, **kw)
+    assert fast.attrs["path"].startswith("fast")
+    generic(monkeypatch)
+    slow = biaskit.decompose(system, inputs, y, **kw)
+    for name in fast.data_vars:
+        np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
+    assert not np.allclose(fast["phi"].values, biaskit.decompose(system, inputs, y, **{**kw, "start": None})["phi"])
+
+
 @pytest.mark.parametrize("embedding", [{}, {"padding_idx": 0}, {"scale_grad_by_freq": True}],
                          ids=["lookup", "lookup-padding", "through-vjp"])
 @pytest.mark.parametrize("steps", [None, 2], ids=["one-chunk", "chunks-of-2"])
