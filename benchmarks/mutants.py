@@ -139,8 +139,10 @@ MUTANTS: list[Mutant] = [
     Mutant("lookup-cross-is-own", F, 'XT=torch.einsum("gb,jib->gij", self.masks, spread))', "XT=XX)",
            "<group tail, total tail> within a chunk: the embedding's group products paired with themselves",
            (T_DEC,)),
-    Mutant("denormals-not-restored", D, "torch.set_flush_denormal(before)", "torch.set_flush_denormal(False)",
+    Mutant("denormals-not-restored", "biaskit/denormals.py", "set_flush(before)", "set_flush(False)",
            "decompose leaves the caller's flush-denormal setting off", (T_DEC,)),
+    Mutant("denormals-main-thread-only", "biaskit/denormals.py", "pause(OMP_PAUSE_SOFT)  #", "pause  #",
+           "flushing reaches the calling thread, not the OpenMP workers already running", (T_DEC,)),
     # --- norms.py ---------------------------------------------------------------------------------------------
     Mutant("mahalanobis-diagonal", N, 'torch.einsum("...i,ij,...j->...", cotangents, metric, cotangents)',
            'torch.einsum("...i,ii,...i->...", cotangents, metric, cotangents)',

@@ -17,7 +17,7 @@ inputs, and the tails are taken from those rows: no step is run twice and no
 per-group product of |θ| entries is formed a step. Any other cell goes
 through ``torch.func.vjp`` batched with ``vmap`` over steps (step by step,
 with a warning, when vmap cannot batch it). Denormal floats are flushed to
-zero while it runs (``_without_denormals``).
+zero on every CPU thread while it runs (``denormals``).
 
 The windows are cut into ``groups`` contiguous groups and the tails are kept
 per group too, so each K's bias comes with what a delete-one-group jackknife
@@ -29,7 +29,6 @@ Memory is O(R·state + groups·|θ|) plus a chunk's products (``CHUNK_ELEMENTS``
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -41,7 +40,7 @@ import torch
 import xarray as xr
 from torch.func import vjp, vmap
 
-from . import distributed, fastpath, norms
+from . import denormals, distributed, fastpath, norms
 from .errors import InputError
 from .recurrent import CustomStep, Params, RecurrentSystem, check_reachable, wrap
 from .tails import Tails, held
@@ -287,29 +286,7 @@ def _chunk_steps(width: int, rows: int = 0) -> int:
     return max(1, min(CHUNK_STEPS, steps))
 
 
-def _flushing_denormals() -> bool:
-    """Whether this thread flushes denormal floats to zero now (torch has no getter)."""
-    return bool((torch.full((1,), 1e-30) * 1e-9).item() == 0)
-
-
-def _without_denormals(fn):
-    """Run ``fn`` with denormal floats flushed to zero, as the caller had it after: the cotangents of
-    long windows vanish into denormals (below 1.2e-38 in float32), which x86 CPUs process about
-    100x slower, and a tail that small is zero at float32's precision anyway."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        before = _flushing_denormals()
-        torch.set_flush_denormal(True)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_flush_denormal(before)
-
-    return run
-
-
-@_without_denormals
+@denormals.flushed
 def decompose(
     system: RecurrentSystem | torch.nn.Module,
     inputs: torch.Tensor,

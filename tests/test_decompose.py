@@ -10,7 +10,7 @@ import xarray as xr
 from torch import nn
 
 import biaskit
-from biaskit import report
+from biaskit import denormals, report
 from helpers import LeakyCell, final_output, flat_norm, make_module, naive_gradient
 
 ADAPTERS = [
@@ -424,22 +424,44 @@ class FlushWatch(nn.Module):
         return torch.zeros(batch_size, 5, dtype=self.cell.weight_hh.dtype)
 
     def forward(self, x_t, state):
-        self.seen.add(importlib.import_module("biaskit.decompose")._flushing_denormals())
+        self.seen.add(denormals.flushing())
         return self.cell(x_t, state)
 
 
 @pytest.mark.parametrize("flushing", [False, True])
 def test_denormals_are_flushed_while_decomposing_and_the_callers_setting_restored(flushing):
-    dec = importlib.import_module("biaskit.decompose")
     cell = FlushWatch().double()
     torch.set_flush_denormal(flushing)
     try:
         biaskit.decompose(biaskit.wrap(cell, nn.Linear(5, C).double(), nn.CrossEntropyLoss(reduction="none")),
                           torch.randn(B, R, F, dtype=torch.float64), torch.randint(0, C, (B,)), psi=False)
         assert cell.seen == {True}
-        assert dec._flushing_denormals() == flushing
+        assert denormals.flushing() == flushing
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_denormals_are_flushed_on_the_worker_threads_that_already_ran():
+    """torch.set_flush_denormal reaches the calling thread alone: OpenMP workers started before keep
+    computing with denormals (100x slower). ``set_flush`` restarts them so they take the setting, on
+    and off again."""
+    if denormals._pause() is None:
+        pytest.skip("no OpenMP runtime with omp_pause_resource_all in this torch")
+    tiny = torch.full((1 << 20,), 1e-39)  # denormal; large enough to be split between two threads
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.set_flush_denormal(False)
+        assert (tiny * 1.0 != 0).all()  # the workers start now, not flushing
+        torch.set_flush_denormal(True)
+        assert (tiny * 1.0 != 0).any()  # the workers' share still denormal: the gap set_flush closes
+        denormals.set_flush(True)
+        assert (tiny * 1.0 == 0).all()
+        denormals.set_flush(False)
+        assert (tiny * 1.0 != 0).all()
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
 
 
 def test_float32_bias_of_a_window_whose_cotangents_vanish_into_denormals_matches_float64():
