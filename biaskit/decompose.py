@@ -276,14 +276,14 @@ def _direct(system, readout: Params, sweep: Sweep, targets, masks: torch.Tensor)
     return {n: real(g, 1) for n, g in grads.items()}
 
 
-def _chunk_steps(width: int, rows: int = 0) -> int:
+def _chunk_steps(width: int, rows: int = 0, most: float = CHUNK_STEPS) -> int:
     """Steps per chunk: as many as ``CHUNK_ELEMENTS`` hold at ``width`` elements a step and, on the
     fast path, square matrices of ``rows`` rows a step (their size grows as the chunk's square), at
-    most ``CHUNK_STEPS`` (the Gram matrices' cost grows with the chunk)."""
+    most ``most`` and ``CHUNK_STEPS`` (the Gram matrices' cost grows with the chunk)."""
     steps = CHUNK_ELEMENTS // max(1, width)
     if rows:
         steps = min(steps, math.isqrt(CHUNK_ELEMENTS) // rows)
-    return max(1, min(CHUNK_STEPS, steps))
+    return max(1, min(CHUNK_STEPS, most, steps))
 
 
 @denormals.flushed

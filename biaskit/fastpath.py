@@ -371,25 +371,43 @@ def _weights(system: TorchRecurrent, params, fast, layer: int, sl: slice):
     return [b for b in blocks if b[0] in params]  # a missing one is absent (bias=False) or frozen
 
 
-def by_rows(system: TorchRecurrent, params, batch: int, world_batch: int, groups: int) -> bool:
-    """Whether to keep the weights' products as rows ``δ aᵀ`` (a step costs the rows' Gram matrix,
-    ~ B·B_all·(the widths of the δ and the a's)) rather than whole per group (~ G·|θ| a step,
-    memory-bound): rows win for wide layers and modest batches, whole products for narrow layers and
-    many windows (16: where the two met, timed on a 2-core CPU over batches 32-256, hidden 50-200)."""
+def _sizes(system: TorchRecurrent, params) -> tuple[int, int]:
+    """|θ| of the recurrent weights, and the widths a pair of their rows costs in a Gram matrix: the
+    columns of every a (``[x, h, 1, 1]``) and of every δ."""
     weights = [p for n, p in params.items() if not n.startswith("encoder.")]
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[system.base] * system.hidden
     width = sum(p.shape[1] if p.dim() > 1 else 1 for p in weights) + \
         system.num_layers * gates * (2 if system.base == "GRU" else 1)
-    return batch * world_batch * width <= 16 * groups * sum(p.numel() for p in weights)
+    return sum(p.numel() for p in weights), width
+
+
+#: Rows against whole products, and a chunk's steps on rows: both follow the ratio of the carries'
+#: size, G·|θ|, to a row Gram's cost per step pair, B·B_all·widths (timed on a 2-core CPU).
+BALANCE = 16
+
+
+def by_rows(system: TorchRecurrent, params, batch: int, world_batch: int, groups: int) -> bool:
+    """Whether to keep the weights' products as rows ``δ aᵀ`` (a step costs the rows' Gram matrix,
+    ~ B·B_all·(the widths of the δ and the a's)) rather than whole per group (~ G·|θ| a step,
+    memory-bound): rows win for wide layers and modest batches, whole products for narrow layers and
+    many windows (``BALANCE``: where the two met over batches 32-256, hidden 50-200)."""
+    size, width = _sizes(system, params)
+    return batch * world_batch * width <= BALANCE * groups * size
 
 
 def chunk_limits(system: TorchRecurrent, params, groups: int, batch: int, world_batch: int, per_sample: bool,
-                 rows: bool) -> tuple[int, int]:
+                 rows: bool) -> tuple[int, int, float]:
     """What bounds a chunk of steps (``decompose._chunk_steps``): the elements one step's products
-    hold at once, and the rows a step adds to the chunk's square Gram matrices (0: none)."""
+    hold at once, the rows a step adds to the chunk's square Gram matrices (0: none), and the most
+    steps worth taking. On rows the carries are read once a chunk (~ G·|θ|) while the chunk's Gram
+    matrices grow as its square (~ c²·B·B_all·widths), so ``c = BALANCE·√(G·|θ| / (B·B_all·widths))``
+    balances them: 16 (the cap) for an LSTM 2 × 128 at batch 32, 4 for the language controller's 256
+    windows of an LSTM 200 (8.7 s a decomposition against 11.6 s with 11 steps)."""
+    size, row_width = _sizes(system, params)
     weights = [p.numel() for n, p in params.items() if not n.startswith("encoder.")]
-    width = max(weights) if rows else groups * sum(weights)
+    width = max(weights) if rows else groups * size
     square = math.isqrt(batch * world_batch) + 1 if rows else 0
+    most = round(BALANCE * math.sqrt(groups * size / (batch * world_batch * row_width))) if rows else math.inf
     encoder = [p.numel() for n, p in params.items() if n.startswith("encoder.")]
     if encoder and lookup(system, params):
         E = system.encoder.embedding_dim
@@ -397,7 +415,7 @@ def chunk_limits(system: TorchRecurrent, params, groups: int, batch: int, world_
         square = max(square, math.isqrt(batch * E) + 1)        # every total at every window's token
     elif encoder:
         width += sum(encoder) * (groups + (batch if per_sample else 0))
-    return width, square
+    return width, square, most
 
 
 def blocks(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tensor, per_sample: bool,
