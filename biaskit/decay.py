@@ -110,12 +110,12 @@ import html
 import warnings
 
 import numpy as np
-import statsmodels.api as sm
 import xarray as xr
 from scipy import stats
 from numpy.typing import ArrayLike
 from statsmodels.iolib.summary import Summary
 from statsmodels.iolib.table import SimpleTable
+from statsmodels.regression.linear_model import WLS
 
 from .errors import InputError
 from .norms import NORMS
@@ -282,7 +282,7 @@ def _regress(table: np.ndarray, x: np.ndarray, weights: str, curvature: bool = F
         for basis in columns:
             square = square - (w @ (square * basis)) / (w @ (basis * basis)) * basis
         columns.append(square)
-    model = sm.WLS(pseudo.ravel(), np.tile(np.column_stack(columns), (n, 1)), weights=np.tile(w, n))
+    model = WLS(pseudo.ravel(), np.tile(np.column_stack(columns), (n, 1)), weights=np.tile(w, n))
     results = model.fit(cov_type="cluster", cov_kwds={"groups": np.repeat(np.arange(n), L)}, use_t=True)
     return results, center
 
