@@ -5,7 +5,8 @@ method runs in a fresh process (so its peak memory is its own), after a
 warm-up, and the median of ``--repeats`` is reported with its ratio to the
 fused ``nn.LSTM`` forward+backward measured in the same run:
 
-- ``plain``: one fused nn.LSTM forward and backward (oneDNN on CPU, cuDNN on CUDA);
+- ``plain``: one fused nn.LSTM forward and backward (oneDNN on CPU, cuDNN on CUDA, with PyTorch's
+  defaults: TF32 on Ampere and later GPUs, where ``decompose``'s forward runs in full float32);
 - ``decompose``: biaskit.decompose with its defaults (ψ, the estimated metric,
   8 window groups), what ``biaskit analyze`` and ``biaskit.audit`` run;
 - ``decompose psi=False``: what the exact controller runs (16 groups, no metric);

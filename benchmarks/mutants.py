@@ -109,6 +109,8 @@ MUTANTS: list[Mutant] = [
     Mutant("fused-from-zeros", F, "hx = tuple(part[None].contiguous() for part in hs)",
            "hx = tuple(torch.zeros_like(part[None]) for part in hs)",
            "the fused forward ignores the starting state", (T_DEC,)),
+    Mutant("cudnn-tf32-kept", F, 'setattr(flags, name, off)', 'setattr(flags, name, before)',
+           "cuDNN runs the fused float32 forward in TF32 on a GPU", (T_DEC,)),
     Mutant("cell-scan-from-start", F, "f[t - 1], c_prev[t - 1], out=c_prev[t])", "f[t - 1], c_prev[0], out=c_prev[t])",
            "LSTM: each step's cell state is scanned from the window's first, not the step before", (T_DEC,)),
     Mutant("fast-psi-abs", F, "sq = sq + delta.pow(2).sum(-1) * by.pow(2).sum(-1)",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -112,10 +113,29 @@ def _fused(system: TorchRecurrent, w: dict, inp: torch.Tensor, hs) -> torch.Tens
     hx = tuple(part[None].contiguous() for part in hs)
     run = {"LSTM": torch.lstm, "GRU": torch.gru,
            "RNN": torch.rnn_tanh if system.nonlinearity == "tanh" else torch.rnn_relu}[system.base]
-    with warnings.catch_warnings():  # cuDNN copies weights that are not one flat buffer, as wanted here
+    with warnings.catch_warnings(), no_tf32(inp):  # cuDNN copies weights not in one flat buffer, as wanted here
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
         return run(inp, hx if system.base == "LSTM" else hx[0], weights, len(weights) == 4, 1, 0.0, False,
                    False, False)[0]
+
+
+@contextmanager
+def no_tf32(t: torch.Tensor):
+    """cuDNN runs float32 RNNs in TF32 on Ampere and later GPUs by default (``torch.backends.cudnn.rnn``),
+    with 10-bit mantissas: h would be ~1e-3 off the float32 in which the gates are recomputed and the
+    backward runs, and the decomposition would be no model's exact one. Full float32 while ``t``'s
+    layer runs (torch < 2.9: the legacy ``allow_tf32`` flag)."""
+    if t.device.type != "cuda" or t.dtype != torch.float32:
+        yield
+        return
+    flags, name, off = (torch.backends.cudnn.rnn, "fp32_precision", "ieee") \
+        if hasattr(torch.backends.cudnn.rnn, "fp32_precision") else (torch.backends.cudnn, "allow_tf32", False)
+    before = getattr(flags, name)
+    setattr(flags, name, off)
+    try:
+        yield
+    finally:
+        setattr(flags, name, before)
 
 
 def _lstm_gates(w: dict, inp: torch.Tensor, h_prev: torch.Tensor, c0: torch.Tensor):

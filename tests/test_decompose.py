@@ -265,6 +265,43 @@ def test_cuda_matches_cpu(rows, embedding, monkeypatch):
         np.testing.assert_allclose(gpu[name].values, cpu[name].values, rtol=1e-6, atol=1e-10)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float32_fast_path_is_full_float32(monkeypatch):
+    """cuDNN's default TF32 would put the fused forward's h ~1e-3 off: the fast path must match the
+    generic one (float32 matmuls step by step) as closely as on the CPU (2e-7 there)."""
+    torch.manual_seed(0)
+    lstm, head = nn.LSTM(16, 64, 2, batch_first=True).cuda(), nn.Linear(64, 5).cuda()
+    x, y = torch.randn(8, 50, 16, device="cuda"), torch.randint(0, 5, (8,), device="cuda")
+    system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"))
+    fast = biaskit.decompose(system, x, y, metric=False, groups=4)
+    generic(monkeypatch)
+    slow = biaskit.decompose(system, x, y, metric=False, groups=4)
+    for name in ("phi", "psi", "rel_bias"):
+        assert np.abs(fast[name].values - slow[name].values).max() <= 2e-6 * np.abs(slow[name].values).max()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["fp32_precision", "allow_tf32"])
+def test_cudnn_runs_the_fused_forward_in_full_float32_and_gets_its_setting_back(legacy, monkeypatch):
+    """The flag behind the CUDA test above, checked here: off while a float32 CUDA layer runs, the
+    caller's after; untouched for other dtypes and devices; torch < 2.9 has only ``allow_tf32``."""
+    from types import SimpleNamespace
+
+    from biaskit.fastpath import no_tf32
+
+    if legacy:
+        monkeypatch.setattr(torch.backends.cudnn, "rnn", SimpleNamespace())
+    flags, name = (torch.backends.cudnn, "allow_tf32") if legacy else (torch.backends.cudnn.rnn, "fp32_precision")
+    before = getattr(flags, name)
+    assert before in (True, "tf32")  # PyTorch's default, which this guards against
+    with no_tf32(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)):
+        assert getattr(flags, name) == (False if legacy else "ieee")
+    assert getattr(flags, name) == before
+    for device, dtype in (("cuda", torch.float64), ("cuda", torch.bfloat16), ("cpu", torch.float32)):
+        with no_tf32(SimpleNamespace(device=torch.device(device), dtype=dtype)):
+            assert getattr(flags, name) == before
+
+
 # --- the fast path, several chunks, the window groups -------------------------------------------------
 
 
