@@ -33,6 +33,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -268,12 +269,19 @@ def _groups(groups: int, batch: int, device) -> torch.Tensor:
 
 
 def _direct(system, readout: Params, sweep: Sweep, targets, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The readout's gradient of each group's summed loss, ``{name: (G, n)}`` (real)."""
+    """The readout's gradient of each group's summed loss, ``{name: (G, n)}`` (real): a backward pass
+    through the readout per group, by torch.autograd (torch.func's first pullback imports
+    torch._dynamo, ~2 s, which the fast path otherwise never needs)."""
     if not readout:
         return {}
-    _, pull = vjp(lambda rp: system.loss(rp, sweep.output, targets), readout)
-    grads = vmap(lambda m: pull(m)[0])(masks.to(sweep.losses.dtype))
-    return {n: real(g, 1) for n, g in grads.items()}
+    with torch.enable_grad():
+        leaves = {n: p.detach().requires_grad_() for n, p in readout.items()}
+        losses = system.loss(leaves, sweep.output, targets)
+        per_group = [torch.autograd.grad(losses, list(leaves.values()), m.to(losses.dtype), retain_graph=True,
+                                         allow_unused=True) if losses.requires_grad else [None] * len(leaves)
+                     for m in masks]
+    return {n: real(torch.stack([torch.zeros_like(p) if g[i] is None else g[i] for g in per_group]), 1)
+            for i, (n, p) in enumerate(readout.items())}
 
 
 def _chunk_steps(width: int, rows: int = 0, most: float = CHUNK_STEPS) -> int:
@@ -383,7 +391,9 @@ def _metric(system, params, sweep, metric, probes, rows, seed, process_group):
             raise InputError(f"metric must be ({D}, {D}), got {got}")
         return metric.to(sweep.b), "given"
     gen = torch.Generator(device=sweep.b.device).manual_seed(seed)
-    estimate = norms.estimate_metric(system, params, sweep.h_prev, sweep.x, probes, rows, gen)
+    pushes = partial(fastpath.pushes, system, params) if sweep.fast is not None and \
+        fastpath.metric_applies(system, params) else None
+    estimate = norms.estimate_metric(system, params, sweep.h_prev, sweep.x, probes, rows, gen, pushes)
     estimate = distributed.mean(estimate, process_group)
     return estimate, f"rademacher probes={probes}, rows={rows}, seed={seed}"
 

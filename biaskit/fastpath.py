@@ -246,6 +246,75 @@ def _rnn_backward(system, layer: _Layer, arriving):
 BACKWARD = {"LSTM": _lstm_backward, "GRU": _gru_backward, "RNN": _rnn_backward}
 
 
+def metric_applies(system: TorchRecurrent, params) -> bool:
+    """Whether ``pushes`` serves the metric: a trained encoder only as a plain embedding lookup."""
+    return not any(n.startswith("encoder.") for n in params) or lookup(system, params)
+
+
+def pushes(system: TorchRecurrent, params, states: torch.Tensor, inputs: torch.Tensor, tangents: dict) -> torch.Tensor:
+    """``J v`` for every probe v, (probes, rows, D): the forward-mode product of one step (``system.step``)
+    with the parameter tangents ``{name: (probes, ...)}``, written out per cell, layer by layer from
+    the bottom (what ``torch.func.jvp`` gives; it imports torch._dynamo, ~2 s, on first use). A
+    layer's pre-activations move by ``V x + W dx`` (dx: the tangent of its input, the new h below or
+    an embedding's rows) ``+ V_h h + V_b``, then through the cell's derivatives."""
+    p = {**system.frozen, **params}
+    x = system.encode(params, inputs)
+    dx = tangents["encoder.weight"][:, inputs] if "encoder.weight" in tangents else None
+    probes = next(iter(tangents.values())).shape[0]
+    out = []
+    for layer, hs in enumerate(system.split(states)):
+        w = _layer_weights(system, p, layer)
+        gi, gh = _linear(x, w["weight_ih"], w["bias_ih"]), _linear(hs[0], w["weight_hh"], w["bias_hh"])
+        dgi, dgh = gi.new_zeros(probes, *gi.shape), gh.new_zeros(probes, *gh.shape)
+        for name, moved, by in (("weight_ih", dgi, x), ("weight_hh", dgh, hs[0]), ("bias_ih", dgi, None),
+                                ("bias_hh", dgh, None)):
+            v = tangents.get(name + system.suffix(layer))
+            if v is not None:
+                moved += v[:, None] if by is None else by @ v.transpose(1, 2)
+        if dx is not None:
+            dgi += dx @ w["weight_ih"].T
+        x, moved = CELL_TANGENTS[system.base](system, gi, gh, hs, dgi, dgh)
+        out += moved
+        dx = moved[0]
+    return torch.cat(out, dim=-1)
+
+
+def _rnn_tangent(system, gi, gh, hs, dgi, dgh):
+    """``h' = act(gi + gh)``: ``dh' = act'·(dgi + dgh)``."""
+    h = torch.tanh(gi + gh) if system.nonlinearity == "tanh" else torch.relu(gi + gh)
+    slope = 1 - h**2 if system.nonlinearity == "tanh" else (h > 0).to(h.dtype)
+    return h, [slope * (dgi + dgh)]
+
+
+def _lstm_tangent(system, gi, gh, hs, dgi, dgh):
+    """``c' = σ(f) c + σ(i) tanh(g)``, ``h' = σ(o) tanh(c')``: ``dc' = σ'(f) df c + σ'(i) di tanh g +
+    σ(i) tanh'(g) dg``, ``dh' = σ'(o) do tanh c' + σ(o) tanh'(c') dc'``."""
+    i, f, g, o = (gi + gh).chunk(4, dim=-1)
+    di, df, dg, do = (dgi + dgh).chunk(4, dim=-1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    tc = (f * hs[1] + i * g).tanh()
+    dc = f * (1 - f) * df * hs[1] + i * (1 - i) * di * g + i * (1 - g**2) * dg
+    return o * tc, [o * (1 - o) * do * tc + o * (1 - tc**2) * dc, dc]
+
+
+def _gru_tangent(system, gi, gh, hs, dgi, dgh):
+    """``r, z = σ(i_r + h_r), σ(i_z + h_z)``, ``n = tanh(i_n + r h_n)``, ``h' = (1 − z) n + z h``:
+    ``dh' = dz (h − n) + (1 − z) dn`` with ``dn = tanh'(·)(di_n + dr h_n + r dh_n)``."""
+    (h,) = hs
+    (i_r, i_z, i_n), (h_r, h_z, h_n) = gi.chunk(3, dim=-1), gh.chunk(3, dim=-1)
+    (di_r, di_z, di_n), (dh_r, dh_z, dh_n) = dgi.chunk(3, dim=-1), dgh.chunk(3, dim=-1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    dr, dz = r * (1 - r) * (di_r + dh_r), z * (1 - z) * (di_z + dh_z)
+    dn = (1 - n**2) * (di_n + dr * h_n + r * dh_n)
+    return (1 - z) * n + z * h, [dz * (h - n) + (1 - z) * dn]
+
+
+#: Each cell's forward-mode product: (its pre-activations, the entering state, their tangents) ->
+#: the new h and the tangents of the new state's parts.
+CELL_TANGENTS = {"LSTM": _lstm_tangent, "GRU": _gru_tangent, "RNN": _rnn_tangent}
+
+
 def _grouped(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(c, B, F) rows gathered into groups, (G, c, m, F), a missing member (index B) a zero row."""
     G, m = index.shape

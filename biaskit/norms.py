@@ -8,6 +8,7 @@ the parameter-space contribution a cotangent ``b`` makes at a typical step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.func import jvp, vmap
@@ -55,6 +56,7 @@ def estimate_metric(
     probes: int,
     rows: int,
     generator: torch.Generator,
+    pushes: Callable | None = None,
 ) -> torch.Tensor:
     """Unbiased estimate of ``M = E[J Jᵀ]`` over the given (step, sample) pairs.
 
@@ -64,7 +66,9 @@ def estimate_metric(
     them as one batch; ``M̂`` averages ``u uᵀ`` over the pairs and ``probes``
     independent draws of v.  Cost: ``rows * probes`` single-sample steps. A step
     that ``vmap`` cannot batch is probed one v at a time; one without
-    forward-mode rules, through two reverse-mode passes.
+    forward-mode rules, through two reverse-mode passes. ``pushes(states, inputs,
+    tangents)`` gives every probe's ``J v`` at once where it is written out (the
+    fast path's, for the built-in cells); ``torch.func.jvp`` otherwise.
 
     states: (steps, batch, D) states entering each step; inputs: (steps, batch, ...).
     """
@@ -74,26 +78,32 @@ def estimate_metric(
         pick = torch.randperm(flat_h.shape[0], generator=generator, device=generator.device)[:rows]
         flat_h, flat_x = flat_h[pick], flat_x[pick]
 
-    def step(p):
-        return system.step(p, flat_h, flat_x)[0]
-
-    def push(tangent):
-        return jvp(step, (params,), (tangent,))[1]
-
     tangents = {
         name: _rademacher((probes, *p.shape), generator, p)
         for name, p in params.items()
     }
-    try:
-        u = vmap(push)(tangents)  # (probes, steps * batch, D)
-    except RuntimeError:
-        try:
-            u = torch.stack([push({n: t[i] for n, t in tangents.items()}) for i in range(probes)])
-        except RuntimeError:  # no forward-mode rule: J v = d/du <vjp(u), v>, by double backward
-            u = torch.stack([_jvp_by_vjp(step, params, {n: t[i] for n, t in tangents.items()})
-                             for i in range(probes)])
+    if pushes is not None:
+        u = pushes(flat_h, flat_x, tangents)
+    else:
+        u = _pushed(lambda p: system.step(p, flat_h, flat_x)[0], params, tangents)
     u = u.reshape(-1, u.shape[-1])
     return u.T @ u / u.shape[0]
+
+
+def _pushed(step, params: Params, tangents: Params) -> torch.Tensor:
+    """Every probe's ``J v``, (probes, rows, D), through torch.func: batched by vmap, else one probe
+    at a time, else (no forward-mode rule) by double backward."""
+    def push(tangent):
+        return jvp(step, (params,), (tangent,))[1]
+
+    draws = [{n: t[i] for n, t in tangents.items()} for i in range(next(iter(tangents.values())).shape[0])]
+    try:
+        return vmap(push)(tangents)
+    except RuntimeError:
+        try:
+            return torch.stack([push(v) for v in draws])
+        except RuntimeError:  # no forward-mode rule: J v = d/du <vjp(u), v>, by double backward
+            return torch.stack([_jvp_by_vjp(step, params, v) for v in draws])
 
 
 def _rademacher(shape, generator, like: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -346,6 +348,59 @@ def test_the_fast_path_starts_from_the_given_state(spec, monkeypatch):
     for name in fast.data_vars:
         np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
     assert not np.allclose(fast["phi"].values, biaskit.decompose(system, inputs, y, **{**kw, "start": None})["phi"])
+
+
+@pytest.mark.parametrize("spec", ADAPTERS[:9] + [dict(kind="LSTM", layers=2, frozen="weight_hh_l0")],
+                         ids=IDS[:9] + ["LSTM-2-frozen-W_hh"])
+def test_the_fast_path_estimates_the_generic_paths_metric(spec, monkeypatch):
+    """The metric's probes pushed through each cell's forward-mode product written out, against
+    torch.func.jvp through the step: the same draws, so the same estimate (from a random state)."""
+    spec = dict(spec)
+    frozen = spec.pop("frozen", None)
+    module, head, loss_fn, x, inputs, y = setup(spec)
+    if frozen:
+        getattr(module, frozen).requires_grad_(False)
+    system = biaskit.wrap(module, head, loss_fn)
+    start = system.unflatten(torch.randn(B, system.layout.size, dtype=torch.float64))
+    kw = dict(start=start, metric_rows=20, probes=3, seed=5)
+    fast = biaskit.decompose(system, inputs, y, **kw)
+    generic(monkeypatch)
+    slow = biaskit.decompose(system, inputs, y, **kw)
+    assert fast.attrs["path"].startswith("fast") and slow.attrs["path"] == "generic"
+    for name in ("metric", "phi_mahalanobis"):
+        np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-12, atol=1e-14, err_msg=name)
+
+
+@pytest.mark.parametrize("encoder", ["embedding", "embedding-frozen", "linear", "linear-frozen"])
+def test_the_metric_through_an_encoder_on_the_fast_path(encoder, monkeypatch):
+    """An embedding's probe moves its tokens' rows (written out); any other trained encoder goes
+    through torch.func; a frozen one only shapes the input."""
+    torch.manual_seed(0)
+    emb = (nn.Embedding(7, 3) if encoder.startswith("embedding") else nn.Linear(4, 3)).double()
+    emb.requires_grad_(not encoder.endswith("frozen"))
+    lstm, head = nn.LSTM(3, 5, 2, batch_first=True).double(), nn.Linear(5, C).double()
+    system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"), encoder=emb)
+    inputs = torch.randint(0, 7, (B, R)) if encoder.startswith("embedding") else torch.randn(B, R, 4).double()
+    y = torch.randint(0, C, (B,))
+    kw = dict(metric_rows=20, probes=3)
+    fast = biaskit.decompose(system, inputs, y, **kw)
+    generic(monkeypatch)
+    slow = biaskit.decompose(system, inputs, y, **kw)
+    np.testing.assert_allclose(fast["metric"].values, slow["metric"].values, rtol=1e-12, atol=1e-14)
+
+
+def test_the_fast_path_never_imports_torch_dynamo():
+    """torch.func's first pullback or forward-mode product imports torch._dynamo, ~2 s of a
+    ``biaskit analyze``: the fast path's readout gradients and metric probes do without it."""
+    code = ("import sys, torch, biaskit\n"
+            "from torch import nn\n"
+            "emb, gru, head = nn.Embedding(7, 3), nn.GRU(3, 5, 2, batch_first=True), nn.Linear(5, 2)\n"
+            "system = biaskit.wrap(gru, head, nn.CrossEntropyLoss(reduction='none'), encoder=emb)\n"
+            "ds = biaskit.decompose(system, torch.randint(0, 7, (4, 6)), torch.randint(0, 2, (4,)))\n"
+            "assert ds.attrs['path'].startswith('fast') and 'metric' in ds\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("embedding", [{}, {"padding_idx": 0}, {"scale_grad_by_freq": True}],
