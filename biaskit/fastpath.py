@@ -9,7 +9,8 @@ the cells' backward recurrences, written out per cell (one product with
 ``W_hh`` a step), which yield every δ and the state cotangents φ needs: no
 autograd graph is built. The per-window norm ψ needs no per-window product at all:
 ``||δ aᵀ|| = ||δ||·||a||``, and the tails need no per-group product of |θ|
-entries a step either (``Outer``, ``RowGram``): ``<δ aᵀ, δ' a'ᵀ> = (δ·δ')(a·a')``.
+entries a step either (``Outer``, ``RowGram``): ``<δ aᵀ, δ' a'ᵀ> = (δ·δ')(a·a')``. The estimated
+metric's probes go through each cell's forward-mode product, written out too (``pushes``).
 
 The state cotangents keep the generic path's meaning: ``b_t`` is the gradient
 with respect to the state after step t *as the next step reads it* (its
