@@ -371,12 +371,13 @@ def test_the_fast_path_estimates_the_generic_paths_metric(spec, monkeypatch):
         np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-12, atol=1e-14, err_msg=name)
 
 
-@pytest.mark.parametrize("encoder", ["embedding", "embedding-frozen", "linear", "linear-frozen"])
+@pytest.mark.parametrize("encoder", ["embedding", "embedding-padding", "embedding-frozen", "linear", "linear-frozen"])
 def test_the_metric_through_an_encoder_on_the_fast_path(encoder, monkeypatch):
-    """An embedding's probe moves its tokens' rows (written out); any other trained encoder goes
-    through torch.func; a frozen one only shapes the input."""
+    """An embedding's probe moves its tokens' rows, a padding row's too (written out); any other
+    trained encoder goes through torch.func; a frozen one only shapes the input."""
     torch.manual_seed(0)
-    emb = (nn.Embedding(7, 3) if encoder.startswith("embedding") else nn.Linear(4, 3)).double()
+    emb = (nn.Embedding(7, 3, padding_idx=0 if "padding" in encoder else None) if encoder.startswith("embedding")
+           else nn.Linear(4, 3)).double()
     emb.requires_grad_(not encoder.endswith("frozen"))
     lstm, head = nn.LSTM(3, 5, 2, batch_first=True).double(), nn.Linear(5, C).double()
     system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"), encoder=emb)
