@@ -121,6 +121,8 @@ MUTANTS: list[Mutant] = [
            "the fast metric's probes do not carry a layer's move up to the next", (T_DEC,)),
     Mutant("metric-push-any-encoder", F, 'return not any(n.startswith("encoder.") for n in params) or lookup(system, params)',
            "return True", "the fast metric's probes ignore a trained encoder that is not an embedding", (T_DEC,)),
+    Mutant("metric-through-torch-func", D, "fastpath.metric_applies(system, params) else None",
+           "False else None", "the fast path's metric probes go through torch.func (imports torch._dynamo)", (T_DEC,)),
     Mutant("direct-one-group", D, "m.to(losses.dtype), retain_graph=True", "masks[0].to(losses.dtype), retain_graph=True",
            "every group gets the first group's readout gradient", (T_DEC,)),
     Mutant("cudnn-tf32-kept", F, 'setattr(flags, name, off)', 'setattr(flags, name, before)',
