@@ -1,7 +1,11 @@
+import os
 from types import SimpleNamespace
 
-import pytest
-import torch
+# One thread for numpy's OpenBLAS too, set before it loads: its threads spin like OpenMP's.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One intra-op thread: on a busy machine two spinning OpenMP threads per process made the suite
 # 12x slower (13 min against 66 s); one thread costs little on a quiet one.
