@@ -26,7 +26,10 @@ class TrainedModel(Protocol):
     ``model(inputs, state)`` runs a whole chunk (batch, time, ...) from a state
     (None: zeros) and returns ``(outputs, state)``; ``loss(outputs, targets)``
     is the per-position loss; ``system()`` is the recurrence as biaskit sees
-    it (``biaskit.wrap(...)``), with the same parameters.
+    it (``biaskit.wrap(...)``), with the same parameters. Optional:
+    ``advance(inputs, state)`` returns only the state ``model(inputs, state)[1]``
+    would, without the readout: the burn-in before each window then costs no
+    outputs (a language model's logits over every burn-in step and word).
     """
 
     def __call__(self, inputs: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]: ...
@@ -139,8 +142,8 @@ def probing(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, le
     with evaluating(model):
         system = model.system()
         try:
-            with torch.no_grad():
-                _, start = model(windows.burn)
+            with torch.no_grad():  # the state alone: a model's ``advance`` skips the readout
+                start = model.advance(windows.burn) if hasattr(model, "advance") else model(windows.burn)[1]
         except Exception as err:  # the model's own code: its error, in one line
             raise InputError(f"the model's forward(inputs, state) failed on the burn-in: {type(err).__name__}: "
                              f"{first_line(err)}") from None

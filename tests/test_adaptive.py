@@ -56,15 +56,17 @@ def test_the_paper_controller_picks_the_closed_form_kappa(beta, delta):
     want = math.floor(math.log(delta / (1 + 2 * delta)) / math.log(beta) - 1) + 1
     assert want < 36  # below τ = 0.9 W
     assert record["beta"] == pytest.approx(beta, rel=1e-9)
-    assert record["K"] == want and record["kappa_reached"] == 1
-    assert record["rel_bias_bound"] == pytest.approx(beta ** (want + 1) / (1 - 2 * beta ** (want + 1)), rel=1e-8)
+    assert record["K_target"] == want and record["kappa_reached"] == 1 and record["K_rule"] == "estimated"
+    assert record["K"] == min(want, 10)  # at most twice the K in use
+    K = record["K"]
+    assert record["rel_bias_bound"] == pytest.approx(beta ** (K + 1) / (1 - 2 * beta ** (K + 1)), rel=1e-8)
 
 
 def test_the_paper_controller_responds_to_slower_decay_with_a_longer_truncation():
     torch.manual_seed(0)
     inputs, targets = torch.randn(2000, 2, dtype=torch.float64), torch.randn(2000, dtype=torch.float64)
     controller = Controller(delta=0.1, window=40, windows=16, K_min=2, K_max=100, controller="paper", groups=4)
-    Ks = [controller.measure(LinearModel(beta), inputs, targets, 5, torch.Generator().manual_seed(0))["K"]
+    Ks = [controller.measure(LinearModel(beta), inputs, targets, 5, torch.Generator().manual_seed(0))["K_target"]
           for beta in (0.3, 0.6, 0.9)]
     assert Ks[0] < Ks[1] < Ks[2]
     assert Ks[0] == 2  # clipped to K_min
@@ -90,8 +92,9 @@ def naive_rel_bias(model, windows, targets, start, K):
 def test_the_exact_controller_picks_the_smallest_K_whose_exact_bias_is_below_delta(delta):
     model = ConstantModel()
     inputs, targets = torch.ones(400, 1, dtype=torch.float64), torch.full((400,), 3.0, dtype=torch.float64)
-    record = Controller(delta=delta, window=40, windows=24, K_min=1, K_max=60, groups=4).measure(
-        model, inputs, targets, K=5, generator=torch.Generator().manual_seed(0))
+    shorter = {"K_rule": "certified", "K_in_use": 5, "K_target": 1}  # the last update certified a shorter K too
+    record = Controller(delta=delta, window=40, windows=24, K_min=1, K_max=60, groups=4, max_change=math.inf).measure(
+        model, inputs, targets, K=5, generator=torch.Generator().manual_seed(0), previous=shorter)
     burn = torch.ones(24, 40, 1, dtype=torch.float64)
     with torch.no_grad():
         _, start = model(burn)

@@ -1,29 +1,45 @@
 """Algorithm 1: the truncation-length controller, fed by biaskit.
 
 At each update it draws ``windows`` windows of length W from the training
-stream (each starting from the state a W-step burn-in leaves), decomposes the
+stream (each starting from the state a W-step burn-in leaves), measures the
 last-step gradient over each with biaskit, and sets the truncation:
 
-- ``controller="exact"`` (default): K = ``biaskit.exact_kappa``, the smallest K
-  whose *exact* relative bias is below δ at confidence ``level``; K_max when
-  the bias stays above δ for every K in range, as the paper does when no K
-  reaches δ. When the windows' mean gradient is not resolved from their noise
-  (early, before the model has found any direction, and again near a minimum,
-  where the gradient fades), no K can be certified: K is kept, unless the K in
-  use evidently misses δ, and then doubled (``choose_K``). Jumping to K_max
-  there would multiply a converged model's step by √(K_max/K) for nothing
-  (seen on the copy task: perplexity 1.03 → 7.9).
+- ``controller="exact"`` (default): the target is the smallest K whose *exact*
+  relative bias is below δ at confidence ``level`` (``biaskit.exact_kappa``,
+  "certified"); K_max when the windows' mean gradient is resolved and the bias
+  stays above δ for every K in range ("none below delta"). When the mean
+  gradient is not resolved from the windows' noise (early, before the model has
+  found any direction, and near a minimum, where the gradient fades) nothing
+  can be certified: the target is twice the K in use if its lower limit is
+  above δ ("raised"), else the paper's κ̂ where that is longer than the K in use
+  ("estimated"), else the K in use ("held").
 - ``controller="paper"``: Algorithm 1 as printed: τ̂ = 0.9W, β̂ by Eq. 22 (OLS
   regression), Eq. 21 (``beta_method="max"``, all pairs) or the quantile, Ê by
-  Eq. 23, Δ̂ by Eq. 24 (denominator over k ≤ K), κ̂ by Eq. 25, K_max when none.
+  Eq. 23, Δ̂ by Eq. 24 (denominator over k ≤ K), κ̂ by Eq. 25 ("estimated"),
+  K_max when none reaches δ ("none below delta"). It needs only φ, one forward
+  and one backward sweep (``biaskit.state_gradient_norms``); the exact bias of
+  the K in use, for the log, is measured every ``audit_every``-th update.
 
-Whatever the controller, each update logs the K chosen, whether it reached δ,
-the exact upper limit and the paper's estimate at that K, and the exact
-relative bias of the K in use since the last update measured on these new
-windows: out of sample, what tells whether δ held.
+Then, for either controller, the K actually set moves toward the target by at
+most a factor ``max_change`` per update, and the exact controller shortens K
+only when two updates in a row certified a shorter one. Why: a truncation
+shorter than the task's dependency never builds the long-lag gradient that
+would show it is too short (the copy task at K = 2 < m = 10: the bias is tiny
+until the model has learned to remember), so a one-off certification at a
+plateau must not collapse K; and a jump to K_max multiplies the step lr·√K by
+√(K_max/K) at once (a language model's perplexity went 103 → 171). With
+``max_change`` = 2 the step grows by at most √2 per update.
+
+Each update logs the target and the K set, the rule, whether δ was reached,
+the exact upper limit and the paper's estimate, and the exact relative bias of
+the K in use since the last update measured on these new windows: out of
+sample, what tells whether δ held. Updates come every ``update_every`` epochs
+and, while K is settled (the target is the K in use), at twice the last
+interval, up to ``update_every_max`` (``next_interval``).
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,12 +49,15 @@ import torch
 
 import biaskit
 from biaskit.decay import UnreliableFitWarning
+from biaskit.errors import InputError
 from biaskit.probe import probing
 
 from .ddp import Ranks, share
 
 CONTROLLERS = ("exact", "paper")
 BETA_METHODS = ("regression", "max", "quantile")
+#: Rules after which the run goes on as planned; any other is shown as a warning line.
+QUIET_RULES = ("certified", "held", "estimated", "measured only")
 
 
 @dataclass
@@ -55,68 +74,104 @@ class Controller:
     groups: int = 16  # window groups for the exact controller's confidence limit
     beta_method: str = "regression"  # the paper controller's β: Eq. 22 (OLS), Eq. 21 (max) or the quantile
     ranks: Ranks = Ranks()  # under torch.distributed each rank decomposes its share of the windows
+    max_change: float = 2.0  # K moves by at most this factor per update
+    audit_every: int = 1  # the paper controller measures the exact bias every n-th update
 
-    def measure(self, model, inputs, targets, K: int, generator: torch.Generator) -> dict:
-        """Decompose fresh windows; return the update's record with the next K (``K`` when only measuring).
+    def measure(self, model, inputs, targets, K: int, generator: torch.Generator, previous: dict | None = None,
+                count: int = 0) -> dict:
+        """Measure fresh windows; return the update's record with the next K (``K`` when only measuring).
 
-        Under torch.distributed every rank draws the same windows, decomposes its contiguous share
+        ``previous``: the last update's record (the exact controller shortens K only when it too
+        certified a shorter one); ``count``: how many updates came before (the paper controller's
+        exact audit runs when ``count % audit_every == 0``).
+
+        Under torch.distributed every rank draws the same windows, measures its contiguous share
         with its share of the groups, and the sums are all-reduced: every rank gets the same
         Dataset, the same exact bias and so the same K, as one process holding them all would.
         """
         began = time.perf_counter()
         part = share(self.windows, self.ranks, "--windows")
+        exact_needed = self.controller == "exact" or count % self.audit_every == 0
         with probing(model, inputs, targets, length=self.window, count=self.windows, generator=generator,
                      part=part) as probe:
-            ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
-                                   metric=None if self.norm == "phi_mahalanobis" else False,  # only it needs one
-                                   groups=max(1, self.groups // self.ranks.world), process_group=self.ranks.group)
-        deltas = [self.delta if self.delta is not None else 0.5]
+            if exact_needed:
+                ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
+                                       metric=None if self.norm == "phi_mahalanobis" else False,
+                                       groups=max(1, self.groups // self.ranks.world), process_group=self.ranks.group)
+            elif self.norm == "phi":
+                ds = biaskit.state_gradient_norms(probe.system, probe.inputs, probe.targets, start=probe.start,
+                                                  process_group=self.ranks.group)
+            else:  # the Mahalanobis norm needs the metric, which needs the parameter pass
+                ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
+                                       groups=1, process_group=self.ranks.group)
+        delta = self.delta if self.delta is not None else 0.5
         span = (min(self.K_min, K), max(self.K_max, K))
-        exact = biaskit.exact_kappa(ds, deltas, self.level, span)
-        with warnings.catch_warnings():  # the log records the fit's reliability instead
-            warnings.simplefilter("ignore", UnreliableFitWarning)
-            fit = biaskit.fit_decay(ds, norm=self.norm, method=self.beta_method, tau=self.tau, weights="ols")
-        bound = biaskit.bias_bound(ds, fit, deltas, span)
-        in_range = slice(self.K_min, self.K_max)
-        if self.controller == "exact":
-            curve, resolved = exact["rel_bias_upper"].sel(K=in_range), bool(exact["gradient_resolved"])
+        fit, bound = self._estimate(ds, delta, span)
+        record = {"K_in_use": K, **_fit_fields(fit, bound, K)}
+        exact = biaskit.exact_kappa(ds, [delta], self.level, span) if exact_needed else None
+        if exact is not None:
+            record.update({
+                "rel_bias_exact": float(exact["rel_bias"].sel(K=K)),          # the K in use, on new windows
+                "rel_bias_exact_upper": float(exact["rel_bias_upper"].sel(K=K)),
+                "rel_bias_exact_lower": float(exact["rel_bias_lower"].sel(K=K)),
+                "gradient_resolved": int(exact["gradient_resolved"])})
+        if self.delta is None:
+            target, reached, rule = K, False, "measured only"
+        elif self.controller == "exact":
+            curve = exact["rel_bias_upper"].sel(K=slice(self.K_min, self.K_max))
+            target, reached, rule = choose_K(curve.K.values, curve.values, self.delta, K, self.K_max,
+                                             bool(exact["gradient_resolved"]), record["rel_bias_exact_lower"],
+                                             record["kappa_hat"])
         else:
-            curve, resolved = bound["rel_bias_bound"].sel(K=in_range), True
-        lower = float(exact["rel_bias_lower"].sel(K=K))
-        new_K, reached, rule = (K, False, "measured only") if self.delta is None else \
-            choose_K(curve.K.values, curve.values, deltas[0], K, self.K_max, resolved, lower)
-        low, high = fit.conf_int()
-        return {
-            "K": new_K,
-            "K_rule": rule,
-            "kappa_reached": int(reached),
-            "rel_bias_exact": float(exact["rel_bias"].sel(K=K)),          # the K in use, on new windows
-            "rel_bias_exact_upper": float(exact["rel_bias_upper"].sel(K=K)),
-            "rel_bias_exact_lower": lower,
-            "rel_bias_upper": float(exact["rel_bias_upper"].sel(K=new_K)),  # the K chosen
-            "rel_bias_bound": float(bound["rel_bias_bound"].sel(K=new_K)),
-            "extrapolated": int(exact["extrapolated"].sel(K=max(K, new_K))),
-            "gradient_resolved": int(exact["gradient_resolved"]),
-            "beta": float(fit.beta),
-            "beta_low": float(low),
-            "beta_high": float(high),
-            "beta_reliable": int(fit.reliable),
-            "tau": int(fit.tau),
-            "update_seconds": time.perf_counter() - began,
-        }
+            target, reached, rule = paper_rule(record["kappa_hat"], bool(record["kappa_hat_reached"]), K, self.K_max)
+        new_K = limit_change(K, target, self.max_change, self.K_min, self.K_max,
+                             shorten=self.controller != "exact" or _certified_shorter(previous))
+        if exact is not None:
+            record["rel_bias_upper"] = float(exact["rel_bias_upper"].sel(K=new_K))  # the K chosen
+            record["extrapolated"] = int(exact["extrapolated"].sel(K=max(K, new_K)))
+        if bound is not None:
+            record["rel_bias_bound"] = float(bound["rel_bias_bound"].sel(K=new_K))
+        return {"K": new_K, "K_target": target, "K_rule": rule, "kappa_reached": int(reached), **record,
+                "update_seconds": time.perf_counter() - began}
+
+    def _estimate(self, ds, delta: float, span: tuple[int, int]):
+        """The paper's decay fit and bound on ``ds``, or (None, None) where no fit exists (a fit must
+        never stop a training run: the record says why instead)."""
+        try:
+            with warnings.catch_warnings():  # the log records the fit's reliability instead
+                warnings.simplefilter("ignore", UnreliableFitWarning)
+                fit = biaskit.fit_decay(ds, norm=self.norm, method=self.beta_method, tau=self.tau, weights="ols")
+            return fit, biaskit.bias_bound(ds, fit, [delta], span)
+        except InputError:
+            return None, None
 
 
-def choose_K(Ks, limits, delta: float, K: int, K_max: int, resolved: bool, lower_in_use: float
-             ) -> tuple[int, bool, str]:
-    """The next K from a curve of limits over ``Ks``: ``(K, reached, rule)``.
+def _fit_fields(fit, bound, K: int) -> dict:
+    if fit is None:
+        return {"kappa_hat": None, "kappa_hat_reached": 0, "beta": None, "beta_reliable": 0}
+    low, high = fit.conf_int()
+    return {"kappa_hat": int(bound["kappa"].values[0]), "kappa_hat_reached": int(bound["kappa_reached"].values[0]),
+            "beta": float(fit.beta), "beta_low": float(low), "beta_high": float(high),
+            "beta_reliable": int(fit.reliable), "tau": int(fit.tau)}
+
+
+def _certified_shorter(previous: dict | None) -> bool:
+    """Whether the last update certified a K shorter than the one it found in use."""
+    return bool(previous) and previous.get("K_rule") == "certified" and \
+        previous.get("K_target", math.inf) < previous.get("K_in_use", -math.inf)
+
+
+def choose_K(Ks, limits, delta: float, K: int, K_max: int, resolved: bool, lower_in_use: float,
+             kappa_hat: int | None = None) -> tuple[int, bool, str]:
+    """The exact controller's target from a curve of upper limits over ``Ks``: ``(K, reached, rule)``.
 
     - the smallest K whose limit is below δ ("certified");
-    - none, with the windows' mean gradient resolved: K_max, as the paper does ("none below δ");
+    - none, with the windows' mean gradient resolved: K_max, as the paper does ("none below delta");
     - none, unresolved, while the K in use evidently misses δ (its lower limit is above δ): twice
-      the K in use, at most K_max ("raised"): a model stuck at a short K never shows the bias it
-      would need to learn a longer dependency, so holding would stall it (the copy task: K = 2
-      < m = 10, its exact bias 0.98 epoch after epoch);
-    - none, unresolved, and no evidence against the K in use: keep it ("held").
+      the K in use ("raised");
+    - none, unresolved, and the paper's κ̂ (``kappa_hat``, from φ's decay, which a noisy mean
+      does not hide) longer than the K in use: κ̂ ("estimated");
+    - otherwise keep the K in use ("held").
     """
     below = np.asarray(limits) < delta
     if below.any():
@@ -125,4 +180,31 @@ def choose_K(Ks, limits, delta: float, K: int, K_max: int, resolved: bool, lower
         return K_max, False, "none below delta"
     if lower_in_use > delta:
         return min(max(2 * K, K + 1), K_max), False, "raised"
+    if kappa_hat is not None and kappa_hat > K:
+        return int(kappa_hat), False, "estimated"
     return K, False, "held"
+
+
+def paper_rule(kappa_hat: int | None, reached: bool, K: int, K_max: int) -> tuple[int, bool, str]:
+    """The paper controller's target: κ̂ where it reached δ ("estimated"), K_max where no K did
+    ("none below delta"), the K in use where no decay could be fitted ("no fit")."""
+    if kappa_hat is None:
+        return K, False, "no fit"
+    return (int(kappa_hat), True, "estimated") if reached else (K_max, False, "none below delta")
+
+
+def limit_change(K: int, target: int, factor: float, K_min: int, K_max: int, shorten: bool = True) -> int:
+    """The next K: ``target``, approached from ``K`` by at most a factor ``factor`` (> 1; at least one
+    step) either way, within [K_min, K_max]; kept at ``K`` rather than shortened unless ``shorten``."""
+    if target < K and not shorten:
+        target = K
+    high = max(K + 1, math.floor(factor * K)) if math.isfinite(factor) else math.inf
+    low = min(K - 1, math.ceil(K / factor)) if math.isfinite(factor) else 0
+    return int(min(max(target, low, K_min), high, K_max))
+
+
+def next_interval(record: dict, interval: float, base: float, most: float) -> float:
+    """Epochs to the next update: twice ``interval`` (at most ``most``) while K is settled (the
+    update's target is the K in use), else back to ``base``."""
+    settled = record.get("K_target") == record.get("K_in_use") == record.get("K")
+    return min(2 * interval, most) if settled else base

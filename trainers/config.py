@@ -35,6 +35,9 @@ TRAIN_DEFAULTS = {
     "window": 100,         # W, the controller's window length
     "windows": 256,        # windows per controller update (the paper's is the batch, 64)
     "update_every": 1.0,   # epochs between K updates (fractions allowed)
+    "update_every_max": 4.0,  # while K is settled the interval doubles, up to this
+    "max_change": 2.0,     # K moves by at most this factor per update (so the step lr·√K by its root)
+    "audit_every": 4,      # the paper controller measures the exact bias every n-th update
     "controller": "exact",  # exact: K from the exact bias's upper limit; paper: Algorithm 1 as printed
     "level": 0.9,          # the exact controller's confidence
     "groups": 16,          # window groups for its confidence limit (at most one per window)
@@ -71,7 +74,8 @@ def check(cfg: dict) -> dict:
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True)
     for key in ("K1", "K2", "dni_hidden"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True, allow_none=True)
-    for key in ("lr", "update_every", "dni_lr"):
+    _positive(cfg, "audit_every", "--audit-every", integer=True)
+    for key in ("lr", "update_every", "update_every_max", "dni_lr"):
         _positive(cfg, key, f"--{key.replace('_', '-')}")
     _positive(cfg, "clip", "--clip", allow_none=True)
     if (cfg["K1"] is None) != (cfg["K2"] is None):
@@ -82,6 +86,13 @@ def check(cfg: dict) -> dict:
         raise InputError(f"--delta must be in (0, 1), got {cfg['delta']}")
     if cfg["K_min"] > cfg["K_max"]:
         raise InputError(f"need K_min <= K_max, got [{cfg['K_min']}, {cfg['K_max']}]")
+    if cfg["delta"] is not None and not cfg["K_min"] <= cfg["K"] <= cfg["K_max"]:
+        raise InputError(f"the first --K {cfg['K']} is outside [--K-min, --K-max] = [{cfg['K_min']}, {cfg['K_max']}]")
+    if not (isinstance(cfg["max_change"], numbers.Real) and cfg["max_change"] > 1):
+        raise InputError(f"--max-change must be a factor above 1, got {cfg['max_change']!r}")
+    if cfg["update_every_max"] < cfg["update_every"]:
+        raise InputError(f"--update-every-max {cfg['update_every_max']} is below --update-every "
+                         f"{cfg['update_every']}")
     if cfg["window"] < 2:
         raise InputError("the controller needs a --window of at least 2 steps")
     if cfg["controller"] not in CONTROLLERS:

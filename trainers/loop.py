@@ -23,7 +23,7 @@ from biaskit.probe import check_windows, evaluating
 
 from . import config as configs
 from . import ddp, schedule
-from .adaptive import Controller
+from .adaptive import QUIET_RULES, Controller, next_interval
 from .board import Board
 from .dni import SyntheticGradients
 from .runs import BEST, LAST, RunDirectory, clean
@@ -92,7 +92,7 @@ class Run:
         self.estimator = SyntheticGradients(self.model, cfg, self.device) if cfg["estimator"] == "dni" else Truncation()
         self.controller = Controller(cfg["delta"], cfg["window"], cfg["windows"], cfg["K_min"], cfg["K_max"],
                                      cfg["norm"], cfg["tau"], cfg["controller"], cfg["level"], cfg["groups"],
-                                     cfg["beta_method"], self.ranks)
+                                     cfg["beta_method"], self.ranks, cfg["max_change"], cfg["audit_every"])
         self.generator = torch.Generator().manual_seed(cfg["seed"])
         self.epoch, self.K, self.best, self.lines = 0, cfg["K"], math.inf, []
         self.next_update, self.history, self.record = cfg["update_every"], [], {}
@@ -173,14 +173,19 @@ class Run:
         """Measure the bias (and the DNI's); when adaptive, set K = the controller's choice."""
         cfg = self.config["train"]
         x, y = self.task.splits["train"]
-        self.record = self.controller.measure(self.model, x, y, self.K, self.generator)
+        previous = self.record
+        self.record = self.controller.measure(self.model, x, y, self.K, self.generator, previous,
+                                              len(self.history))
         self.record.update(self.estimator.measure(self.model, x, y, self.K, cfg["window"], cfg["windows"],
                                                   self.generator))
         self.record["progress"] = progress
         if self.adaptive:
             self.K = self.record["K"]
+            interval = next_interval(self.record, previous.get("interval", cfg["update_every"]),
+                                     cfg["update_every"], cfg["update_every_max"])
+            self.record["interval"] = interval
             self.history.append({"progress": progress, **clean(self.record)})
-            self.next_update += cfg["update_every"]
+            self.next_update += interval
 
     def _train_epoch(self) -> dict:
         cfg = self.config["train"]
@@ -219,8 +224,9 @@ class Run:
         return {"train_loss": total / positions, "lr": lr, "seconds": seconds,
                 "tokens_per_s": positions * S / seconds, **self.estimator.epoch_stats()}
 
-    def _epoch_line(self, line: dict, K_used: int) -> dict:
-        """The metrics line of an epoch: training, evaluation, truncation, the last update's record."""
+    def _epoch_line(self, line: dict, K_used: int, updated: bool) -> dict:
+        """The metrics line of an epoch: training, evaluation, truncation, and the record of the
+        epoch's last update if it had one."""
         metric, cfg = self.task.metric.lower(), self.config["train"]
         evaluated = {name: evaluate(self.model, *self.task.splits[name], cfg["batch_size"], self.task.extra)
                      for name in ("valid", "test")}
@@ -231,19 +237,20 @@ class Run:
                 **{f"{n}_loss": v for n, v in losses.items()},
                 **{f"{n}_{metric}": self.task.score(v) for n, v in losses.items()},
                 **{f"{n}_{k}": v for n, (_, more) in evaluated.items() for k, v in more.items()},
-                **{k: v for k, v in self.record.items() if k != "K"}, "next_K": self.K}
+                **({k: v for k, v in self.record.items() if k != "K"} if updated else {}), "next_K": self.K}
 
     def fit(self) -> list[dict]:
         """Train to the configured epochs; returns every epoch's metrics line."""
         metric = self.task.metric.lower()
         try:
             while self.epoch < self.config["train"]["epochs"]:
-                K_used = self.K
+                K_used, updates = self.K, len(self.history)
                 line = self._train_epoch()
                 self.epoch += 1
                 if not self.adaptive or self.epoch >= self.next_update - 1e-9:
                     self._update(float(self.epoch))  # fixed K: measure only, for the log
-                line = clean(self._epoch_line(line, K_used))
+                updated = len(self.history) > updates
+                line = clean(self._epoch_line(line, K_used, updated or not self.adaptive))
                 self.lines.append(line)
                 better = line["valid_loss"] is not None and line["valid_loss"] < self.best
                 self.best = line["valid_loss"] if better else self.best
@@ -258,7 +265,10 @@ class Run:
                                f"{shown(line[f'test_{metric}'], '.4f')}  "
                                f"K {K_used}  rel.bias {shown(line.get('rel_bias_exact'))}  "
                                + (f"chunked {line['rel_bias_truncated']:.3g} → DNI {line['rel_bias_synthetic']:.3g}  "
-                                  if "rel_bias_synthetic" in line else "") + f"{line['tokens_per_s']:.0f} tok/s")
+                                  if "rel_bias_synthetic" in line else "") + f"{line['tokens_per_s']:.0f} tok/s"
+                               + (f"  → K {self.K} ({line['K_rule']})" if self.adaptive and updated else ""))
+                    if self.adaptive and updated and line["K_rule"] not in QUIET_RULES:
+                        tqdm.write(warning(line, self.config["train"]))
         finally:
             self._close()
         return self.lines
@@ -267,3 +277,15 @@ class Run:
 def shown(value, spec: str = ".3g") -> str:
     """A logged number for people: "–" where it is missing (not finite, or not measured)."""
     return "–" if value is None else format(value, spec)
+
+
+def warning(line: dict, cfg: dict) -> str:
+    """The line that says an update set K by a rule other than a certificate or a plain hold."""
+    target, K = line["K_target"], line["next_K"]
+    moved = f"K {line['K_in_use']} → {K}" + (f" (toward {target}, at most x{cfg['max_change']:g} an update)"
+                                               if target != K else "")
+    why = {"none below delta": f"no K in [{cfg['K_min']}, {cfg['K_max']}] brings the bias below delta = "
+                               f"{cfg['delta']:g}",
+           "raised": f"the K in use evidently misses delta = {cfg['delta']:g} (its lower limit is above it)",
+           "no fit": "no decay could be fitted to phi (K kept)"}.get(line["K_rule"], line["K_rule"])
+    return f"warning: {why}: {moved}" + (f"; the step becomes lr·√{K}" if cfg["scale_lr"] else "")

@@ -128,6 +128,10 @@ class RMTPP(nn.Module):
         out, state = self.lstm(self.encoder(x), state)
         return self.head(out), state
 
+    def advance(self, x: torch.Tensor, state=None):
+        """The state ``forward`` would return, without the head (the probes' burn-in)."""
+        return self.lstm(self.encoder(x), state)[1]
+
     @staticmethod
     def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-event NLL, shaped like the targets without their last dimension."""

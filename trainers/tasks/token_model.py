@@ -26,6 +26,10 @@ class TokenLSTM(nn.Module):
         out, state = self.lstm(self.drop(self.embedding(tokens)), state)
         return self.head(self.drop(out)), state
 
+    def advance(self, tokens: torch.Tensor, state=None):
+        """The state ``forward`` would return, without the logits (the probes' burn-in)."""
+        return self.lstm(self.drop(self.embedding(tokens)), state)[1]
+
     @staticmethod
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy, shaped like ``targets``."""
