@@ -57,7 +57,7 @@ def main():
                                                  {**copy.TRAIN, "epochs": args.epochs, **s}))
             for v in VARIANTS for s in SETTINGS]
     if not args.report_only:
-        grid.run(jobs, args.jobs)
+        grid.run(sorted(jobs, key=lambda job: job[1]["train"]["delta"] is None), args.jobs)  # adaptive first
     sections = [(TITLES[v], f"copy-{v}", [(TITLES[v], grid.label(s), s, dirs[v, id(s)]) for s in SETTINGS])
                 for v in VARIANTS]
     grid.report(args.results, "copy", "# Copy task: fixed versus adaptive truncation\n\n"

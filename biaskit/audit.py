@@ -15,9 +15,9 @@ import xarray as xr
 from torch import nn
 
 from . import atomic, report
-from .bias import bias_bound, calibration, exact_kappa
+from .bias import bias_bound, calibration, exact_kappa, not_reached
 from .decay import UnreliableFitWarning, fit_decay
-from .decompose import decompose
+from .decompose import DEFAULT_GROUPS, decompose
 from .norms import NORMS
 from .recurrent import wrap
 
@@ -55,7 +55,8 @@ class Audit:
         for d, k, r in zip(deltas, exact["kappa"].values, exact["kappa_reached"].values):
             recommended[str(d)] = {"K": int(k) if r else None, "reached": bool(r),
                                    "rel_bias_upper": _finite(exact["rel_bias_upper"].sel(K=k)) if r else None,
-                                   "rel_bias": _finite(exact["rel_bias"].sel(K=k)) if r else None}
+                                   "rel_bias": _finite(exact["rel_bias"].sel(K=k)) if r else None,
+                                   "not_reached": None if r else not_reached(exact, d, int(ds.attrs["batch"]))}
         out = {
             "module": ds.attrs["module"], "window_length": int(ds.attrs["window_length"]),
             "windows": int(ds.attrs["batch"]), "grad_norm": float(ds.attrs["grad_norm"]),
@@ -103,10 +104,9 @@ class Audit:
             if r["reached"]:
                 lines.append(f"  {delta:<8}{r['K']:>6}{r['rel_bias_upper']:>14.4g}{r['rel_bias']:>13.4g}")
             else:
-                lines.append(f"  {delta:<8}{'not reached':>6} for K <= {rec['K_max']}")
-        if not rec["gradient_resolved"]:
-            lines.append("  the windows' mean gradient is mostly noise (not resolved above zero at this level): "
-                         "no K can be certified; use more windows")
+                why = r["not_reached"]
+                lines.append(f"  {delta:<8}{'not reached':>6} for K <= {rec['K_max']}: {why['why']}; "
+                             f"to resolve it: {why['advice']}")
         lines += ["", "the paper's estimate (kappa-hat from the decay of each norm) beside the batch's exact kappa:"]
         level = next(iter(self.fits.values())).level
         head = f"{'norm':<22}{f'beta [{100 * level:g}% interval]':<28}{'tau':>5}  {'A-1':<4}" + "".join(
@@ -163,15 +163,13 @@ class Audit:
         parts = [f"<p><b>{_esc(d['module'])}</b>: {d['windows']} windows of {d['window_length']} steps, "
                  f"||E g|| = {d['grad_norm']:.4g}</p>"]
         rows = [[_esc(delta), r["K"], f"{r['rel_bias_upper']:.4g}", f"{r['rel_bias']:.4g}"] if r["reached"]
-                else [_esc(delta), (f"not reached for K ≤ {rec['K_max']}", 3)]
+                else [_esc(delta), (f"not reached for K ≤ {rec['K_max']}: {_esc(r['not_reached']['why'])}; to "
+                                    f"resolve it: {_esc(r['not_reached']['advice'])}", 3)]
                 for delta, r in rec["per_delta"].items()]
         parts.append(_table(
             f"Recommended K: the smallest K whose exact relative bias is below δ at {100 * rec['level']:g}% "
             f"confidence ({rec['groups']} groups of windows)",
             ["δ", "K", "upper limit", "exact at K"], rows))
-        if not rec["gradient_resolved"]:
-            parts.append("<p><b>The windows' mean gradient is mostly noise</b> (not resolved above zero at this "
-                         "level): no K can be certified; use more windows.</p>")
 
         rows = [[_esc(label), *rest, {True: "yes", False: "no", None: ""}[reliable]]
                 for label, *rest, reliable in _paper_rows(d, deltas, "τ")]
@@ -245,17 +243,19 @@ def _finite(value) -> float | None:
 def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readout: nn.Module | None = None,
           loss_fn: Callable | None = None, encoder: nn.Module | None = None, *, start: Any = None,
           deltas: Sequence[float] = (0.9, 0.5, 0.1), K: int | None = None, level: float = 0.95,
-          method: str = "regression", tau: int | str | None = None, seed: int = 0) -> Audit:
+          method: str = "regression", tau: int | str | None = None, seed: int = 0,
+          groups: int = DEFAULT_GROUPS) -> Audit:
     """Decompose one batch of windows (loss at the last step); recommend, for every δ, the
     smallest K whose exact relative bias is below δ at confidence ``level`` (``exact_kappa``);
     fit the decay of every norm and give the paper's κ̂ beside it, calibrated against the
     exact bias.
 
     ``module`` is anything ``biaskit.wrap`` accepts (or a system); ``K`` is the
-    truncation the model trains with, whose exact bias the summary reports.
+    truncation the model trains with, whose exact bias the summary reports;
+    ``groups``: the window groups of the confidence limit (``decompose``'s).
     """
     system = wrap(module, readout, loss_fn, encoder)
-    ds = decompose(system, inputs, targets, start=start, seed=seed)
+    ds = decompose(system, inputs, targets, start=start, seed=seed, groups=groups)
     R = ds.attrs["window_length"]
     exact = exact_kappa(ds, deltas, level, (0, R - 1))
     with warnings.catch_warnings():  # the summary marks an unreliable fit

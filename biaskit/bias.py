@@ -37,6 +37,8 @@ beyond the window).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import xarray as xr
 from numpy.typing import ArrayLike
@@ -259,6 +261,8 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
             "extrapolated": ("K", (~inside).astype(np.int8)),
             "beyond_window": ((), float(past_window)),
             "gradient_resolved": ((), int(resolved)),
+            "grad_sq": ((), float(b)),
+            "grad_sq_sd": ((), float(np.sqrt(v_b))),
             "kappa": ("delta", kappa),
             "kappa_reached": ("delta", reached),
         },
@@ -274,9 +278,49 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
                                                 f"its numerator and denominator (confidence >= {200 * level - 100:g}%)")
     out["beyond_window"].attrs["long_name"] = "bound on the relative bias from lags past the window"
     out["gradient_resolved"].attrs["long_name"] = "1 if ||E g||^2 is resolved above 0 at the level, else 0"
+    out["grad_sq"].attrs["long_name"] = "U-statistic of ||E g||^2 over the groups"
+    out["grad_sq_sd"].attrs["long_name"] = "its delete-one-group jackknife standard deviation"
     out["kappa"].attrs["long_name"] = "smallest K in range with rel_bias_upper < delta (K_max if none)"
     out["kappa_reached"].attrs["long_name"] = "1 if some K in [K_min, K_max] has rel_bias_upper < delta, else 0"
     return out
+
+
+def not_reached(exact: xr.Dataset, delta: float, windows: int) -> dict:
+    """Why no K in ``exact``'s range certified ``delta`` (an ``exact_kappa`` Dataset of ``windows``
+    windows), and what would resolve it: ``{"cause", "why", "advice"}``.
+
+    - ``unresolved``: ||E g||² is not above t·sd; its jackknife sd falls about as 1/√n, so about
+      n·(t·sd/b)² windows resolve it (none can be said when b ≤ 0: the batch shows no mean at all);
+    - ``beyond window``: the bound on the tail past the window is infinite (its contributions'
+      fitted decay rate reaches 1 at its upper limit): a window long enough for the fitted rate to
+      bring the contributions down 100-fold past this one's end, or twice this one where the
+      fit itself does not decay;
+    - ``above delta``: the upper limit stays above δ for every K in range: the dependence is
+      longer than the range (K up to its end, the window's R − 1 by default).
+    """
+    R, t = int(exact.attrs["window_length"]), float(exact.attrs["t_factor"])
+    if not int(exact["gradient_resolved"]):
+        b, sd = float(exact["grad_sq"]), float(exact["grad_sq_sd"])
+        more = math.ceil(windows * (t * sd / b) ** 2) if b > 0 else None
+        return {"cause": "unresolved",
+                "why": "the windows' mean gradient is mostly noise (||E g||^2 not resolved above zero at this level)",
+                "advice": f"about {more} windows (now {windows})" if more else
+                          f"many more windows than {windows} (this batch shows no mean gradient at all)",
+                "windows_needed": more}
+    if not math.isfinite(float(exact["beyond_window"])):
+        beta = float(exact.attrs["tail_fit_beta"])
+        length = R + math.ceil(math.log(0.01) / math.log(beta)) if 0 < beta < 1 else 2 * R
+        return {"cause": "beyond window",
+                "why": f"the bias from lags past the {R}-step window is unbounded (the per-lag contributions' "
+                       f"decay rate reaches 1 at its upper limit; fitted {beta:.3g})",
+                "advice": f"a window of about {length} steps (now {R}), or more windows to narrow the rate",
+                "window_length_needed": length}
+    K_end = int(exact.K.max())
+    return {"cause": "above delta",
+            "why": f"the exact bias's upper limit stays above {delta:g} for every K <= {K_end} "
+                   f"(at K = {K_end}: {float(exact['rel_bias_upper'].sel(K=K_end)):.3g})",
+            "advice": f"a window longer than {R} steps, so that longer K can be measured",
+            "window_length_needed": 2 * R}
 
 
 def _jackknife_pieces(ds: xr.Dataset):

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import errno
 import importlib
+import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, Callable
@@ -145,6 +146,30 @@ class Rebuilt:
     streams: tuple[torch.Tensor, torch.Tensor] | None
     K: int | None = None
     dni: nn.Module | None = None
+    #: The run's controller settings found in the file (``windows``, ``window_length``, ``groups``,
+    #: ``level``), so an audit asks what the run's updates asked; only those present and well typed.
+    controller: dict = field(default_factory=dict)
+
+
+#: Where a trainer's checkpoint keeps its controller's settings: {Rebuilt.controller key: (config key, type)}.
+CONTROLLER_SETTINGS = {"windows": ("windows", int), "window_length": ("window", int), "groups": ("groups", int),
+                       "level": ("level", float)}
+
+
+def _controller(ckpt: dict) -> dict:
+    """The controller settings of a trainer's checkpoint (``trainer.config.train``), read as data."""
+    trainer = ckpt.get("trainer")
+    config = trainer.get("config") if isinstance(trainer, dict) else None
+    train = config.get("train") if isinstance(config, dict) else None
+    if not isinstance(train, dict):
+        return {}
+    found = {}
+    for name, (key, kind) in CONTROLLER_SETTINGS.items():
+        value = train.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+                (kind is float or value == int(value)):
+            found[name] = kind(value)
+    return found
 
 
 def _call(factory: Callable, what: str, *args) -> Any:
@@ -215,9 +240,10 @@ def rebuild(path: str | Path, factory: str | None = None, data: str | None = Non
         if not isinstance(splits, dict) or "train" not in splits:
             raise InputError(f"the task {name!r} built no training split (a task has .model and .splits['train'])")
         streams = _streams(splits["train"], f"the task {name!r}'s training split")
-        state, K, dni_entry = ckpt["model"], ckpt.get("K"), ckpt.get("dni")
+        state, K, dni_entry, controller = ckpt["model"], ckpt.get("K"), ckpt.get("dni"), _controller(ckpt)
     else:
         model, streams, K, dni_entry = _call(resolve(factory), f"the factory {factory}"), None, None, None
+        controller = {}
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
@@ -233,4 +259,4 @@ def rebuild(path: str | Path, factory: str | None = None, data: str | None = Non
         raise InputError(f"{path} is damaged: its K is {K!r}, not a whole number >= {1 if dni else 0}")
     if dni is not None and K is None:
         raise InputError(f"{path} is damaged: it holds a DNI but no K (the chunk length it trained with)")
-    return Rebuilt(model.to(device), streams, K, dni)
+    return Rebuilt(model.to(device), streams, K, dni, controller)

@@ -43,6 +43,10 @@ def device(name: str) -> torch.device:
     return dev
 
 
+#: What ``analyze`` asks when neither the command line nor the checkpoint's controller says.
+FALLBACK = {"windows": 64, "window_length": 200, "groups": 8, "level": 0.95}
+
+
 def deltas_option(ctx, param, value):
     """click callback: a comma-separated list of tolerances in (0, 1)."""
     try:
@@ -59,8 +63,16 @@ def deltas_option(ctx, param, value):
 @click.option("--factory", help="package.module:function building the model: code you trust (plain state "
                                 "dicts need it; for a biaskit checkpoint it replaces the registered task).")
 @click.option("--data", help="package.module:function returning (inputs, targets) streams: code you trust.")
-@click.option("--windows", type=click.IntRange(2), default=64, show_default=True, help="Windows to decompose.")
-@click.option("--window-length", type=click.IntRange(2), default=200, show_default=True)
+@click.option("--windows", type=click.IntRange(2),
+              help=f"Windows to decompose [default: the run's controller's, else {FALLBACK['windows']}].")
+@click.option("--window-length", type=click.IntRange(2),
+              help=f"Steps per window [default: the run's controller's, else {FALLBACK['window_length']}].")
+@click.option("--groups", type=click.IntRange(3),
+              help=f"Window groups of the confidence limit [default: the run's, else {FALLBACK['groups']}].")
+@click.option("--level", type=click.FloatRange(0.5, 1, max_open=True),
+              help=f"Confidence of the recommended K [default: the run's, else {FALLBACK['level']}].")
+@click.option("--K", "K", type=click.IntRange(0),
+              help="The truncation whose exact bias is reported [default: the checkpoint's K].")
 @click.option("--deltas", default="0.9,0.5,0.1", show_default=True, callback=deltas_option,
               help="Tolerated relative biases.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
@@ -68,11 +80,14 @@ def deltas_option(ctx, param, value):
 @click.option("--device", "device_name", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("audit"), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def analyze(checkpoint_path, factory, data, windows, window_length, deltas, seed, device_name, out, fmt):
+def analyze(checkpoint_path, factory, data, windows, window_length, groups, level, K, deltas, seed, device_name, out,
+            fmt):
     """Audit a trained model: the exact bias for every K, and its estimates.
 
-    The checkpoint is data: it names its task by a registered name and no code
-    it names is run. Code you name with --factory or --data is trusted.
+    By default it asks what the run's own K updates asked: the windows, window
+    length, groups and confidence of the checkpoint's controller. The checkpoint
+    is data: it names its task by a registered name and no code it names is
+    run. Code you name with --factory or --data is trusted.
     """
     interactive = fmt == "text" and sys.stderr.isatty()  # progress for people, not for pipes
     say = (lambda msg: click.echo(msg, err=True)) if interactive else (lambda msg: None)
@@ -81,12 +96,22 @@ def analyze(checkpoint_path, factory, data, windows, window_length, deltas, seed
     say(f"loading {checkpoint_path}")
     rebuilt = checkpoint.rebuild(checkpoint_path, factory, data, dev)
     inputs, targets = rebuilt.streams
+    given = {"windows": windows, "window_length": window_length, "groups": groups, "level": level}
+    settings = {name: value if value is not None else rebuilt.controller.get(name, FALLBACK[name])
+                for name, value in given.items()}
+    windows, window_length = settings["windows"], settings["window_length"]
+    if K is not None and K >= window_length:
+        raise InputError(f"--K {K} is past the window of {window_length} steps: use a --window-length above {K}")
+    K = rebuilt.K if K is None else K
+    from_run = sorted(name for name, value in given.items() if value is None and name in rebuilt.controller)
+    say(f"{windows} windows of {window_length} steps, {settings['groups']} groups, level {settings['level']:g}"
+        + (f" ({', '.join(from_run)} from the run's controller)" if from_run else ""))
     gen = torch.Generator().manual_seed(seed)
     with probing(rebuilt.model, inputs, targets, length=window_length, count=windows, generator=gen) as probe:
         check_memory(probe.system, windows, window_length, dev)
         say(f"decomposing {windows} windows of {window_length} steps and fitting every norm")
-        result = audit(probe.system, probe.inputs, probe.targets, start=probe.start, deltas=deltas, K=rebuilt.K,
-                       seed=seed)
+        result = audit(probe.system, probe.inputs, probe.targets, start=probe.start, deltas=deltas, K=K,
+                       seed=seed, groups=settings["groups"], level=settings["level"])
     if rebuilt.dni is not None:
         say(f"measuring the bias of the run's synthetic gradients at K = {rebuilt.K}")
         span = torch.Generator().manual_seed(seed)

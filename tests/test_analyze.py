@@ -235,3 +235,32 @@ def test_not_reached_is_said_in_words_and_null_in_json():
     paper = d["norms"]["phi"]["kappa"]["1e-09"]
     assert paper == {"K": None, "reached": False}  # a bound that never gets below 1e-9 in 15 lags
     assert json.loads(json.dumps(d)) == d
+
+
+def test_analyze_asks_what_the_runs_controller_asked(run_cli, run_dir, tmp_path):
+    """With no --windows, --window-length, --groups or --level, the audit uses the checkpoint's
+    controller settings (here 8 windows of 20 steps, 8 groups, level 0.9); given ones win, and --K
+    names the truncation reported."""
+    res = run_cli("analyze", run_dir / "checkpoint-last.pt", "--out", tmp_path / "a", "--format", "json")
+    assert res.code == 0, res.err
+    summary = json.loads(res.out)
+    assert (summary["windows"], summary["window_length"]) == (8, 20)
+    assert (summary["recommended"]["groups"], summary["recommended"]["level"]) == (8, 0.9)
+    res = run_cli("analyze", run_dir / "checkpoint-last.pt", "--out", tmp_path / "b", "--format", "json",
+                  "--windows", 6, "--window-length", 12, "--groups", 3, "--level", 0.8, "--K", 2)
+    assert res.code == 0, res.err
+    summary = json.loads(res.out)
+    assert (summary["windows"], summary["window_length"], summary["K"]) == (6, 12, 2)
+    assert (summary["recommended"]["groups"], summary["recommended"]["level"]) == (3, 0.8)
+    res = run_cli("analyze", run_dir / "checkpoint-last.pt", "--out", tmp_path / "c", "--K", 20)
+    assert res.code == 2 and "past the window of 20 steps" in res.err and not (tmp_path / "c").exists()
+
+
+def test_a_delta_not_reached_says_why_in_text_and_json(run_cli, run_dir, tmp_path):
+    res = run_cli("analyze", run_dir / "checkpoint-last.pt", "--out", tmp_path / "a", "--format", "json",
+                  "--deltas", "0.0001")
+    assert res.code == 0, res.err
+    rec = json.loads(res.out)["recommended"]["per_delta"]["0.0001"]
+    assert not rec["reached"] and rec["not_reached"]["cause"] in ("unresolved", "beyond window", "above delta")
+    text = (tmp_path / "a" / "summary.txt").read_text()
+    assert rec["not_reached"]["why"] in text and rec["not_reached"]["advice"] in text

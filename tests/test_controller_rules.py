@@ -1,0 +1,159 @@
+"""The controller's rules (issue: a controller that keeps its promise) and why an audit's δ is not reached."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import biaskit
+from biaskit.bias import not_reached
+from biaskit.probe import probing
+from test_adaptive import LinearModel
+from trainers.adaptive import Controller, choose_K, limit_change, next_interval, paper_rule
+
+
+@pytest.mark.parametrize("K, target, want", [
+    (15, 100, 30),   # none below delta: doubled toward K_max, never the jump itself
+    (15, 2, 8),      # certified shorter: at most halved
+    (15, 12, 12),    # within the factor: the target
+    (3, 2, 2),
+    (1, 100, 2),     # at least one step
+    (60, 100, 100),  # capped at K_max
+])
+def test_K_moves_by_at_most_the_factor_per_update(K, target, want):
+    assert limit_change(K, target, 2.0, 2, 100) == want
+
+
+def test_the_step_grows_by_at_most_the_root_of_the_factor_over_any_run_of_updates():
+    """lr·√K: with K at most doubled per update, one update multiplies the step by at most √2."""
+    K = 2
+    for target in (100, 100, 3, 100, 50, 100):
+        new = limit_change(K, target, 2.0, 2, 100)
+        assert math.sqrt(new) / math.sqrt(K) <= math.sqrt(2) + 1e-12
+        K = new
+
+
+def test_a_single_certification_of_a_short_K_does_not_shorten_it():
+    """The stall: at a plateau the bias at short K is tiny, and one certification of K = 2 would
+    collapse K below the task's dependency. It takes two in a row, and then halves."""
+    assert limit_change(15, 2, 2.0, 2, 100, shorten=False) == 15
+    assert limit_change(15, 2, 2.0, 2, 100, shorten=True) == 8
+    assert limit_change(15, 40, 2.0, 2, 100, shorten=False) == 30  # growing needs no second opinion
+
+
+def test_the_exact_controller_shortens_only_after_two_certifications_in_a_row():
+    """The constant-stream system certifies K = 1 at δ = 0.5: the first update keeps K = 8, the second
+    (told of the first) halves it."""
+    from test_adaptive import ConstantModel
+
+    model = ConstantModel()
+    inputs, targets = torch.ones(400, 1, dtype=torch.float64), torch.full((400,), 3.0, dtype=torch.float64)
+    controller = Controller(delta=0.5, window=40, windows=24, K_min=1, K_max=60, groups=4)
+    first = controller.measure(model, inputs, targets, 8, torch.Generator().manual_seed(0))
+    assert (first["K_rule"], first["K_target"], first["K"]) == ("certified", 1, 8)
+    second = controller.measure(model, inputs, targets, 8, torch.Generator().manual_seed(1), previous=first)
+    assert (second["K_rule"], second["K"]) == ("certified", 4)
+
+
+def test_unresolved_takes_the_papers_kappa_hat_when_it_is_longer():
+    inf = [math.inf] * 4
+    assert choose_K(range(2, 6), inf, 0.5, 7, 50, False, 0.1, kappa_hat=12) == (12, False, "estimated")
+    assert choose_K(range(2, 6), inf, 0.5, 7, 50, False, 0.1, kappa_hat=5) == (7, False, "held")
+    assert choose_K(range(2, 6), inf, 0.5, 7, 50, False, 0.1, kappa_hat=None) == (7, False, "held")
+
+
+def test_the_paper_controller_never_says_certified():
+    assert paper_rule(9, True, 15, 100) == (9, True, "estimated")
+    assert paper_rule(100, False, 15, 100) == (100, False, "none below delta")
+    assert paper_rule(None, False, 15, 100) == (15, False, "no fit")
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(2000, 2, dtype=torch.float64), torch.randn(2000, dtype=torch.float64)
+    for beta, delta in ((0.5, 0.1), (0.999, 0.01)):
+        record = Controller(delta=delta, window=40, windows=16, K_min=1, K_max=100, controller="paper",
+                            groups=4).measure(LinearModel(beta), inputs, targets, 5, torch.Generator().manual_seed(0))
+        assert record["K_rule"] in ("estimated", "none below delta")
+        assert record["K"] <= 10
+
+
+def test_the_paper_controller_reads_phi_alone_between_audits():
+    """Between its exact audits it measures φ only (no exact bias in the record); its κ̂ is the same
+    as from a full decomposition of the same windows."""
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(2000, 2, dtype=torch.float64), torch.randn(2000, dtype=torch.float64)
+    controller = Controller(delta=0.1, window=40, windows=16, K_min=1, K_max=100, controller="paper", groups=4,
+                            audit_every=2)
+    audited = controller.measure(LinearModel(0.8), inputs, targets, 5, torch.Generator().manual_seed(0), count=0)
+    light = controller.measure(LinearModel(0.8), inputs, targets, 5, torch.Generator().manual_seed(0), count=1)
+    assert "rel_bias_exact" in audited and "rel_bias_exact" not in light
+    assert light["kappa_hat"] == audited["kappa_hat"] and light["beta"] == pytest.approx(audited["beta"], rel=1e-12)
+
+
+def test_state_gradient_norms_are_decomposes_phi():
+    torch.manual_seed(0)
+    lstm, head = torch.nn.LSTM(3, 5, 2, batch_first=True).double(), torch.nn.Linear(5, 4).double()
+    system = biaskit.wrap(lstm, head, torch.nn.CrossEntropyLoss(reduction="none"))
+    x, y = torch.randn(8, 20, 3, dtype=torch.float64), torch.randint(0, 4, (8,))
+    full = biaskit.decompose(system, x, y, psi=False, metric=False, groups=4)
+    light = biaskit.state_gradient_norms(system, x, y)
+    assert float(abs(full.phi - light.phi).max()) == 0 and float(abs(full.phi_state - light.phi_state).max()) == 0
+    # and φ at lag k is the norm of the gradient with respect to that state, by autograd
+    h = torch.zeros(2, 8, 5, dtype=torch.float64, requires_grad=True)
+    states, state = [], (h, torch.zeros(2, 8, 5, dtype=torch.float64))
+    for t in range(20):
+        _, state = lstm(x[:, t:t + 1], state)
+        states.append(state)
+    loss = torch.nn.functional.cross_entropy(head(state[0][-1]), y, reduction="sum")
+    k = 5
+    grads = torch.autograd.grad(loss, states[19 - k])
+    want = torch.cat([g.transpose(0, 1).reshape(8, -1) for g in grads], 1).norm(dim=1)
+    torch.testing.assert_close(torch.from_numpy(light.phi.sel(lag=k).values), want)
+
+
+def test_the_interval_doubles_while_K_is_settled():
+    settled = {"K": 10, "K_in_use": 10, "K_target": 10}
+    assert next_interval(settled, 1.0, 1.0, 4.0) == 2.0
+    assert next_interval(settled, 4.0, 1.0, 4.0) == 4.0
+    assert next_interval({"K": 10, "K_in_use": 10, "K_target": 3}, 4.0, 1.0, 4.0) == 1.0  # a change pending
+    assert next_interval({"K": 20, "K_in_use": 10, "K_target": 20}, 2.0, 1.0, 4.0) == 1.0
+
+
+def _exact(model, inputs, targets, windows, window, level=0.9, K_range=None, groups=8, seed=0):
+    with probing(model, inputs, targets, length=window, count=windows,
+                 generator=torch.Generator().manual_seed(seed)) as probe:
+        ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
+                               metric=False, groups=groups)
+    return biaskit.exact_kappa(ds, [0.01], level, K_range)
+
+
+def test_not_reached_says_unresolved_with_the_windows_it_would_take():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(600, 2, dtype=torch.float64, generator=gen)
+    targets = 1000 * torch.randn(600, dtype=torch.float64, generator=gen)
+    exact = _exact(LinearModel(0.5, n=3), inputs, targets, 16, 12, groups=4, seed=1)
+    why = not_reached(exact, 0.01, 16)
+    assert why["cause"] == "unresolved"
+    b, sd, t = float(exact["grad_sq"]), float(exact["grad_sq_sd"]), exact.attrs["t_factor"]
+    assert b <= t * sd  # the premise, from the printed pieces
+    if b > 0:
+        assert why["windows_needed"] == math.ceil(16 * (t * sd / b) ** 2) > 16
+
+
+def test_not_reached_says_the_tail_past_the_window_is_unbounded():
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(3000, 2, dtype=torch.float64), 2 + torch.randn(3000, dtype=torch.float64)
+    exact = _exact(LinearModel(1.1), inputs, targets, 64, 20)  # W = 1.1 Q: the state gradient grows back in time
+    assert int(exact["gradient_resolved"]) == 1 and math.isinf(float(exact["beyond_window"]))
+    why = not_reached(exact, 0.01, 64)
+    assert why["cause"] == "beyond window" and why["window_length_needed"] > 20
+
+
+def test_not_reached_says_the_bias_stays_above_delta_in_range():
+    torch.manual_seed(0)
+    inputs, targets = torch.randn(3000, 2, dtype=torch.float64), 2 + torch.randn(3000, dtype=torch.float64)
+    exact = _exact(LinearModel(0.8), inputs, targets, 64, 30, K_range=(0, 3))
+    assert int(exact["gradient_resolved"]) == 1 and math.isfinite(float(exact["beyond_window"]))
+    assert (exact["rel_bias_upper"].values >= 0.01).all()
+    why = not_reached(exact, 0.01, 64)
+    assert why["cause"] == "above delta" and "K <= 3" in why["why"]
