@@ -60,6 +60,7 @@ class Audit:
         out = {
             "module": ds.attrs["module"], "window_length": int(ds.attrs["window_length"]),
             "windows": int(ds.attrs["batch"]), "grad_norm": float(ds.attrs["grad_norm"]),
+            "loss_at": ds.attrs.get("loss_at", "last"),
             "recommended": {"level": float(exact.attrs["level"]), "groups": int(exact.attrs["groups"]),
                             "gradient_resolved": bool(exact["gradient_resolved"]),
                             "beyond_window": _finite(exact["beyond_window"]), "K_max": int(exact.K.max()),
@@ -94,7 +95,8 @@ class Audit:
         """The audit in words: the recommended K per δ, then the paper's estimate per norm."""
         d = self.as_dict()
         rec, deltas = d["recommended"], list(d["kappa_exact"])
-        lines = [f"{d['module']}: {d['windows']} windows of {d['window_length']} steps, "
+        where = "every step" if d["loss_at"] == "every" else "the last step"
+        lines = [f"{d['module']}: {d['windows']} windows of {d['window_length']} steps, losses at {where}, "
                  f"||E g|| = {d['grad_norm']:.4g}", "",
                  f"recommended K: the exact relative bias below delta at {100 * rec['level']:g}% confidence "
                  f"({rec['groups']} groups of windows)"]
@@ -244,8 +246,9 @@ def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readou
           loss_fn: Callable | None = None, encoder: nn.Module | None = None, *, start: Any = None,
           deltas: Sequence[float] = (0.9, 0.5, 0.1), K: int | None = None, level: float = 0.95,
           method: str = "regression", tau: int | str | None = None, seed: int = 0,
-          groups: int = DEFAULT_GROUPS) -> Audit:
-    """Decompose one batch of windows (loss at the last step); recommend, for every δ, the
+          groups: int = DEFAULT_GROUPS, loss_at: str = "last") -> Audit:
+    """Decompose one batch of windows (loss at the last step, or with ``loss_at="every"`` at every
+    step: targets (batch, time, ...), see ``decompose``); recommend, for every δ, the
     smallest K whose exact relative bias is below δ at confidence ``level`` (``exact_kappa``);
     fit the decay of every norm and give the paper's κ̂ beside it, calibrated against the
     exact bias.
@@ -255,7 +258,7 @@ def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readou
     ``groups``: the window groups of the confidence limit (``decompose``'s).
     """
     system = wrap(module, readout, loss_fn, encoder)
-    ds = decompose(system, inputs, targets, start=start, seed=seed, groups=groups)
+    ds = decompose(system, inputs, targets, start=start, seed=seed, groups=groups, loss_at=loss_at)
     R = ds.attrs["window_length"]
     exact = exact_kappa(ds, deltas, level, (0, R - 1))
     with warnings.catch_warnings():  # the summary marks an unreliable fit

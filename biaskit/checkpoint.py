@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import atomic
+from .bands import LOSS_AT
 from .errors import InputError, first_line
 from .probe import check_model
 
@@ -153,7 +154,7 @@ class Rebuilt:
 
 #: Where a trainer's checkpoint keeps its controller's settings: {Rebuilt.controller key: (config key, type)}.
 CONTROLLER_SETTINGS = {"windows": ("windows", int), "window_length": ("window", int), "groups": ("groups", int),
-                       "level": ("level", float)}
+                       "level": ("level", float), "loss_at": ("loss_at", str)}
 
 
 def _controller(ckpt: dict) -> dict:
@@ -166,7 +167,10 @@ def _controller(ckpt: dict) -> dict:
     found = {}
     for name, (key, kind) in CONTROLLER_SETTINGS.items():
         value = train.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        if kind is str:
+            if value in LOSS_AT:
+                found[name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
                 (kind is float or value == int(value)):
             found[name] = kind(value)
     return found

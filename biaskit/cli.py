@@ -15,6 +15,7 @@ import torch
 
 from . import atomic, checkpoint
 from .audit import FILES, audit
+from .bands import LOSS_AT
 from .decompose import check_memory
 from .errors import InputError
 from .probe import probing
@@ -44,7 +45,7 @@ def device(name: str) -> torch.device:
 
 
 #: What ``analyze`` asks when neither the command line nor the checkpoint's controller says.
-FALLBACK = {"windows": 64, "window_length": 200, "groups": 8, "level": 0.95}
+FALLBACK = {"windows": 64, "window_length": 200, "groups": 8, "level": 0.95, "loss_at": "last"}
 
 
 def deltas_option(ctx, param, value):
@@ -71,6 +72,9 @@ def deltas_option(ctx, param, value):
               help=f"Window groups of the confidence limit [default: the run's, else {FALLBACK['groups']}].")
 @click.option("--level", type=click.FloatRange(0.5, 1, max_open=True),
               help=f"Confidence of the recommended K [default: the run's, else {FALLBACK['level']}].")
+@click.option("--loss-at", type=click.Choice(list(LOSS_AT)),
+              help="Where the windows' losses are: the last step (the paper's BPTT(R, 1)) or every step (the "
+                   f"gradient a trainer computes; about R/4 times the cost) [default: the run's, else last].")
 @click.option("--K", "K", type=click.IntRange(0),
               help="The truncation whose exact bias is reported [default: the checkpoint's K].")
 @click.option("--deltas", default="0.9,0.5,0.1", show_default=True, callback=deltas_option,
@@ -80,8 +84,8 @@ def deltas_option(ctx, param, value):
 @click.option("--device", "device_name", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("audit"), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-def analyze(checkpoint_path, factory, data, windows, window_length, groups, level, K, deltas, seed, device_name, out,
-            fmt):
+def analyze(checkpoint_path, factory, data, windows, window_length, groups, level, loss_at, K, deltas, seed,
+            device_name, out, fmt):
     """Audit a trained model: the exact bias for every K, and its estimates.
 
     By default it asks what the run's own K updates asked: the windows, window
@@ -96,7 +100,8 @@ def analyze(checkpoint_path, factory, data, windows, window_length, groups, leve
     say(f"loading {checkpoint_path}")
     rebuilt = checkpoint.rebuild(checkpoint_path, factory, data, dev)
     inputs, targets = rebuilt.streams
-    given = {"windows": windows, "window_length": window_length, "groups": groups, "level": level}
+    given = {"windows": windows, "window_length": window_length, "groups": groups, "level": level,
+             "loss_at": loss_at}
     settings = {name: value if value is not None else rebuilt.controller.get(name, FALLBACK[name])
                 for name, value in given.items()}
     windows, window_length = settings["windows"], settings["window_length"]
@@ -104,14 +109,17 @@ def analyze(checkpoint_path, factory, data, windows, window_length, groups, leve
         raise InputError(f"--K {K} is past the window of {window_length} steps: use a --window-length above {K}")
     K = rebuilt.K if K is None else K
     from_run = sorted(name for name, value in given.items() if value is None and name in rebuilt.controller)
-    say(f"{windows} windows of {window_length} steps, {settings['groups']} groups, level {settings['level']:g}"
+    say(f"{windows} windows of {window_length} steps, {settings['groups']} groups, level {settings['level']:g}, "
+        f"losses at the {settings['loss_at']} step{'s' if settings['loss_at'] == 'every' else ''}"
         + (f" ({', '.join(from_run)} from the run's controller)" if from_run else ""))
     gen = torch.Generator().manual_seed(seed)
-    with probing(rebuilt.model, inputs, targets, length=window_length, count=windows, generator=gen) as probe:
+    every = settings["loss_at"] == "every"
+    with probing(rebuilt.model, inputs, targets, length=window_length, count=windows, generator=gen,
+                 every_step=every) as probe:
         check_memory(probe.system, windows, window_length, dev)
         say(f"decomposing {windows} windows of {window_length} steps and fitting every norm")
         result = audit(probe.system, probe.inputs, probe.targets, start=probe.start, deltas=deltas, K=K,
-                       seed=seed, groups=settings["groups"], level=settings["level"])
+                       seed=seed, groups=settings["groups"], level=settings["level"], loss_at=settings["loss_at"])
     if rebuilt.dni is not None:
         say(f"measuring the bias of the run's synthetic gradients at K = {rebuilt.K}")
         span = torch.Generator().manual_seed(seed)

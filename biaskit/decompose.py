@@ -41,7 +41,7 @@ import torch
 import xarray as xr
 from torch.func import vjp, vmap
 
-from . import denormals, distributed, fastpath, norms
+from . import bands, denormals, distributed, fastpath, norms
 from .errors import InputError
 from .recurrent import CustomStep, Params, RecurrentSystem, check_reachable, wrap
 from .tails import Tails, held
@@ -112,35 +112,40 @@ def groups_first(grouped: dict) -> dict:
     return {n: real(g, 2).transpose(0, 1).contiguous() for n, g in grouped.items()}
 
 
-def _unroll(system, params, x, state, detach_before=None, nodes=False):
+def _unroll(system, params, x, state, detach_before=None, nodes=False, outputs=False):
     """States after each step of ``x`` (batch, time, F) and the last step's output (None when
-    the readout reads the state); optionally detach the state entering one step. ``nodes``:
-    every state and the output a graph node, even one that depends on nothing that requires
-    grad (a step that ignores its incoming state), so its gradient can be asked for."""
-    states, out = [state], None
+    the readout reads the state), or with ``outputs`` every step's; optionally detach the state
+    entering one step. ``nodes``: every state and output a graph node, even one that depends on
+    nothing that requires grad (a step that ignores its incoming state), so its gradient can be
+    asked for."""
+    states, outs = [state], []
     for t in range(x.shape[1]):
         if t == detach_before:
             state = state.detach()
         state, out = system.step(params, state, x[:, t])
         if nodes and not state.requires_grad:
             state = state.detach().requires_grad_()
+        if nodes and out is not None and not out.requires_grad:
+            out = out.detach().requires_grad_()
         states.append(state)
-    if nodes and out is not None and not out.requires_grad:
-        out = out.detach().requires_grad_()
-    return states, out
+        outs.append(out)
+    return states, (outs if outputs else outs[-1])
 
 
-def _prepare(system, inputs, targets, start):
+def _prepare(system, inputs, targets, start, every: bool = False):
     system = wrap(system)
     x = system.batch_first(inputs)
-    _check_targets(targets, x.shape[0])
+    if every:
+        bands.check_targets(targets, *x.shape[:2])
+    else:
+        _check_targets(targets, x.shape[0])
     if isinstance(system, CustomStep):
         check_reachable(system, system.initial_state(start, x.shape[0]), x[:, 0])
     return system, x
 
 
 def truncated_gradient(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                       K: int | None = None, *, start: Any = None) -> dict[str, torch.Tensor]:
+                       K: int | None = None, *, start: Any = None, loss_at: str = "last") -> dict[str, torch.Tensor]:
     """ĝ_K: the gradient of the batch-mean last-step loss with the state entering step R-K detached.
 
     ``K=None`` is full BPTT through the whole window, from ``start`` (the state
@@ -148,22 +153,31 @@ def truncated_gradient(system: RecurrentSystem | torch.nn.Module, inputs: torch.
     ``module.named_parameters()``, the encoder's prefixed ``encoder.`` and the
     readout's ``readout.``; a tensor reached under several names (a tied
     weight) appears once, under its first. Only trainable parameters count.
+    ``loss_at="every"``: the mean over windows and steps of every step's loss
+    (targets (batch, time, ...)), each loss's gradient truncated to the K + 1
+    steps ending at its own step, one detached unroll per step: the reference
+    ``decompose(..., loss_at="every")`` is tested against.
     """
-    system, x = _prepare(system, inputs, targets, start)
+    every = bands.check_loss_at(loss_at)
+    system, x = _prepare(system, inputs, targets, start, every)
     R = x.shape[1]
     if K is not None and not 0 <= K < R:
         raise InputError(f"K must be in 0..{R - 1} for a window of length {R}, got {K}")
     params = system.params()
     seen = {id(p) for p in params.values()}
     readout = {n: p for n, p in system.readout_params().items() if id(p) not in seen}
-    with torch.enable_grad():
-        states, out = _unroll(system, params, x, system.initial_state(start, x.shape[0]),
-                              None if K is None else R - 1 - K)
-        loss = system.loss(system.readout_params(), system.read(states[-1], out), targets).mean()
-        tensors = [*params.values(), *readout.values()]
-        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    tensors = [*params.values(), *readout.values()]
+    total = [torch.zeros_like(p) for p in tensors]
+    for s in range(R) if every else [R - 1]:
+        with torch.enable_grad():
+            detach = None if K is None or K >= s else s - K
+            states, out = _unroll(system, params, x[:, :s + 1], system.initial_state(start, x.shape[0]), detach)
+            loss = system.loss(system.readout_params(), system.read(states[-1], out),
+                               targets[:, s] if every else targets).mean()
+            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        total = [t if g is None else t + g for t, g in zip(total, grads)]
     names = list(params) + ["readout." + n for n in readout]
-    return {n: torch.zeros_like(p) if g is None else g for n, g, p in zip(names, grads, tensors)}
+    return {n: t / (R if every else 1) for n, t in zip(names, total)}
 
 
 # --- the sweep: forward, then one backward pass -----------------------------------------------
@@ -268,15 +282,18 @@ def _groups(groups: int, batch: int, device) -> torch.Tensor:
     return masks
 
 
-def _direct(system, readout: Params, sweep: Sweep, targets, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+def _direct(system, readout: Params, outputs: torch.Tensor, targets, masks: torch.Tensor,
+            every: bool) -> dict[str, torch.Tensor]:
     """The readout's gradient of each group's summed loss, ``{name: (G, n)}`` (real): a backward pass
     through the readout per group, by torch.autograd (torch.func's first pullback imports
-    torch._dynamo, ~2 s, which the fast path otherwise never needs)."""
+    torch._dynamo, ~2 s, which the fast path otherwise never needs). ``outputs``: the last step's
+    (B, ...), or with ``every`` every step's (B, R, ...)."""
     if not readout:
         return {}
     with torch.enable_grad():
         leaves = {n: p.detach().requires_grad_() for n, p in readout.items()}
-        losses = system.loss(leaves, sweep.output, targets)
+        losses = bands.step_losses(system, leaves, outputs, targets).sum(1) if every else \
+            system.loss(leaves, outputs, targets)
         per_group = [torch.autograd.grad(losses, list(leaves.values()), m.to(losses.dtype), retain_graph=True,
                                          allow_unused=True) if losses.requires_grad else [None] * len(leaves)
                      for m in masks]
@@ -294,6 +311,27 @@ def _chunk_steps(width: int, rows: int = 0, most: float = CHUNK_STEPS) -> int:
     return max(1, min(CHUNK_STEPS, most, steps))
 
 
+@dataclass
+class Lags:
+    """What the parameter pass measured, by K and by lag, before normalising: the full gradient's
+    pieces less the readout's (``{name: (G, n)}``, ``{name: (n,)}``), the tails' squared norms by K
+    (index K: the tail past K), the lag contributions' by lag, and the per-window norms."""
+
+    group_full: dict
+    total_full: dict
+    total_sq: torch.Tensor      # (R,)
+    group_sq: torch.Tensor      # (R, G)
+    group_dot: torch.Tensor     # (R, G)
+    lag_sq: torch.Tensor        # (R,)
+    lag_group_sq: torch.Tensor  # (R, G)
+    phi: torch.Tensor           # (B_all, R)
+    phi_state: torch.Tensor     # (R, D)
+    losses: torch.Tensor        # (B_all,)
+    phi_mahalanobis: torch.Tensor | None
+    psi: torch.Tensor | None    # (B_all, R)
+    positions: int = 1          # loss positions per window: the objective is the mean over windows and them
+
+
 @denormals.flushed
 def decompose(
     system: RecurrentSystem | torch.nn.Module,
@@ -308,13 +346,21 @@ def decompose(
     groups: int = DEFAULT_GROUPS,
     seed: int = 0,
     process_group: Any = None,
+    loss_at: str = "last",
 ) -> xr.Dataset:
     """Per-lag gradient norms and the exact bias of TBPTT for every K in 0..R-1.
 
-    The loss is taken at the last step of each window (the paper's BPTT(R, 1));
-    the objective is its mean over the batch, and full BPTT runs back to ``start``
-    (the state entering each window in the module's own format, e.g. what the
-    model's forward over a burn-in returns; None: zeros). ``metric`` is the (D, D)
+    By default the loss is taken at the last step of each window (the paper's
+    BPTT(R, 1)); the objective is its mean over the batch, and full BPTT runs
+    back to ``start`` (the state entering each window in the module's own
+    format, e.g. what the model's forward over a burn-in returns; None: zeros).
+    ``loss_at="every"``: a loss at every step (targets (batch, time, ...)), the
+    objective their mean over windows and steps, and ĝ_K keeps for each loss
+    the K + 1 steps ending at it (BPTT(R, 1) at every step; ``bands``): φ, ψ
+    are then means over loss positions, and it costs about R/4 sweeps; its
+    tails are the full gradient less the kept lags, so in float32 its biases
+    are good to about 1e-6 of ||g|| (float64 for smaller ones).
+    ``metric`` is the (D, D)
     Mahalanobis metric; by default it is estimated from ``metric_rows`` random
     (step, sample) pairs of these windows with ``probes`` random probes each (see
     ``norms.estimate_metric``); ``metric=False`` leaves the Mahalanobis norm out
@@ -327,7 +373,8 @@ def decompose(
     per-window variables (φ, ψ, loss) are gathered, so every rank holds the
     same Dataset (see ``biaskit.distributed``).
     """
-    system, x = _prepare(system, inputs, targets, start)
+    every = bands.check_loss_at(loss_at)
+    system, x = _prepare(system, inputs, targets, start, every)
     B, R = x.shape[:2]
     params = {n: p.detach() for n, p in system.params().items()}
     if not params:
@@ -338,13 +385,27 @@ def decompose(
         _positive_int(metric_rows, "metric_rows", "(step, sample) rows")
     readout = {n: p.detach() for n, p in system.readout_params().items()}
     masks = _groups(groups, B, x.device)
-    fast = fastpath.applies(system)
-    sweep = (fastpath.sweep if fast else _generic_sweep)(system, params, readout, x, start, targets)
+    fast = not every and fastpath.applies(system)
+    sweep = bands.forward(system, params, readout, x, start, targets) if every else \
+        (fastpath.sweep if fast else _generic_sweep)(system, params, readout, x, start, targets)
     if not torch.isfinite(sweep.b).all() or not torch.isfinite(sweep.losses).all():
         raise InputError("the gradient has NaN or infinite entries: check the model and inputs")
-
-    # Parameter pass, oldest step first: T_K is the running sum before step R-K.
     n_params = sum(real(p, 0).numel() for p in params.values())
+    metric, estimator = _metric(system, params, sweep, metric, probes, metric_rows, seed, process_group)
+    if every:
+        lags, path = _every_step(system, params, sweep, masks, psi, metric, n_params, process_group), "generic, bands"
+    else:
+        lags, stepwise = _last_step(system, params, sweep, masks, psi, metric, n_params, fast, process_group)
+        path = ("fast: " + system.kind) if fast else ("generic, step by step" if stepwise else "generic")
+    direct = _direct(system, readout, sweep.outputs if every else sweep.output, targets, masks, every)
+    ds = _dataset(system, params, readout, lags, direct, masks, metric, estimator, n_params, path, process_group)
+    ds.attrs["loss_at"] = loss_at
+    return ds
+
+
+def _last_step(system, params, sweep: Sweep, masks, psi: bool, metric, n_params: int, fast: bool, process_group):
+    """The parameter pass of a last-step loss, oldest step first: T_K is the running sum before step R-K."""
+    B, R = sweep.b.shape[1], sweep.b.shape[0]
     G = masks.shape[0]
     if fast:
         world_batch = distributed.total(B, process_group)
@@ -369,42 +430,102 @@ def decompose(
                               f"{str(err).strip().splitlines()[0][:160]}); decomposing it step by step, "
                               f"exactly but about {B if psi else G}x slower per step. Steps that "
                               "avoid data-dependent Python control flow, .item() and in-place writes into new "
-                              "tensors are batched.", stacklevel=2)
+                              "tensors are batched.", stacklevel=3)
                 products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi, stepwise)
             blocks = held(products, process_group)
         tails.add(blocks, G)
         if psi:
             psi_rows.append(psi_sq)
-    direct = _direct(system, readout, sweep, targets, masks)
-    metric, estimator = _metric(system, params, sweep, metric, probes, metric_rows, seed, process_group)
-    return _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows if psi else None, metric,
-                    estimator, n_params, stepwise, fast, process_group)
+    group_full, total_full = tails.carries()
+    phi, phi_state, losses = _lag_norms(sweep, process_group)
+    b_lag = sweep.b.flip(0).transpose(0, 1)
+    maha = None if metric is None else distributed.gather_samples(norms.mahalanobis(b_lag, metric.to(b_lag)),
+                                                                  process_group)
+    psi_table = None if not psi else \
+        distributed.gather_samples(torch.cat(psi_rows).clamp_min(0).sqrt().flip(0).T, process_group)
+    flip = partial(torch.flip, dims=(0,))  # per step, oldest first → per K (index K: the tail before step R-1-K)
+    return Lags(group_full, total_full, flip(torch.cat(tails.total_sq)), flip(torch.cat(tails.group_sq)),
+                flip(torch.cat(tails.group_dot)), flip(torch.cat(tails.lag_sq)), flip(torch.cat(tails.lag_group_sq)),
+                phi, phi_state, losses, maha, psi_table), stepwise
+
+
+def _every_step(system, params, fwd: bands.Forward, masks, psi: bool, metric, n_params: int, process_group) -> Lags:
+    """The parameter pass of losses at every step, by lag bands (``bands``): the tails start at the
+    full gradient F and each band k is subtracted, so the tail before band k+1 is T_k."""
+    R, B, D = fwd.b.shape
+    G = masks.shape[0]
+    members = [slice(int(r[0]), int(r[-1]) + 1) for r in (torch.nonzero(m).flatten() for m in masks)]
+    tails = Tails()
+
+    def add(products: list[dict]):
+        tails.add(held({n: torch.stack([real(p[n], 1) for p in products], 1) for n in params}, process_group), G)
+
+    with torch.enable_grad():
+        add([bands.band(system, params, fwd, fwd.b, fwd.out_cotangent, members, False).products])
+    group_full, total_full = ({n: c.clone() for n, c in carries.items()} for carries in tails.carries())
+    chunk = _chunk_steps(n_params * G)
+    lag_norms = bands.LagNorms.empty(B, R, D, fwd.b, metric)
+    psi_sum, pending, e = fwd.b.new_zeros(B, R), [], fwd.direct
+    for k in range(R):
+        lag_norms.add(k, e, metric)
+        with torch.enable_grad():
+            band = bands.band(system, params, fwd, e, fwd.out_cotangent if k == 0 else None, members, psi)
+        pending.append({n: -g for n, g in band.products.items()})
+        if psi:
+            psi_sum[:, k] = band.psi
+        e = band.entering[1:]
+        if len(pending) == chunk or k == R - 1:
+            add(pending)
+            pending = []
+    phi, phi_state, maha = lag_norms.means(process_group)
+    count = torch.arange(R, 0, -1, dtype=psi_sum.dtype, device=psi_sum.device)
+
+    def by_K(rows):  # records before the F block, before each band: T_{-1}, T_0, ..., T_{R-2}; T_{R-1} = 0
+        rows = torch.cat(rows)[2:]
+        return torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+
+    return Lags(group_full, total_full, by_K(tails.total_sq), by_K(tails.group_sq), by_K(tails.group_dot),
+                torch.cat(tails.lag_sq)[1:], torch.cat(tails.lag_group_sq)[1:], phi, phi_state,
+                distributed.gather_samples(fwd.losses.mean(1), process_group), maha,
+                distributed.gather_samples(psi_sum / count, process_group) if psi else None, positions=R)
 
 
 @denormals.flushed
 def state_gradient_norms(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                         *, start: Any = None, process_group: Any = None) -> xr.Dataset:
+                         *, start: Any = None, process_group: Any = None, loss_at: str = "last") -> xr.Dataset:
     """φ alone: ``phi`` (sample, lag) = ||∂L_s/∂h_{s-k}|| and ``phi_state``, as ``decompose`` gives them,
     from its forward and backward sweep without the parameter pass (about a third of its time).
 
     What the paper's estimator needs (``fit_decay`` and ``bias_bound`` take the result); the
-    exact bias needs ``decompose``. Windows, targets, ``start`` and ``process_group`` as there.
+    exact bias needs ``decompose``. Windows, targets, ``start``, ``process_group`` and
+    ``loss_at`` as there (every step: the lags' cotangents band by band, no parameter products).
     """
-    system, x = _prepare(system, inputs, targets, start)
+    every = bands.check_loss_at(loss_at)
+    system, x = _prepare(system, inputs, targets, start, every)
     params = {n: p.detach() for n, p in system.params().items()}
     readout = {n: p.detach() for n, p in system.readout_params().items()}
-    sweep = (fastpath.sweep if fastpath.applies(system) else _generic_sweep)(system, params, readout, x, start,
-                                                                            targets)
+    if every:
+        sweep = bands.forward(system, params, readout, x, start, targets)
+    else:
+        sweep = (fastpath.sweep if fastpath.applies(system) else _generic_sweep)(system, params, readout, x, start,
+                                                                                targets)
     if not torch.isfinite(sweep.b).all() or not torch.isfinite(sweep.losses).all():
         raise InputError("the gradient has NaN or infinite entries: check the model and inputs")
-    phi, phi_state, losses = _lag_norms(sweep, process_group)
+    if every:
+        lag_norms = bands.LagNorms.empty(*sweep.b.shape[1:2], *sweep.b.shape[:1], sweep.b.shape[2], sweep.b, None)
+        for k, e in bands.lag_cotangents(system, params, sweep):
+            lag_norms.add(k, e, None)
+        phi, phi_state, _ = lag_norms.means(process_group)
+        losses = distributed.gather_samples(sweep.losses.mean(1), process_group)
+    else:
+        phi, phi_state, losses = _lag_norms(sweep, process_group)
     R = x.shape[1]
     return xr.Dataset({"phi": (("sample", "lag"), _numpy(phi)), "phi_state": (("lag", "state"), _numpy(phi_state)),
                        "loss": (("sample",), _numpy(losses))},
                       coords={"sample": np.arange(phi.shape[0]), "lag": np.arange(R)},
                       attrs={**system.describe(), "window_length": R, "batch": int(phi.shape[0]),
                              "dtype": str(sweep.b.dtype).removeprefix("torch."), "device": str(sweep.b.device),
-                             "processes": distributed.world(process_group)})
+                             "processes": distributed.world(process_group), "loss_at": loss_at})
 
 
 def _lag_norms(sweep: Sweep, process_group):
@@ -429,22 +550,22 @@ def _metric(system, params, sweep, metric, probes, rows, seed, process_group):
             raise InputError(f"metric must be ({D}, {D}), got {got}")
         return metric.to(sweep.b), "given"
     gen = torch.Generator(device=sweep.b.device).manual_seed(seed)
-    pushes = partial(fastpath.pushes, system, params) if sweep.fast is not None and \
+    pushes = partial(fastpath.pushes, system, params) if getattr(sweep, "fast", None) is not None and \
         fastpath.metric_applies(system, params) else None
     estimate = norms.estimate_metric(system, params, sweep.h_prev, sweep.x, probes, rows, gen, pushes)
     estimate = distributed.mean(estimate, process_group)
     return estimate, f"rademacher probes={probes}, rows={rows}, seed={seed}"
 
 
-def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, metric, estimator, n_params,
-             stepwise, fast, process_group) -> xr.Dataset:
-    R, B = sweep.b.shape[:2]
-    world_batch = distributed.total(B, process_group)
+def _dataset(system, params, readout, lags: Lags, direct, masks, metric, estimator, n_params, path,
+             process_group) -> xr.Dataset:
+    R, B = lags.total_sq.shape[0], masks.shape[1]
+    scale = distributed.total(B, process_group) * lags.positions  # the objective is the mean over these losses
     # The full gradient: every lag's products plus the readout's (a tied readout weight added to
     # its coordinate in θ rather than counted apart), per group and over every window.
     theta_ids = {id(p): n for n, p in system.params().items()}
     keys = {n: theta_ids.get(id(p), "readout." + n) for n, p in system.readout_params().items()}
-    group_full, total_full = tails.carries()
+    group_full, total_full = dict(lags.group_full), dict(lags.total_full)
     direct_total = distributed.all_reduce_sum({n: g.sum(0) for n, g in direct.items()}, process_group)
     for name, g in direct.items():
         key = keys[name]
@@ -453,45 +574,37 @@ def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, met
     grad_sq = sum(v.pow(2).sum() for v in total_full.values())
     group_grad_sq = sum(v.pow(2).sum(-1) for v in group_full.values())
     group_grad_dot = sum(v @ total_full[n] for n, v in group_full.items())
-    grad_norm = grad_sq.sqrt() / world_batch
-
-    def by_K(rows):  # per step (oldest first) → per K: index K = R - 1 - t holds the tail before step t
-        return torch.cat(rows).flip(0) / world_batch**2
-
-    total_sq = by_K(tails.total_sq)
-    abs_bias = total_sq.clamp_min(0).sqrt()
+    grad_norm = grad_sq.sqrt() / scale
+    abs_bias = lags.total_sq.clamp_min(0).sqrt() / scale
     group_sizes = distributed.gather_groups(masks.sum(1), process_group)
-    phi, phi_state, losses = _lag_norms(sweep, process_group)
+    phi = lags.phi
     np_ = _numpy
 
-    layout, lags = system.layout, np.arange(R)
+    def by_group(t):  # (R, G) this process's groups → every rank's
+        return distributed.gather_groups(t.T, process_group).T
+
+    layout, lag_index = system.layout, np.arange(R)
     group_count = int(group_sizes.numel())
     ds = xr.Dataset(
         {
             "phi": (("sample", "lag"), np_(phi)),
-            "phi_state": (("lag", "state"), np_(phi_state)),
+            "phi_state": (("lag", "state"), np_(lags.phi_state)),
             "abs_bias": (("K",), np_(abs_bias)),
             "rel_bias": (("K",), np_(abs_bias / grad_norm)),
-            "lag_contribution": (("lag",), np_((torch.cat(tails.lag_sq).flip(0).clamp_min(0).sqrt()
-                                                / world_batch))),
-            "group_contribution": (("group", "lag"), np_(distributed.gather_groups(
-                torch.cat(tails.lag_group_sq).flip(0).clamp_min(0).sqrt().T, process_group)
-                / group_sizes[:, None].to(phi))),
-            "group_tail_sq": (("K", "group"), np_(distributed.gather_groups(by_K(tails.group_sq).T,
-                                                                              process_group).T)),
-            "group_tail_dot": (("K", "group"), np_(distributed.gather_groups(by_K(tails.group_dot).T,
-                                                                               process_group).T)),
-            "group_grad_sq": (("group",), np_(distributed.gather_groups(group_grad_sq, process_group)
-                                              / world_batch**2)),
-            "group_grad_dot": (("group",), np_(distributed.gather_groups(group_grad_dot, process_group)
-                                               / world_batch**2)),
+            "lag_contribution": (("lag",), np_(lags.lag_sq.clamp_min(0).sqrt() / scale)),
+            "group_contribution": (("group", "lag"), np_(by_group(lags.lag_group_sq.clamp_min(0).sqrt()).T
+                                                         / (group_sizes[:, None].to(phi) * lags.positions))),
+            "group_tail_sq": (("K", "group"), np_(by_group(lags.group_sq) / scale**2)),
+            "group_tail_dot": (("K", "group"), np_(by_group(lags.group_dot) / scale**2)),
+            "group_grad_sq": (("group",), np_(distributed.gather_groups(group_grad_sq, process_group) / scale**2)),
+            "group_grad_dot": (("group",), np_(distributed.gather_groups(group_grad_dot, process_group) / scale**2)),
             "group_size": (("group",), np_(group_sizes).astype(np.int64)),
-            "loss": (("sample",), np_(losses)),
+            "loss": (("sample",), np_(lags.losses)),
         },
         coords={
             "sample": np.arange(phi.shape[0]),
-            "lag": lags,
-            "K": lags,
+            "lag": lag_index,
+            "K": lag_index,
             "group": np.arange(group_count),
             "state": np.arange(layout.size),
             "part": ("state", np.asarray(layout.part)),
@@ -503,23 +616,20 @@ def _dataset(system, params, readout, sweep, tails, direct, masks, psi_rows, met
             "window_length": R,
             "batch": int(phi.shape[0]),
             "groups": group_count,
-            "dtype": str(sweep.b.dtype).removeprefix("torch."),
-            "device": str(sweep.b.device),
+            "dtype": str(lags.total_sq.dtype).removeprefix("torch."),
+            "device": str(lags.total_sq.device),
             "grad_norm": float(grad_norm),
             "n_params": n_params + sum(real(p, 0).numel() for n, p in readout.items() if keys[n] not in params),
             "metric_estimator": estimator,
-            "path": ("fast: " + system.kind) if fast else ("generic, step by step" if stepwise else "generic"),
+            "path": path,
             "processes": distributed.world(process_group),
         },
     )
-    if metric is not None:
-        b_lag = sweep.b.flip(0).transpose(0, 1)
-        ds["phi_mahalanobis"] = (("sample", "lag"), np_(distributed.gather_samples(
-            norms.mahalanobis(b_lag, metric.to(b_lag)), process_group)))
+    if lags.phi_mahalanobis is not None:
+        ds["phi_mahalanobis"] = (("sample", "lag"), np_(lags.phi_mahalanobis))
         ds["metric"] = (("state", "state_"), np_(metric))
-    if psi_rows is not None:
-        psi = distributed.gather_samples(torch.cat(psi_rows).clamp_min(0).sqrt().flip(0).T, process_group)
-        ds["psi"] = (("sample", "lag"), np_(psi))
+    if lags.psi is not None:
+        ds["psi"] = (("sample", "lag"), np_(lags.psi))
     ds["phi"].attrs["long_name"] = "||dL_s/dh_{s-k}||"
     ds["rel_bias"].attrs["long_name"] = "||E g_K - E g|| / ||E g||"
     ds["lag_contribution"].attrs["long_name"] = "||E g^(k)||, the norm of lag k's mean contribution"

@@ -13,7 +13,7 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
     data-parallel training run (each rank records the K it used after every update)."""
     import biaskit
     from biaskit import fastpath, report
-    from test_distributed import problem, token_problem
+    from test_distributed import every_step_problem, problem, token_problem
     from trainers.loop import Run
 
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
@@ -33,6 +33,11 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
     ds = biaskit.decompose(system, tokens[mine], y[mine], metric=False, groups=2, process_group=dist.group.WORLD)
     if rank == 0:
         report.save(ds, decomposed.replace(".nc", ".tokens.nc"))
+    system, x, y = every_step_problem()
+    ds = biaskit.decompose(system, x[mine], y[mine], metric=False, groups=2, process_group=dist.group.WORLD,
+                           loss_at="every")
+    if rank == 0:
+        report.save(ds, decomposed.replace(".nc", ".every.nc"))
     run = Run(config, out, quiet=True)  # finds the process group started, as under torchrun
     lines = run.fit()
     with open(f"{record}.{rank}", "w") as fh:

@@ -107,5 +107,16 @@ def naive_gradient(module, readout, loss_fn, x, y, K=None, encoder=None, h0=None
     return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
 
 
+def naive_every(module, readout, loss_fn, x, y, K=None, encoder=None, h0=None):
+    """Losses at every step: the mean over positions s of ĝ_K for the loss at s alone, the window cut
+    at s and the state entering step s-K detached (none when K >= s)."""
+    total = None
+    for s in range(x.shape[1]):
+        g = naive_gradient(module, readout, loss_fn, x[:, :s + 1], y[:, s], None if K is None or K >= s else K,
+                           encoder=encoder, h0=h0)
+        total = g if total is None else {n: total[n] + g[n] for n in g}
+    return {n: v / x.shape[1] for n, v in total.items()}
+
+
 def flat_norm(tensors):
     return torch.sqrt(sum(t.pow(2).sum() for t in tensors)).item()

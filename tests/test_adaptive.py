@@ -126,6 +126,28 @@ def test_the_logged_exact_bias_is_the_K_in_use_from_the_burn_in_state():
     assert abs(from_zero - want) > 1e-3 * want  # the burn-in's state is not a detail here
 
 
+def test_the_every_step_controller_logs_the_every_step_bias_of_the_K_in_use():
+    """With losses at every step the controller's exact bias is the mean of each position's truncation."""
+    from biaskit.probe import sample_windows
+    from helpers import naive_every
+
+    torch.manual_seed(0)
+    model = LinearModel(0.9)
+    inputs, targets = torch.randn(400, 2, dtype=torch.float64), torch.randn(400, dtype=torch.float64)
+    record = Controller(delta=None, window=12, windows=6, groups=3, loss_at="every").measure(
+        model, inputs, targets, 3, torch.Generator().manual_seed(5))
+    drawn = sample_windows(inputs, targets, 12, 6, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, start = model(drawn.burn)
+    args = (model.cell, model.head, model.squared_error, drawn.inputs, drawn.targets)
+    full, trunc = naive_every(*args, h0=start), naive_every(*args, 3, h0=start)
+    want = flat_norm([trunc[n] - full[n] for n in full]) / flat_norm(full.values())
+    assert record["rel_bias_exact"] == pytest.approx(want, rel=1e-9)
+    last = Controller(delta=None, window=12, windows=6, groups=3).measure(
+        model, inputs, targets, 3, torch.Generator().manual_seed(5))
+    assert abs(last["rel_bias_exact"] - want) > 1e-3 * want  # a different gradient, a different bias
+
+
 def test_too_short_a_stream_is_refused():
     with pytest.raises(biaskit.InputError, match="fewer than the 64 asked for"):
         Controller(delta=0.5, window=40, windows=64).measure(LinearModel(0.5), torch.zeros(60, 2),

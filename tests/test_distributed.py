@@ -44,6 +44,15 @@ def token_problem():
     return system, torch.randint(0, 6, (16, 9), generator=gen), torch.randint(0, 3, (16,), generator=gen)
 
 
+def every_step_problem():
+    """16 windows of a GRU with a loss at every step, in float64."""
+    torch.manual_seed(0)
+    gru, head = nn.GRU(3, 4, batch_first=True).double(), nn.Linear(4, 3).double()
+    system = biaskit.wrap(gru, head, nn.CrossEntropyLoss(reduction="none"))
+    gen = torch.Generator().manual_seed(3)
+    return system, torch.randn(16, 7, 3, dtype=torch.float64, generator=gen), torch.randint(0, 3, (16, 7), generator=gen)
+
+
 TINY = {"train_tokens": 2000, "valid_tokens": 400, "test_tokens": 400, "hidden": 6}
 TRAIN = {"batch_size": 8, "window": 12, "windows": 8, "groups": 4, "K": 3, "K_max": 12, "delta": 0.5,
          "update_every": 0.5, "epochs": 1, "level": 0.5}
@@ -76,6 +85,16 @@ def test_a_sharded_decomposition_through_an_embedding_is_one_process_holding_eve
     sharded = report.load(tmp / "sharded.tokens.nc")
     system, tokens, y = token_problem()
     whole = biaskit.decompose(system, tokens, y, metric=False, groups=4)
+    for name in whole.data_vars:
+        np.testing.assert_allclose(sharded[name].values, whole[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
+
+
+def test_a_sharded_every_step_decomposition_is_one_process_holding_every_window(spawned):
+    tmp, _ = spawned
+    sharded = report.load(tmp / "sharded.every.nc")
+    system, x, y = every_step_problem()
+    whole = biaskit.decompose(system, x, y, metric=False, groups=4, psi=True, loss_at="every")
+    assert sharded.attrs["loss_at"] == "every"
     for name in whole.data_vars:
         np.testing.assert_allclose(sharded[name].values, whole[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
 

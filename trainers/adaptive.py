@@ -76,6 +76,7 @@ class Controller:
     ranks: Ranks = Ranks()  # under torch.distributed each rank decomposes its share of the windows
     max_change: float = 2.0  # K moves by at most this factor per update
     audit_every: int = 1  # the paper controller measures the exact bias every n-th update
+    loss_at: str = "last"  # the windows' losses: the last step's (the paper's) or every step's
 
     def measure(self, model, inputs, targets, K: int, generator: torch.Generator, previous: dict | None = None,
                 count: int = 0) -> dict:
@@ -92,18 +93,20 @@ class Controller:
         began = time.perf_counter()
         part = share(self.windows, self.ranks, "--windows")
         exact_needed = self.controller == "exact" or count % self.audit_every == 0
+        every = self.loss_at == "every"
         with probing(model, inputs, targets, length=self.window, count=self.windows, generator=generator,
-                     part=part) as probe:
+                     part=part, every_step=every) as probe:
             if exact_needed:
                 ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
                                        metric=None if self.norm == "phi_mahalanobis" else False,
-                                       groups=max(1, self.groups // self.ranks.world), process_group=self.ranks.group)
+                                       groups=max(1, self.groups // self.ranks.world), process_group=self.ranks.group,
+                                       loss_at=self.loss_at)
             elif self.norm == "phi":
                 ds = biaskit.state_gradient_norms(probe.system, probe.inputs, probe.targets, start=probe.start,
-                                                  process_group=self.ranks.group)
+                                                  process_group=self.ranks.group, loss_at=self.loss_at)
             else:  # the Mahalanobis norm needs the metric, which needs the parameter pass
                 ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
-                                       groups=1, process_group=self.ranks.group)
+                                       groups=1, process_group=self.ranks.group, loss_at=self.loss_at)
         delta = self.delta if self.delta is not None else 0.5
         span = (min(self.K_min, K), max(self.K_max, K))
         fit, bound = self._estimate(ds, delta, span)

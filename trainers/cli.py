@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from biaskit import atomic
+from biaskit.bands import LOSS_AT
 from biaskit.cli import cli, device
 from biaskit.cli import main as biaskit_main
 from biaskit.errors import InputError
@@ -84,6 +85,9 @@ TRAIN_OPTIONS = [
                  help="K moves by at most this factor per update, the step lr·√K by its root (default 2)."),
     click.option("--audit-every", type=click.IntRange(1),
                  help="The paper controller measures the exact bias every n-th update (default 4)."),
+    click.option("--loss-at", type=click.Choice(list(LOSS_AT)),
+                 help="The controller's windows' losses: last (the paper's BPTT(R, 1), default) or every step "
+                      "(the gradient the trainer computes, about R/4 times the cost)."),
     click.option("--controller", type=click.Choice(list(CONTROLLERS)),
                  help="exact (default): K from the exact bias's upper limit; paper: Algorithm 1 as printed."),
     click.option("--level", type=Number(0.5, 1, high_open=True), help="The exact controller's confidence (0.9)."),

@@ -11,6 +11,7 @@ import numbers
 
 import torch
 
+from biaskit.bands import LOSS_AT
 from biaskit.errors import InputError, first_line
 
 from . import schedule
@@ -38,6 +39,7 @@ TRAIN_DEFAULTS = {
     "update_every_max": 4.0,  # while K is settled the interval doubles, up to this
     "max_change": 2.0,     # K moves by at most this factor per update (so the step lr·√K by its root)
     "audit_every": 4,      # the paper controller measures the exact bias every n-th update
+    "loss_at": "last",     # the controller's windows' losses: last step (the paper's) or every step
     "controller": "exact",  # exact: K from the exact bias's upper limit; paper: Algorithm 1 as printed
     "level": 0.9,          # the exact controller's confidence
     "groups": 16,          # window groups for its confidence limit (at most one per window)
@@ -75,6 +77,8 @@ def check(cfg: dict) -> dict:
     for key in ("K1", "K2", "dni_hidden"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True, allow_none=True)
     _positive(cfg, "audit_every", "--audit-every", integer=True)
+    if cfg["loss_at"] not in LOSS_AT:
+        raise InputError(f"--loss-at must be one of {', '.join(LOSS_AT)}, got {cfg['loss_at']!r}")
     for key in ("lr", "update_every", "update_every_max", "dni_lr"):
         _positive(cfg, key, f"--{key.replace('_', '-')}")
     _positive(cfg, "clip", "--clip", allow_none=True)

@@ -92,7 +92,8 @@ class Run:
         self.estimator = SyntheticGradients(self.model, cfg, self.device) if cfg["estimator"] == "dni" else Truncation()
         self.controller = Controller(cfg["delta"], cfg["window"], cfg["windows"], cfg["K_min"], cfg["K_max"],
                                      cfg["norm"], cfg["tau"], cfg["controller"], cfg["level"], cfg["groups"],
-                                     cfg["beta_method"], self.ranks, cfg["max_change"], cfg["audit_every"])
+                                     cfg["beta_method"], self.ranks, cfg["max_change"], cfg["audit_every"],
+                                     cfg["loss_at"])
         self.generator = torch.Generator().manual_seed(cfg["seed"])
         self.epoch, self.K, self.best, self.lines = 0, cfg["K"], math.inf, []
         self.next_update, self.history, self.record = cfg["update_every"], [], {}

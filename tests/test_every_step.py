@@ -1,0 +1,209 @@
+"""Losses at every step (``loss_at="every"``) against detach-based truncation of each loss position."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import biaskit
+from helpers import flat_norm, make_module, naive_every, naive_gradient
+
+SPECS = [
+    dict(kind="RNN", layers=2, batch_first=True),
+    dict(kind="GRU", layers=1, batch_first=False),
+    dict(kind="LSTM", layers=2, batch_first=True),
+    dict(kind="LSTMCell"),
+    dict(kind="LeakyCell"),
+    dict(kind="PairCell"),
+]
+IDS = [s["kind"] for s in SPECS]
+decompose_module = importlib.import_module("biaskit.decompose")
+B, R, F, C = 4, 6, 3, 3
+
+
+def setup(spec, seed=0):
+    torch.manual_seed(seed)
+    module = make_module(**spec).double()
+    head = nn.Linear(5, C).double()
+    x = torch.randn(B, R, F, dtype=torch.float64)
+    y = torch.randint(0, C, (B, R))
+    time_major = isinstance(module, (nn.RNN, nn.GRU, nn.LSTM)) and not module.batch_first
+    return module, head, nn.CrossEntropyLoss(reduction="none"), x, (x.transpose(0, 1) if time_major else x), y
+
+
+def distance(a, b):
+    return flat_norm([a[n] - b[n] for n in a])
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one chunk", "a band per chunk"])
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_every_step_bias_matches_truncation_of_each_loss_position(spec, chunked, monkeypatch):
+    if chunked:
+        monkeypatch.setattr(decompose_module, "CHUNK_ELEMENTS", 1)
+    module, head, loss_fn, x, inputs, y = setup(spec)
+    system = biaskit.wrap(module, head, loss_fn)
+    full = naive_every(module, head, loss_fn, x, y)
+    ours = biaskit.truncated_gradient(system, inputs, y, loss_at="every")
+    assert distance(ours, full) < 1e-10 * flat_norm(full.values())
+    ds = biaskit.decompose(system, inputs, y, loss_at="every", groups=2)
+    assert ds.attrs["loss_at"] == "every" and ds.attrs["grad_norm"] == pytest.approx(flat_norm(full.values()))
+    for K in range(R):
+        naive = naive_every(module, head, loss_fn, x, y, K)
+        assert distance(biaskit.truncated_gradient(system, inputs, y, K, loss_at="every"), naive) < 1e-10
+        exact = distance(naive, full)
+        assert ds["abs_bias"].sel(K=K).item() == pytest.approx(exact, rel=1e-8, abs=1e-13)
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(exact / flat_norm(full.values()), rel=1e-8, abs=1e-13)
+
+
+def test_every_step_through_an_embedding_matches_truncation():
+    torch.manual_seed(1)
+    emb, lstm, head = nn.Embedding(7, 3).double(), nn.LSTM(3, 5, batch_first=True).double(), nn.Linear(5, C).double()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    tokens, y = torch.randint(0, 7, (B, R)), torch.randint(0, C, (B, R))
+    system = biaskit.wrap(lstm, head, loss_fn, encoder=emb)
+    ds = biaskit.decompose(system, tokens, y, loss_at="every", groups=2)
+    full = naive_every(lstm, head, loss_fn, tokens, y, encoder=emb)
+    for K in (0, 2, R - 2):
+        naive = naive_every(lstm, head, loss_fn, tokens, y, K, encoder=emb)
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(distance(naive, full) / flat_norm(full.values()),
+                                                               rel=1e-8)
+
+
+def test_group_tails_are_each_groups_own_truncation():
+    module, head, loss_fn, x, inputs, y = setup(SPECS[2])
+    ds = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y, loss_at="every", groups=2)
+    full = naive_every(module, head, loss_fn, x, y)
+    scale = B / 2  # each group's sum of windows over all windows: its mean times its share
+    for g, rows in enumerate((slice(0, 2), slice(2, 4))):
+        own = naive_every(module, head, loss_fn, x[rows], y[rows])
+        for K in (0, 3):
+            tail = {n: naive_every(module, head, loss_fn, x[rows], y[rows], K)[n] - own[n] for n in own}
+            every = {n: naive_every(module, head, loss_fn, x, y, K)[n] - full[n] for n in full}
+            assert ds["group_tail_sq"].sel(K=K, group=g).item() == pytest.approx(
+                (flat_norm(tail.values()) / scale) ** 2, rel=1e-8)
+            dot = sum(float((tail[n] * every[n]).sum()) for n in tail) / scale
+            assert ds["group_tail_dot"].sel(K=K, group=g).item() == pytest.approx(dot, rel=1e-8)
+
+
+def test_phi_and_psi_are_means_over_loss_positions():
+    """φ_k: the mean over s ≥ k of ||∂L_s/∂h_{s-k}|| by retain_grad; ψ_k: of the norm of the single product,
+    the difference of the loss's own ĝ_k and ĝ_{k-1} (its readout part cancels)."""
+    torch.manual_seed(2)
+    cell, head = nn.RNNCell(F, 5).double(), nn.Linear(5, C).double()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    x, y = torch.randn(B, R, F, dtype=torch.float64), torch.randint(0, C, (B, R))
+    ds = biaskit.decompose(biaskit.wrap(cell, head, loss_fn), x, y, loss_at="every")
+    phi, psi = np.zeros((B, R)), np.zeros((B, R))
+    for s in range(R):
+        h, states = torch.zeros(B, 5, dtype=torch.float64), []
+        for t in range(s + 1):
+            h = cell(x[:, t], h)
+            h.retain_grad()
+            states.append(h)
+        loss_fn(head(h), y[:, s]).sum().backward()
+        for k in range(s + 1):
+            phi[:, k] += states[s - k].grad.norm(dim=1).numpy() / (R - k)
+        for b in range(B):
+            for k in range(1, s + 1):
+                one = [naive_gradient(cell, head, loss_fn, x[b:b + 1, :s + 1], y[b:b + 1, s], j) for j in (k, k - 1)]
+                psi[b, k] += distance(*one) / (R - k)
+    np.testing.assert_allclose(ds["phi"].values, phi, rtol=1e-10)
+    np.testing.assert_allclose(ds["psi"].values[:, 1:], psi[:, 1:], rtol=1e-8)
+    alone = biaskit.state_gradient_norms(biaskit.wrap(cell, head, loss_fn), x, y, loss_at="every")
+    np.testing.assert_allclose(alone["phi"].values, phi, rtol=1e-10)
+
+
+class OutputStep(nn.Module):
+    """forward(x, h) -> (output, new state), the output reading the entering state and x_t."""
+
+    step_output = True
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.out = nn.GRUCell(F, 4), nn.Linear(4 + F, 4)
+
+    def initial_state(self, batch):
+        return torch.zeros(batch, 4)
+
+    def forward(self, x, h):
+        return torch.tanh(self.out(torch.cat([h, x], dim=1))), self.cell(x, h)
+
+
+def test_a_step_with_its_own_output_matches_truncation():
+    torch.manual_seed(3)
+    cell, head = OutputStep().double(), nn.Linear(4, C).double()
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    x, y = torch.randn(B, R, F, dtype=torch.float64), torch.randint(0, C, (B, R))
+    system = biaskit.wrap(cell, head, loss_fn)
+    ds = biaskit.decompose(system, x, y, loss_at="every", groups=2)
+
+    def reference(K=None):  # each loss position's own detached unroll, by the cell itself
+        params = [*cell.parameters(), *head.parameters()]
+        total = [torch.zeros_like(p) for p in params]
+        for s in range(R):
+            h = torch.zeros(B, 4, dtype=torch.float64)
+            for t in range(s + 1):
+                if K is not None and t == s - K:
+                    h = h.detach()
+                out, h = cell(x[:, t], h)
+            grads = torch.autograd.grad(loss_fn(head(out), y[:, s]).mean(), params, allow_unused=True)
+            total = [a if g is None else a + g for a, g in zip(total, grads)]
+        return [t / R for t in total]
+
+    full = reference()
+    for K in range(R):
+        exact = flat_norm([a - b for a, b in zip(reference(K), full)])
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(exact / flat_norm(full), rel=1e-8, abs=1e-13)
+
+
+class ReadsOneRow(nn.Module):
+    """Resets when the batch's first row says so: right step by step, wrong once steps share a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.U = nn.Parameter(torch.randn(4, 4) / 2), nn.Parameter(torch.randn(4, F))
+
+    def initial_state(self, batch):
+        return torch.zeros(batch, 4)
+
+    def forward(self, x, h):
+        if x[0, 0].item() > 0:
+            return torch.tanh(x @ self.U.T)
+        return torch.tanh(h @ self.W.T + x @ self.U.T)
+
+
+def test_a_step_that_reads_one_row_for_all_is_refused_not_mismeasured():
+    torch.manual_seed(4)
+    x = torch.randn(B, R, F)
+    x[:, :, 0] = x[:, :, 0].abs() * torch.tensor([1.0, -1.0]).repeat(R // 2)  # every window resets at even steps
+    system = biaskit.wrap(ReadsOneRow(), nn.Linear(4, C), nn.CrossEntropyLoss(reduction="none"))
+    y = torch.randint(0, C, (B, R))
+    with pytest.raises(biaskit.InputError, match="loss_at='last' only"):
+        biaskit.decompose(system, x, y, loss_at="every")
+    with pytest.warns(UserWarning, match="step by step"):  # the last step's loss is measured step by step: fine
+        biaskit.decompose(system, x, y[:, -1])
+
+
+@pytest.mark.parametrize("call", [
+    lambda s, x, y: biaskit.decompose(s, x, y, loss_at="each"),
+    lambda s, x, y: biaskit.decompose(s, x, y[:, 0], loss_at="every"),
+    lambda s, x, y: biaskit.decompose(s, x, y[:, :-1], loss_at="every"),
+    lambda s, x, y: biaskit.state_gradient_norms(s, x, y[:, 0], loss_at="every"),
+], ids=["unknown", "one target per window", "too few steps", "phi alone"])
+def test_bad_every_step_arguments_are_refused_clearly(call):
+    module, head, loss_fn, x, inputs, y = setup(SPECS[0])
+    with pytest.raises(biaskit.InputError, match="loss_at|every step"):
+        call(biaskit.wrap(module, head, loss_fn), inputs, y)
+
+
+def test_float32_every_step_agrees_with_float64():
+    module, head, loss_fn, x, inputs, y = setup(SPECS[2])
+    system = biaskit.wrap(module, head, loss_fn)
+    wide = biaskit.decompose(system, inputs, y, loss_at="every")
+    narrow = biaskit.decompose(biaskit.wrap(module.float(), head.float(), loss_fn), inputs.float(), y, loss_at="every")
+    np.testing.assert_allclose(narrow["rel_bias"].values, wide["rel_bias"].values, atol=1e-5)
+    assert not math.isnan(narrow.attrs["grad_norm"])
