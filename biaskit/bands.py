@@ -56,6 +56,21 @@ def check_targets(targets, batch: int, length: int):
                          f"({batch}, {length}, ...), got {got}")
 
 
+def check_readout_memory(system, readout, read: torch.Tensor):
+    """Refuse, with the figures, every step's readout (a language model's logits over the vocabulary at
+    every step of every window) that cannot fit: sized from one row before the whole is formed."""
+    from .decompose import available_memory
+
+    with torch.no_grad():
+        row = system.call(system.readout, system.readout_params(), readout, (read[0, :1],))
+    need = 3 * row.numel() * row.element_size() * read.shape[0] * read.shape[1]  # outputs, their gradient, the loss's
+    free = available_memory(read.device)
+    if need > free:
+        raise InputError(f"the readout at every step of {read.shape[1]} windows of {read.shape[0]} steps needs about "
+                         f"{need / 2**30:.1f} GiB, but {read.device} has {free / 2**30:.1f} GiB free: use fewer or "
+                         "shorter windows")
+
+
 def step_losses(system, readout, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(B, R) the loss at each step of each window, from the outputs (B, R, ...) in one call of the loss."""
     B, R = outputs.shape[:2]
@@ -87,6 +102,7 @@ def forward(system, params, readout, x: torch.Tensor, start, targets) -> Forward
         after = torch.stack(states[1:]).detach().requires_grad_()  # (R, B, D): leaves for the readout's partial
         read = torch.stack(outs) if system.step_output else system.output(after.flatten(0, 1)).unflatten(0, (R, -1))
         read_leaf = read.detach().requires_grad_()
+        check_readout_memory(system, readout, read_leaf)
         losses = step_losses(system, readout, read_leaf.transpose(0, 1), targets)
         (out_cot,) = torch.autograd.grad(losses.sum(), [read_leaf])
         if system.step_output:

@@ -376,6 +376,7 @@ def decompose(
     every = bands.check_loss_at(loss_at)
     system, x = _prepare(system, inputs, targets, start, every)
     B, R = x.shape[:2]
+    check_memory(system, B, R, x.device)
     params = {n: p.detach() for n, p in system.params().items()}
     if not params:
         raise InputError(f"{system.kind} has no trainable parameters in its recurrent step: truncation "

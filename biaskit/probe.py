@@ -15,6 +15,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from .errors import InputError, first_line
 from .recurrent import RecurrentSystem
@@ -63,6 +64,16 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+def _fits(need: int, what: str, device) -> None:
+    """Refuse, with the figures, an allocation of ``need`` bytes that the device's free memory cannot hold."""
+    from .decompose import available_memory
+
+    free = available_memory(device)
+    if need > free:
+        raise InputError(f"{what} need about {need / 2**30:.1f} GiB, but {torch.device(device)} has "
+                         f"{free / 2**30:.1f} GiB free: use fewer or shorter windows")
+
+
 @dataclass
 class Windows:
     """Windows drawn from a stream: ``burn`` (count, length, ...) is the ``length`` steps before
@@ -104,6 +115,9 @@ def sample_windows(inputs: torch.Tensor, targets: torch.Tensor, length: int, cou
     if inputs.shape[0] != targets.shape[0]:
         raise InputError(f"inputs and targets differ in length ({inputs.shape[0]} and {targets.shape[0]} steps)")
     available = check_windows(inputs.shape[0], length, count, lookahead)
+    row = sum(t[:1].numel() * t.element_size() for t in (inputs, targets))  # one step of the streams
+    _fits(count * (2 * length + lookahead) * row, f"{count} windows of {length} steps and their burn-in",
+          inputs.device)
     starts = length + torch.randperm(available, generator=generator)[:count]
     index = starts[:, None] + torch.arange(-length, length + lookahead)[None]
     spans, span_targets = inputs[index], targets[index]
@@ -143,7 +157,16 @@ def probing(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, le
         system = model.system()
         try:
             with torch.no_grad():  # the state alone: a model's ``advance`` skips the readout
-                start = model.advance(windows.burn) if hasattr(model, "advance") else model(windows.burn)[1]
+                if hasattr(model, "advance"):
+                    start = model.advance(windows.burn)
+                else:  # the whole forward, its outputs at every burn-in step sized on one window first
+                    one = model(windows.burn[:1])[0]
+                    each = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(one) if torch.is_tensor(t))
+                    _fits(each * count, f"the burn-in's outputs ({count} windows of {length} steps; a model with "
+                          "advance(inputs, state) returning the state alone needs none)", device)
+                    start = model(windows.burn)[1]
+        except InputError:
+            raise
         except Exception as err:  # the model's own code: its error, in one line
             raise InputError(f"the model's forward(inputs, state) failed on the burn-in: {type(err).__name__}: "
                              f"{first_line(err)}") from None
