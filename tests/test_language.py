@@ -111,3 +111,64 @@ def test_a_short_language_run_trains(tmp_path):
     vocab = len(words) + 2  # <eos> and <unk>
     assert lines[-1]["valid_loss"] < 0.5 * torch.log(torch.tensor(float(vocab))).item()  # far below a uniform guess
     assert lines[-1]["valid_ppl"] == pytest.approx(torch.tensor(lines[-1]["valid_loss"]).exp().item(), rel=1e-6)
+
+
+def test_a_single_text_file_is_split_by_contiguous_blocks_of_lines(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(1, 41)))  # 40 lines: 36 / 2 / 2
+    words, about = language.load_words(None, "word", path)
+    assert words["train"][:3] == ["line", "1", "<eos>"] and words["train"][-3:] == ["line", "36", "<eos>"]
+    assert words["valid"] == "line 37 <eos> line 38 <eos>".split()
+    assert words["test"] == "line 39 <eos> line 40 <eos>".split()
+    assert about == "book.txt: train lines 1-36 (108 words), valid lines 37-38 (6 words), test lines 39-40 (6 words)"
+    task = language.build({"text_file": str(path), "embedding": 4, "hidden": 4})
+    assert task.about == about
+
+
+def test_characters_are_tokens_at_the_char_level(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("ab c\n" * 40)
+    words, about = language.load_words(None, "char", path)
+    assert words["valid"] == ["a", "b", " ", "c", "<eos>"] * 2 and "chars" in about
+    folder = write(tmp_path / "corpus", ("train.txt", "valid.txt", "test.txt"), TEXTS)
+    chars, _ = language.load_words(folder, "char")
+    assert chars["test"] == list("a dog sat") + ["<eos>"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: language.load_words(None, "word", p / "missing.txt"), "is not a file"),
+    (lambda p: language.load_words(None, "word", (p / "two.txt", (p / "two.txt").write_text("a\nb\n"))[0]),
+     "too few to split"),
+    (lambda p: language.load_words(p, "word", p / "x.txt"), "not both"),
+    (lambda p: language.load_words(None, "bytes"), "tokens must be one of"),
+    (lambda p: language.build({"cell": "qrnn"}), "cell must be one of"),
+])
+def test_bad_text_options_are_refused_clearly(tmp_path, make, message):
+    with pytest.raises(InputError, match=message):
+        make(tmp_path)
+
+
+def test_a_char_level_gru_trains_and_its_every_step_bias_is_measured(tmp_path):
+    """The GRU model's fused forward is the step biaskit audits: its every-step bias matches truncation."""
+    from helpers import flat_norm, naive_every
+    from torch import nn
+
+    path = tmp_path / "book.txt"
+    path.write_text("".join(f"{'abcdefgh'[i % 8:]}{'abcdefgh'[:i % 8]}\n" for i in range(400)))
+    cfg = configs.full_config("language", {"text_file": str(path), "tokens": "char", "cell": "gru", "embedding": 6,
+                                           "hidden": 8},
+                              {"epochs": 1, "batch_size": 8, "K": 4, "window": 10, "windows": 6, "groups": 3,
+                               "K_min": 2, "K_max": 10, "delta": 0.5, "loss_at": "every"})
+    run = loop.Run(cfg, tmp_path / "run", quiet=True)
+    lines = run.fit()
+    model = run.model.eval()
+    assert isinstance(model.rnn, nn.GRU) and "gru.weight_hh_l0" in model.state_dict()
+    assert lines[-1]["valid_loss"] < torch.log(torch.tensor(10.0)).item()
+    gen = torch.Generator().manual_seed(1)
+    tokens, targets = torch.randint(0, 9, (4, 7), generator=gen), torch.randint(0, 9, (4, 7), generator=gen)
+    import biaskit
+    ds = biaskit.decompose(model.system(), tokens, targets, loss_at="every", groups=2)
+    args = (model.rnn, model.head, nn.CrossEntropyLoss(reduction="none"), tokens, targets)
+    full, trunc = naive_every(*args, encoder=model.embedding), naive_every(*args, 2, encoder=model.embedding)
+    want = flat_norm([trunc[n] - full[n] for n in full]) / flat_norm(full.values())
+    assert ds["rel_bias"].sel(K=2).item() == pytest.approx(want, abs=3e-6)

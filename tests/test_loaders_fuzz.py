@@ -155,7 +155,7 @@ def test_language_split_of_any_bytes_loads_or_raises_input_error(folder, data):
     (folder / "test.txt").write_text("b a\n")
     (folder / "valid.txt").write_bytes(data)
     try:
-        words = language.load_words(folder)
+        words, _ = language.load_words(folder)
     except InputError:
         return
     assert words["valid"] and words["valid"][-1] == language.EOS

@@ -24,6 +24,7 @@ from .adaptive import BETA_METHODS, CONTROLLERS
 from .loop import Run, shown
 from .runs import plot_training, read_metrics
 from .tasks import copy, language, point_process
+from .tasks.token_model import CELLS
 
 #: Each task's registered name (the ``biaskit.tasks`` entry point) and its training defaults.
 TRAIN_DEFAULTS = {"copy": copy.TRAIN, "language": language.TRAIN, "point-process": point_process.TRAIN}
@@ -191,14 +192,19 @@ def train_copy(m, variable, m_min, m_max, train_tokens, valid_tokens, test_token
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="PTB, WikiText-2 or train/valid/test.txt folder (default: the embedded corpus).")
 @click.option("--embedding", type=click.IntRange(1), help="Embedding size (default 200; paper 900 PTB, 512 WT2).")
-@click.option("--hidden", type=click.IntRange(1), help="LSTM hidden size (default 200).")
+@click.option("--text", "text_file", type=click.Path(path_type=Path),
+              help="One UTF-8 text file, split by contiguous blocks of lines: 90% train, 5% valid, 5% test.")
+@click.option("--tokens", type=click.Choice(list(language.TOKENS)), help="word (default) or char tokens.")
+@click.option("--cell", type=click.Choice(list(CELLS)), help="The recurrent cell: lstm (default) or gru.")
+@click.option("--hidden", type=click.IntRange(1), help="Hidden size (default 200).")
 @click.option("--dropout", type=Number(0, 1, high_open=True))
 @click.option("--tie-weights", is_flag=True, default=None, help="Share the embedding and output weights.")
 @_with(TRAIN_OPTIONS + DNI_OPTIONS)
-def train_language(data_dir, embedding, hidden, dropout, tie_weights, **opts):
-    """Word-level language modelling (paper section 5.2)."""
+def train_language(data_dir, text_file, tokens, cell, embedding, hidden, dropout, tie_weights, **opts):
+    """Language modelling by words or characters (paper section 5.2)."""
     task = {k: v for k, v in dict(data_dir=None if data_dir is None else str(Path(data_dir).resolve()),
-                                  embedding=embedding, hidden=hidden, dropout=dropout,
+                                  text_file=None if text_file is None else str(Path(text_file).resolve()),
+                                  tokens=tokens, cell=cell, embedding=embedding, hidden=hidden, dropout=dropout,
                                   tie_weights=tie_weights).items() if v is not None}
     _train("language", task, opts)
 

@@ -243,6 +243,8 @@ class Run:
     def fit(self) -> list[dict]:
         """Train to the configured epochs; returns every epoch's metrics line."""
         metric = self.task.metric.lower()
+        if self.task.about and not self.quiet:
+            tqdm.write(self.task.about)
         try:
             while self.epoch < self.config["train"]["epochs"]:
                 K_used, updates = self.K, len(self.history)

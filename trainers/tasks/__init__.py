@@ -36,6 +36,8 @@ class Task:
     #: Optional: more metrics of a split, ``extra(model, outputs, targets) -> {name: value}``,
     #: from the model's outputs over the whole split (batchified, state carried).
     extra: Callable[[nn.Module, torch.Tensor, torch.Tensor], dict] | None = None
+    #: Optional: a line on where the data came from (how a single file was split), printed at the start.
+    about: str = ""
 
 
 def perplexity(mean_loss: float) -> float:

@@ -1,5 +1,12 @@
-"""Word-level language modelling (paper Sec. 5.2): PTB, WikiText-2, any train/valid/test folder,
-or an embedded corpus that needs no download.
+"""Language modelling (paper Sec. 5.2), by words or characters, with an LSTM or a GRU: PTB,
+WikiText-2, any train/valid/test folder, a single text file, or an embedded corpus that needs no
+download.
+
+A single text file is split by contiguous blocks of lines: the first 90% of its
+lines train, the next 5% validate, the last 5% test (``split_text``); the split
+is printed when training starts. At the character level every character of a
+line is a token and ``<eos>`` closes the line; characters unseen in training
+read as ``<unk>``.
 
 Corpus conventions follow PyTorch's word-language-model example, so perplexities
 compare with published ones: whitespace tokens, ``<eos>`` at every line end
@@ -49,7 +56,10 @@ BLOCK_TOKENS = 200
 DEAL = ("train",) * 8 + ("valid", "test")
 
 DEFAULTS = {
-    "data_dir": None,   # None: the embedded corpus
+    "data_dir": None,   # None: the embedded corpus (or text_file)
+    "text_file": None,  # one text file, split into train/valid/test by contiguous blocks of lines
+    "tokens": "word",   # word or char tokens
+    "cell": "lstm",     # lstm or gru
     "embedding": 200,
     "hidden": 200,
     "layers": 1,
@@ -63,9 +73,36 @@ DEFAULTS = {
 TRAIN = {"batch_size": 32, "lr": 1.0, "window": 400, "K": 100, "K_min": 10, "K_max": 400, "clip": 0.25}
 
 
-def read_lines(lines) -> list[str]:
-    """Whitespace tokens with ``<eos>`` closing every line."""
+TOKENS = ("word", "char")
+#: A single text file's share of lines for each split, in this order, as contiguous blocks.
+TEXT_SHARES = {"train": 0.9, "valid": 0.05, "test": 0.05}
+
+
+def read_lines(lines, level: str = "word") -> list[str]:
+    """Whitespace tokens (or every character, at the char level) with ``<eos>`` closing every line."""
+    if level == "char":
+        return [char for line in lines for char in (*line.rstrip("\n"), EOS)]
     return [word for line in lines for word in (*line.split(), EOS)]
+
+
+def split_text(path, level: str) -> tuple[dict[str, list[str]], str]:
+    """One text file's tokens split by contiguous blocks of lines (``TEXT_SHARES``), and the split in words."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--text {path} is not a file")
+    lines = io.StringIO(read_utf8(path), newline=None).read().splitlines()
+    n = len(lines)
+    ends = [round(n * TEXT_SHARES["train"]), round(n * (TEXT_SHARES["train"] + TEXT_SHARES["valid"])), n]
+    spans = dict(zip(SPLITS, zip([0, *ends[:2]], ends)))
+    tokens = {split: read_lines(lines[a:b], level) for split, (a, b) in spans.items()}
+    empty = [split for split, (a, b) in spans.items() if all(t == EOS for t in tokens[split])]
+    if empty:
+        raise InputError(f"{path} has {n} lines: too few to split 90/5/5 into train, valid and test with text in "
+                         f"each (the {' and '.join(SPLIT_NAMES[s] for s in empty)} split would be empty); give a "
+                         "longer file or a folder with train/valid/test.txt")
+    about = f"{path.name}: " + ", ".join(f"{split} lines {a + 1}-{b} ({len(tokens[split]):,} {level}s)"
+                                          for split, (a, b) in spans.items())
+    return tokens, about
 
 
 def find_splits(data_dir) -> dict[str, Path]:
@@ -85,7 +122,7 @@ def find_splits(data_dir) -> dict[str, Path]:
     raise InputError(f"{root} holds no corpus: expected one of these sets of files: {names}")
 
 
-def embedded_corpus() -> dict[str, list[str]]:
+def embedded_corpus(level: str = "word") -> dict[str, list[str]]:
     """The pydoc_data topics as word streams (see the module docstring)."""
     from pydoc_data.topics import topics
 
@@ -101,26 +138,35 @@ def embedded_corpus() -> dict[str, list[str]]:
                 size += len(tokens) + 1  # with its <eos>
                 if size >= BLOCK_TOKENS:
                     block, size = block + 1, 0
-    words = {split: read_lines(lines) for split, lines in split_lines.items()}
+    words = {split: read_lines(lines, level) for split, lines in split_lines.items()}
+    if level == "char":
+        return words
     once = {w for w, n in Counter(words["train"]).items() if n == 1}
     words["train"] = [UNK if w in once else w for w in words["train"]]
     return words
 
 
-def read_split(path: Path, split: str) -> list[str]:
-    """The words of one split file: UTF-8 text, at least one word besides ``<eos>``."""
-    words = read_lines(io.StringIO(read_utf8(path), newline=None))  # the lines open() gives in text mode
+def read_split(path: Path, split: str, level: str = "word") -> list[str]:
+    """The tokens of one split file: UTF-8 text, at least one besides ``<eos>``."""
+    words = read_lines(io.StringIO(read_utf8(path), newline=None), level)  # the lines open() gives in text mode
     if all(word == EOS for word in words):
         raise InputError(f"the {SPLIT_NAMES[split]} split is empty: {path} holds no words, only empty lines or "
                          "none; every split needs text")
     return words
 
 
-def load_words(data_dir) -> dict[str, list[str]]:
-    """Each split's words, from ``data_dir`` or, if it is None, the embedded corpus."""
+def load_words(data_dir, level: str = "word", text_file=None) -> tuple[dict[str, list[str]], str]:
+    """Each split's tokens, from ``data_dir``, ``text_file`` or, if neither, the embedded corpus, and a
+    line on how a single file was split ("" otherwise)."""
+    if level not in TOKENS:
+        raise InputError(f"the tokens must be one of {', '.join(TOKENS)}, got {level!r}")
+    if data_dir is not None and text_file is not None:
+        raise InputError("give --data-dir or --text, not both")
+    if text_file is not None:
+        return split_text(text_file, level)
     if data_dir is None:
-        return embedded_corpus()
-    return {split: read_split(path, split) for split, path in find_splits(data_dir).items()}
+        return embedded_corpus(level), ""
+    return {split: read_split(path, split, level) for split, path in find_splits(data_dir).items()}, ""
 
 
 def encode(words: dict[str, list[str]]) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -134,8 +180,10 @@ def encode(words: dict[str, list[str]]) -> tuple[list[str], dict[str, torch.Tens
 def build(config: dict) -> Task:
     """The language-modelling task from ``config`` (missing keys take DEFAULTS)."""
     cfg = {**DEFAULTS, **config}
-    vocab, ids = encode(load_words(cfg["data_dir"]))
-    splits = {s: (t[:-1], t[1:]) for s, t in ids.items()}  # predict the next word
+    words, about = load_words(cfg["data_dir"], cfg["tokens"], cfg["text_file"])
+    vocab, ids = encode(words)
+    splits = {s: (t[:-1], t[1:]) for s, t in ids.items()}  # predict the next token
     torch.manual_seed(cfg["seed"])
-    model = TokenLSTM(len(vocab), cfg["embedding"], cfg["hidden"], cfg["layers"], cfg["dropout"], cfg["tie_weights"])
-    return Task("language", model, splits, "PPL", perplexity)
+    model = TokenLSTM(len(vocab), cfg["embedding"], cfg["hidden"], cfg["layers"], cfg["dropout"], cfg["tie_weights"],
+                      cfg["cell"])
+    return Task("language", model, splits, "PPL", perplexity, about=about)
