@@ -513,14 +513,15 @@ def state_gradient_norms(system: RecurrentSystem | torch.nn.Module, inputs: torc
     if not torch.isfinite(sweep.b).all() or not torch.isfinite(sweep.losses).all():
         raise InputError("the gradient has NaN or infinite entries: check the model and inputs")
     if every:
-        lag_norms = bands.LagNorms.empty(*sweep.b.shape[1:2], *sweep.b.shape[:1], sweep.b.shape[2], sweep.b, None)
+        R, B, D = sweep.b.shape
+        lag_norms = bands.LagNorms.empty(B, R, D, sweep.b, None)
         for k, e in bands.lag_cotangents(system, params, sweep):
             lag_norms.add(k, e, None)
         phi, phi_state, _ = lag_norms.means(process_group)
         losses = distributed.gather_samples(sweep.losses.mean(1), process_group)
     else:
         phi, phi_state, losses = _lag_norms(sweep, process_group)
-    R = x.shape[1]
+        R = x.shape[1]
     return xr.Dataset({"phi": (("sample", "lag"), _numpy(phi)), "phi_state": (("lag", "state"), _numpy(phi_state)),
                        "loss": (("sample",), _numpy(losses))},
                       coords={"sample": np.arange(phi.shape[0]), "lag": np.arange(R)},

@@ -154,6 +154,9 @@ def test_a_step_with_its_own_output_matches_truncation():
             total = [a if g is None else a + g for a, g in zip(total, grads)]
         return [t / R for t in total]
 
+    alone = biaskit.state_gradient_norms(system, x, y, loss_at="every")  # φ alone, the same bands
+    np.testing.assert_allclose(alone["phi"].values, ds["phi"].values, rtol=1e-12)
+    assert float(ds["phi"].sel(lag=1).sum()) > 0  # the output's cotangent reaches the state one lag back
     full = reference()
     for K in range(R):
         exact = flat_norm([a - b for a, b in zip(reference(K), full)])
