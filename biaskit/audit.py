@@ -246,7 +246,7 @@ def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readou
           loss_fn: Callable | None = None, encoder: nn.Module | None = None, *, start: Any = None,
           deltas: Sequence[float] = (0.9, 0.5, 0.1), K: int | None = None, level: float = 0.95,
           method: str = "regression", tau: int | str | None = None, seed: int = 0,
-          groups: int = DEFAULT_GROUPS, loss_at: str = "last") -> Audit:
+          groups: int = DEFAULT_GROUPS, loss_at: str = "last", step_output: bool | None = None) -> Audit:
     """Decompose one batch of windows (loss at the last step, or with ``loss_at="every"`` at every
     step: targets (batch, time, ...), see ``decompose``); recommend, for every δ, the
     smallest K whose exact relative bias is below δ at confidence ``level`` (``exact_kappa``);
@@ -255,9 +255,10 @@ def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readou
 
     ``module`` is anything ``biaskit.wrap`` accepts (or a system); ``K`` is the
     truncation the model trains with, whose exact bias the summary reports;
-    ``groups``: the window groups of the confidence limit (``decompose``'s).
+    ``groups``: the window groups of the confidence limit (``decompose``'s);
+    ``step_output``: as in ``wrap``, a custom cell whose forward returns ``(output, state)``.
     """
-    system = wrap(module, readout, loss_fn, encoder)
+    system = wrap(module, readout, loss_fn, encoder, step_output)
     ds = decompose(system, inputs, targets, start=start, seed=seed, groups=groups, loss_at=loss_at)
     R = ds.attrs["window_length"]
     exact = exact_kappa(ds, deltas, level, (0, R - 1))

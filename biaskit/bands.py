@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch.func import vjp, vmap
 
-from . import distributed, norms
+from . import distributed, norms, pullback
 from .errors import InputError
+from .recurrent import Params
 
 #: Where a window's losses are: its last step (the paper's BPTT(R, 1)) or every step.
 LOSS_AT = ("last", "every")
@@ -130,11 +131,18 @@ def check_rows(system, new: torch.Tensor, expected: torch.Tensor):
                          "measured with loss_at='last' only")
 
 
-def _pull(system, params, h, x, cotangent, out_cotangent, per_row: bool, expected: torch.Tensor):
+def _pull(system, params, h, x, cotangent, out_cotangent, per_row: bool, expected: torch.Tensor,
+          own: Params | None):
     """The step over the rows ``h`` (N, D), ``x`` (N, ...) pulled back from the cotangents on what it
     returns: the summed parameter products ``{name: tensor}``, the cotangent on the entering state
     (N, D), and, with ``per_row``, each row's squared parameter-product norm (N,). ``expected``: the
-    new states the forward pass gave these rows (``check_rows``)."""
+    new states the forward pass gave these rows (``check_rows``). By torch.func, or with ``own``
+    (the module's own tensors) by torch.autograd (``pullback``)."""
+    if own is not None:
+        grads, state_cot, new, sq = pullback.by_autograd(system, own, h, x, cotangent, out_cotangent, per_row)
+        check_rows(system, new, expected)
+        return grads, state_cot, sq
+
     def step(p, s):
         new, out = system.step(p, s, x)
         return (new, out) if out_cotangent is not None else new
@@ -153,17 +161,7 @@ def _pull(system, params, h, x, cotangent, out_cotangent, per_row: bool, expecte
         _, pull = vjp(row_step, params, hr[None])
         return pull(tuple(c[None] for c in cr) if isinstance(cr, tuple) else cr[None])
 
-    try:
-        grads, state_cot = vmap(one_row)(h, x, cot)
-    except RuntimeError as err:
-        if "vmap" not in str(err) and "batch" not in str(err).lower():
-            raise
-        warnings.warn(f"{system.kind}'s step cannot be batched with torch.func.vmap ({str(err).strip()[:160]}); "
-                      "taking the per-window products of every step one row at a time", stacklevel=4)
-        rows = [one_row(h[i], x[i], tuple(c[i] for c in cot) if isinstance(cot, tuple) else cot[i])
-                for i in range(h.shape[0])]
-        grads = {n: torch.stack([r[0][n] for r in rows]) for n in params}
-        state_cot = torch.stack([r[1] for r in rows])
+    grads, state_cot = vmap(one_row)(h, x, cot)
     from .decompose import real
     sq = sum(real(g, 1).pow(2).sum(-1) for g in grads.values())
     return {n: g.sum(0) for n, g in grads.items()}, state_cot.reshape(h.shape), sq
@@ -194,13 +192,15 @@ def _pull_groups(system, params, h, x, cotangent, out_cotangent, expected):
     return pull((cotangent, out_cotangent) if out_cotangent is not None else cotangent)
 
 
-def band(system, params, fwd: Forward, cotangent, out_cotangent, members: list[slice], per_row: bool) -> Band:
+def band(system, params, fwd: Forward, cotangent, out_cotangent, members: list[slice], per_row: bool,
+         own: Params | None = None) -> Band:
     """The band whose steps are the first ``cotangent.shape[0]`` of the window: every (step, window) row
-    of a group of windows (``members``) in one pull, and equal groups all in one."""
+    of a group of windows (``members``) in one pull, and equal groups all in one (by torch.func; by
+    torch.autograd against the module's own tensors ``own`` a group at a time)."""
     n = cotangent.shape[0]
     h_prev, x, after = fwd.h_prev, fwd.x, fwd.after
     sizes = {rows.stop - rows.start for rows in members}
-    if not per_row and len(sizes) == 1:
+    if own is None and not per_row and len(sizes) == 1:
         G, m = len(members), sizes.pop()
         B = G * m
 
@@ -219,7 +219,7 @@ def band(system, params, fwd: Forward, cotangent, out_cotangent, members: list[s
         def flat(t):
             return None if t is None else t[:n, rows].flatten(0, 1)
         grads, state_cot, sq = _pull(system, params, flat(h_prev), flat(x), flat(cotangent), flat(out_cotangent),
-                                     per_row, flat(after))
+                                     per_row, flat(after), own)
         entering[:, rows] = state_cot.reshape(n, -1, *cotangent.shape[2:])
         for name in params:
             grouped[name].append(grads[name])
@@ -260,8 +260,8 @@ class LagNorms:
 
 
 def lag_cotangents(system, params, fwd: Forward):
-    """Each lag's cotangents e^k (R-k, B, D), k = 0..R-1, one batched step back at a time, without
-    parameter products (what φ alone needs)."""
+    """Each lag's cotangents e^k (R-k, B, D), k = 0..R-1, one batched step back at a time by
+    torch.autograd, without parameter products (what φ alone needs)."""
     R = fwd.b.shape[0]
     e = fwd.direct
     for k in range(R):
@@ -269,15 +269,7 @@ def lag_cotangents(system, params, fwd: Forward):
         if k + 1 == R:
             return
         h, x = fwd.h_prev[1:R - k].flatten(0, 1), fwd.x[1:R - k].flatten(0, 1)
-        with_out = fwd.out_cotangent is not None and k == 0
-
-        def step(s):
-            new, out = system.step(params, s, x)
-            return (new, out) if with_out else new
-
-        with torch.enable_grad():
-            primal, pull = vjp(step, h)
-            check_rows(system, primal[0] if with_out else primal, fwd.after[1:R - k].flatten(0, 1))
-            cot = e[1:].flatten(0, 1)
-            (entering,) = pull((cot, fwd.out_cotangent[1:].flatten(0, 1)) if with_out else cot)
+        out_cot = fwd.out_cotangent[1:].flatten(0, 1) if fwd.out_cotangent is not None and k == 0 else None
+        entering, new = pullback.state_cotangent(system, params, h, x, e[1:].flatten(0, 1), out_cot)
+        check_rows(system, new, fwd.after[1:R - k].flatten(0, 1))
         e = entering.reshape(e[1:].shape)

@@ -15,8 +15,10 @@ The running sums are kept by ``tails``. For nn.RNN/GRU/LSTM and their cells
 gates' cotangents, a step's product is a sum of outer products with its
 inputs, and the tails are taken from those rows: no step is run twice and no
 per-group product of |θ| entries is formed a step. Any other cell goes
-through ``torch.func.vjp`` batched with ``vmap`` over steps (step by step,
-with a warning, when vmap cannot batch it). Denormal floats are flushed to
+through ``torch.func.vjp`` batched with ``vmap`` over steps; a cell that
+torch.func cannot follow (an old-style autograd Function, parameters it
+cannot substitute, gradient hooks on them) through ``torch.autograd``
+against the module's own tensors (``pullback``), with a warning. Denormal floats are flushed to
 zero on every CPU thread while it runs (``denormals``).
 
 The windows are cut into ``groups`` contiguous groups and the tails are kept
@@ -41,9 +43,9 @@ import torch
 import xarray as xr
 from torch.func import vjp, vmap
 
-from . import bands, denormals, distributed, fastpath, norms
-from .errors import InputError
-from .recurrent import CustomStep, Params, RecurrentSystem, check_reachable, wrap
+from . import bands, denormals, distributed, fastpath, hooks, norms, pullback
+from .errors import InputError, first_line
+from .recurrent import CustomStep, Params, RecurrentSystem, unreachable, wrap
 from .tails import Tails, held
 
 #: Elements of a chunk's parameter products (and the fast path's square Gram matrices) held at once.
@@ -133,15 +135,29 @@ def _unroll(system, params, x, state, detach_before=None, nodes=False, outputs=F
 
 
 def _prepare(system, inputs, targets, start, every: bool = False):
+    """The system and its inputs (batch, time, ...), checked."""
     system = wrap(system)
     x = system.batch_first(inputs)
     if every:
         bands.check_targets(targets, *x.shape[:2])
     else:
         _check_targets(targets, x.shape[0])
-    if isinstance(system, CustomStep):
-        check_reachable(system, system.initial_state(start, x.shape[0]), x[:, 0])
     return system, x
+
+
+def _autograd_reason(system, x, start) -> str | None:
+    """Why the step's parameter products must be taken by torch.autograd against the module's own
+    tensors (``pullback``): gradient hooks, parameters substitution cannot reach; None when nothing
+    stands in the way of torch.func. Refuses hooks that are not linear and steps that mix windows."""
+    readout = {"readout." + n: p for n, p in system.readout_params().items()}
+    why = [n for n in hooks.hooked({**readout, **system.params()}) if n not in readout]
+    why = ["gradient hooks on " + ", ".join(why)] if why else []
+    if isinstance(system, CustomStep):
+        missed = unreachable(system, system.initial_state(start, x.shape[0]), x[:, 0])
+        if missed:
+            why.append(f"{', '.join(missed[:4])}{' ...' if len(missed) > 4 else ''} read where torch.func cannot "
+                       "substitute them (through a container made in __init__?)")
+    return "; ".join(why) or None
 
 
 def truncated_gradient(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -213,10 +229,9 @@ def _generic_sweep(system, params, readout, x, start, targets) -> Sweep:
 # --- the parameter pass -------------------------------------------------------------------------
 
 
-def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tensor, per_sample: bool,
-                      stepwise: bool):
-    """Immediate parameter vjps of steps ``sl``: per group ``(G, c, n)`` by name, and per-sample
-    squared norms ``(c, B)`` when ``per_sample``. ``masks`` (G, B) picks each group's windows."""
+def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tensor, per_sample: bool):
+    """Immediate parameter vjps of steps ``sl`` by torch.func: per group ``(G, c, n)`` by name, and
+    per-sample squared norms ``(c, B)`` when ``per_sample``. ``masks`` (G, B) picks each group's windows."""
     h, x, b = sweep.h_prev[sl], sweep.x[sl], sweep.b[sl]
     R = sweep.b.shape[0]
     last = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
@@ -249,22 +264,31 @@ def _generic_products(system, params, sweep: Sweep, sl: slice, masks: torch.Tens
 
     if per_sample:
         ot = sweep.out_cotangent if sweep.out_cotangent is not None else torch.zeros(b.shape[1], device=b.device)
-        if stepwise:
-            rows = [[one_sample(h[t, s], x[t, s], b[t, s], last[t], ot[s]) for s in range(b.shape[1])]
-                    for t in range(b.shape[0])]
-            per = {n: torch.stack([torch.stack([r[n] for r in row]) for row in rows]) for n in params}
-        else:
-            per = vmap(vmap(one_sample, in_dims=(0, 0, 0, None, 0)), in_dims=(0, 0, 0, 0, None))(h, x, b, last, ot)
+        per = vmap(vmap(one_sample, in_dims=(0, 0, 0, None, 0)), in_dims=(0, 0, 0, 0, None))(h, x, b, last, ot)
         return group_samples(per, masks)
-    if stepwise:
-        rows = []
-        for t in range(b.shape[0]):
-            _, pull = vjp(step_fn(h[t], x[t]), params)
-            rows.append([pull(cotangent(b[t], last[t], m))[0] for m in masks])
-        grouped = {n: torch.stack([torch.stack([r[n] for r in row]) for row in rows]) for n in params}
-    else:
-        grouped = vmap(groups_of_one_step)(h, x, b, last)
-    return groups_first(grouped), None
+    return groups_first(vmap(groups_of_one_step)(h, x, b, last)), None
+
+
+def _autograd_products(system, own: Params, sweep: Sweep, sl: slice, members: list[slice], per_sample: bool):
+    """``_generic_products`` by torch.autograd against the module's own tensors ``own``
+    (``pullback``): a backward pass per step and group of windows (``members``), per window with
+    ``per_sample``."""
+    R = sweep.b.shape[0]
+    grouped, sq = [], []
+    for t in range(sl.start, sl.stop):
+        out_cot = sweep.out_cotangent if sweep.out_cotangent is not None and t == R - 1 else None
+        pulls = [pullback.by_autograd(system, own, sweep.h_prev[t, rows], sweep.x[t, rows], sweep.b[t, rows],
+                                      None if out_cot is None else out_cot[rows], per_sample) for rows in members]
+        grouped.append([grads for grads, *_ in pulls])
+        if per_sample:
+            sq.append(torch.cat([row_sq for *_, row_sq in pulls]))
+    products = {n: torch.stack([torch.stack([real(g[n], 0) for g in step]) for step in grouped], 1) for n in own}
+    return products, torch.stack(sq) if per_sample else None
+
+
+def _members(masks: torch.Tensor) -> list[slice]:
+    """Each group's windows (contiguous) as a slice."""
+    return [slice(int(r[0]), int(r[-1]) + 1) for r in (torch.nonzero(m).flatten() for m in masks)]
 
 
 def _positive_int(value, name: str, what: str):
@@ -285,13 +309,15 @@ def _groups(groups: int, batch: int, device) -> torch.Tensor:
 def _direct(system, readout: Params, outputs: torch.Tensor, targets, masks: torch.Tensor,
             every: bool) -> dict[str, torch.Tensor]:
     """The readout's gradient of each group's summed loss, ``{name: (G, n)}`` (real): a backward pass
-    through the readout per group, by torch.autograd (torch.func's first pullback imports
-    torch._dynamo, ~2 s, which the fast path otherwise never needs). ``outputs``: the last step's
+    through the readout per group, by torch.autograd against the readout's own tensors (their
+    gradient hooks apply; torch.func's first pullback imports torch._dynamo, ~2 s, which the fast
+    path otherwise never needs). ``outputs``: the last step's
     (B, ...), or with ``every`` every step's (B, R, ...)."""
     if not readout:
         return {}
+    own = system.readout_params()
     with torch.enable_grad():
-        leaves = {n: p.detach().requires_grad_() for n, p in readout.items()}
+        leaves = {n: own[n] for n in readout}  # the module's own tensors: their gradient hooks apply
         losses = bands.step_losses(system, leaves, outputs, targets).sum(1) if every else \
             system.loss(leaves, outputs, targets)
         per_group = [torch.autograd.grad(losses, list(leaves.values()), m.to(losses.dtype), retain_graph=True,
@@ -375,6 +401,7 @@ def decompose(
     """
     every = bands.check_loss_at(loss_at)
     system, x = _prepare(system, inputs, targets, start, every)
+    autograd_why = _autograd_reason(system, x, start)
     B, R = x.shape[:2]
     check_memory(system, B, R, x.device)
     params = {n: p.detach() for n, p in system.params().items()}
@@ -386,26 +413,53 @@ def decompose(
         _positive_int(metric_rows, "metric_rows", "(step, sample) rows")
     readout = {n: p.detach() for n, p in system.readout_params().items()}
     masks = _groups(groups, B, x.device)
-    fast = not every and fastpath.applies(system)
+    fast = not every and autograd_why is None and fastpath.applies(system)
+    own = None if autograd_why is None else system.params()
     sweep = bands.forward(system, params, readout, x, start, targets) if every else \
         (fastpath.sweep if fast else _generic_sweep)(system, params, readout, x, start, targets)
     if not torch.isfinite(sweep.b).all() or not torch.isfinite(sweep.losses).all():
         raise InputError("the gradient has NaN or infinite entries: check the model and inputs")
     n_params = sum(real(p, 0).numel() for p in params.values())
-    metric, estimator = _metric(system, params, sweep, metric, probes, metric_rows, seed, process_group)
-    if every:
-        lags, path = _every_step(system, params, sweep, masks, psi, metric, n_params, process_group), "generic, bands"
-    else:
-        lags, stepwise = _last_step(system, params, sweep, masks, psi, metric, n_params, fast, process_group)
-        path = ("fast: " + system.kind) if fast else ("generic, step by step" if stepwise else "generic")
+    metric, estimator = _metric(system, params if own is None else own, sweep, metric, probes, metric_rows, seed,
+                                process_group, own is not None)
+
+    def parameter_pass(own):
+        if every:
+            return _every_step(system, params, sweep, masks, psi, metric, n_params, process_group, own)
+        return _last_step(system, params, sweep, masks, psi, metric, n_params, fast, process_group, own)
+
+    if own is not None:
+        _warn_autograd(system, autograd_why)
+    try:
+        lags = parameter_pass(own)
+    except RuntimeError as err:  # torch.func cannot follow the step: the same products by torch.autograd
+        if own is not None or fast or isinstance(err, torch.OutOfMemoryError):
+            raise
+        autograd_why = "torch.func cannot follow the step: " + first_line(err).split(". ")[0][:160]
+        _warn_autograd(system, autograd_why)
+        own = system.params()
+        if estimator.startswith("rademacher"):  # its batches mixed steps, which such a step may not allow
+            metric, estimator = _metric(system, own, sweep, None, probes, metric_rows, seed, process_group, True)
+        lags = parameter_pass(own)
+    path = ("fast: " + system.kind) if fast else "generic, bands" if every else "generic"
+    if own is not None:
+        path += f", autograd ({autograd_why})"
     direct = _direct(system, readout, sweep.outputs if every else sweep.output, targets, masks, every)
     ds = _dataset(system, params, readout, lags, direct, masks, metric, estimator, n_params, path, process_group)
     ds.attrs["loss_at"] = loss_at
     return ds
 
 
-def _last_step(system, params, sweep: Sweep, masks, psi: bool, metric, n_params: int, fast: bool, process_group):
-    """The parameter pass of a last-step loss, oldest step first: T_K is the running sum before step R-K."""
+def _warn_autograd(system, why: str):
+    warnings.warn(f"{system.kind}: {why}; its parameter products are taken by torch.autograd against the module's own "
+                  "tensors, a backward pass per step and group of windows (per window for psi): exact, and slower "
+                  "than batched", stacklevel=4)
+
+
+def _last_step(system, params, sweep: Sweep, masks, psi: bool, metric, n_params: int, fast: bool, process_group,
+               own: Params | None) -> Lags:
+    """The parameter pass of a last-step loss, oldest step first: T_K is the running sum before step R-K.
+    ``own``: the module's own tensors, to take the products by torch.autograd (``pullback``)."""
     B, R = sweep.b.shape[1], sweep.b.shape[0]
     G = masks.shape[0]
     if fast:
@@ -415,24 +469,14 @@ def _last_step(system, params, sweep: Sweep, masks, psi: bool, metric, n_params:
         offset = distributed.offset(B, process_group)
     else:
         chunk = _chunk_steps(n_params * (G + (B if psi else 0)))
-    tails, psi_rows, stepwise = Tails(), [], False
+    tails, psi_rows, members = Tails(), [], _members(masks)
     for first in range(0, R, chunk):
         sl = slice(first, min(R, first + chunk))
         if fast:
             blocks, psi_sq = fastpath.blocks(system, params, sweep, sl, masks, psi, process_group, offset, rows)
         else:
-            try:
-                products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi, stepwise)
-            except RuntimeError as err:
-                if stepwise or "vmap" not in str(err) and "batch" not in str(err).lower():
-                    raise
-                stepwise = True
-                warnings.warn(f"{system.kind}'s step cannot be batched with torch.func.vmap ("
-                              f"{str(err).strip().splitlines()[0][:160]}); decomposing it step by step, "
-                              f"exactly but about {B if psi else G}x slower per step. Steps that "
-                              "avoid data-dependent Python control flow, .item() and in-place writes into new "
-                              "tensors are batched.", stacklevel=3)
-                products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi, stepwise)
+            products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi) if own is None else \
+                _autograd_products(system, own, sweep, sl, members, psi)
             blocks = held(products, process_group)
         tails.add(blocks, G)
         if psi:
@@ -447,22 +491,24 @@ def _last_step(system, params, sweep: Sweep, masks, psi: bool, metric, n_params:
     flip = partial(torch.flip, dims=(0,))  # per step, oldest first → per K (index K: the tail before step R-1-K)
     return Lags(group_full, total_full, flip(torch.cat(tails.total_sq)), flip(torch.cat(tails.group_sq)),
                 flip(torch.cat(tails.group_dot)), flip(torch.cat(tails.lag_sq)), flip(torch.cat(tails.lag_group_sq)),
-                phi, phi_state, losses, maha, psi_table), stepwise
+                phi, phi_state, losses, maha, psi_table)
 
 
-def _every_step(system, params, fwd: bands.Forward, masks, psi: bool, metric, n_params: int, process_group) -> Lags:
+def _every_step(system, params, fwd: bands.Forward, masks, psi: bool, metric, n_params: int, process_group,
+                own: Params | None) -> Lags:
     """The parameter pass of losses at every step, by lag bands (``bands``): the tails start at the
-    full gradient F and each band k is subtracted, so the tail before band k+1 is T_k."""
+    full gradient F and each band k is subtracted, so the tail before band k+1 is T_k. ``own``: the
+    module's own tensors, to take the products by torch.autograd (``pullback``)."""
     R, B, D = fwd.b.shape
     G = masks.shape[0]
-    members = [slice(int(r[0]), int(r[-1]) + 1) for r in (torch.nonzero(m).flatten() for m in masks)]
+    members = _members(masks)
     tails = Tails()
 
     def add(products: list[dict]):
         tails.add(held({n: torch.stack([real(p[n], 1) for p in products], 1) for n in params}, process_group), G)
 
     with torch.enable_grad():
-        add([bands.band(system, params, fwd, fwd.b, fwd.out_cotangent, members, False).products])
+        add([bands.band(system, params, fwd, fwd.b, fwd.out_cotangent, members, False, own).products])
     group_full, total_full = ({n: c.clone() for n, c in carries.items()} for carries in tails.carries())
     chunk = _chunk_steps(n_params * G)
     lag_norms = bands.LagNorms.empty(B, R, D, fwd.b, metric)
@@ -470,7 +516,7 @@ def _every_step(system, params, fwd: bands.Forward, masks, psi: bool, metric, n_
     for k in range(R):
         lag_norms.add(k, e, metric)
         with torch.enable_grad():
-            band = bands.band(system, params, fwd, e, fwd.out_cotangent if k == 0 else None, members, psi)
+            band = bands.band(system, params, fwd, e, fwd.out_cotangent if k == 0 else None, members, psi, own)
         pending.append({n: -g for n, g in band.products.items()})
         if psi:
             psi_sum[:, k] = band.psi
@@ -503,6 +549,8 @@ def state_gradient_norms(system: RecurrentSystem | torch.nn.Module, inputs: torc
     """
     every = bands.check_loss_at(loss_at)
     system, x = _prepare(system, inputs, targets, start, every)
+    if isinstance(system, CustomStep):
+        unreachable(system, system.initial_state(start, x.shape[0]), x[:, 0])  # refuses a step that mixes windows
     params = {n: p.detach() for n, p in system.params().items()}
     readout = {n: p.detach() for n, p in system.readout_params().items()}
     if every:
@@ -542,7 +590,9 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def _metric(system, params, sweep, metric, probes, rows, seed, process_group):
+def _metric(system, params, sweep, metric, probes, rows, seed, process_group, own: bool):
+    """The Mahalanobis metric given, estimated (``own``: ``params`` are the module's own tensors, taken
+    by torch.autograd), or None, and how it was had."""
     D = system.layout.size
     if metric is False:
         return None, "none (metric=False)"
@@ -554,7 +604,7 @@ def _metric(system, params, sweep, metric, probes, rows, seed, process_group):
     gen = torch.Generator(device=sweep.b.device).manual_seed(seed)
     pushes = partial(fastpath.pushes, system, params) if getattr(sweep, "fast", None) is not None and \
         fastpath.metric_applies(system, params) else None
-    estimate = norms.estimate_metric(system, params, sweep.h_prev, sweep.x, probes, rows, gen, pushes)
+    estimate = norms.estimate_metric(system, params, sweep.h_prev, sweep.x, probes, rows, gen, pushes, own)
     estimate = distributed.mean(estimate, process_group)
     return estimate, f"rademacher probes={probes}, rows={rows}, seed={seed}"
 

@@ -57,6 +57,7 @@ def estimate_metric(
     rows: int,
     generator: torch.Generator,
     pushes: Callable | None = None,
+    own: bool = False,
 ) -> torch.Tensor:
     """Unbiased estimate of ``M = E[J Jᵀ]`` over the given (step, sample) pairs.
 
@@ -64,16 +65,20 @@ def estimate_metric(
     ``rows`` (step, sample) pairs are drawn uniformly without replacement and
     ``J v`` for all of them is one forward-mode product of the step applied to
     them as one batch; ``M̂`` averages ``u uᵀ`` over the pairs and ``probes``
-    independent draws of v.  Cost: ``rows * probes`` single-sample steps. A step
+    independent draws of v.  Cost: ``rows * probes`` single-sample steps (with
+    ``own``, a batch per step). A step
     that ``vmap`` cannot batch is probed one v at a time; one without
     forward-mode rules, through two reverse-mode passes. ``pushes(states, inputs,
     tangents)`` gives every probe's ``J v`` at once where it is written out (the
-    fast path's, for the built-in cells); ``torch.func.jvp`` otherwise.
+    fast path's, for the built-in cells); ``torch.func.jvp`` otherwise. ``own``:
+    ``params`` are the module's own tensors, and ``J v`` is taken by double
+    backward against them (``pullback``: cells torch.func cannot follow).
 
     states: (steps, batch, D) states entering each step; inputs: (steps, batch, ...).
     """
     flat_h = states.reshape(-1, states.shape[-1])
     flat_x = inputs.reshape(-1, *inputs.shape[2:])
+    pick = torch.arange(flat_h.shape[0], device=flat_h.device)
     if rows < flat_h.shape[0]:
         pick = torch.randperm(flat_h.shape[0], generator=generator, device=generator.device)[:rows]
         flat_h, flat_x = flat_h[pick], flat_x[pick]
@@ -84,26 +89,33 @@ def estimate_metric(
     }
     if pushes is not None:
         u = pushes(flat_h, flat_x, tangents)
+    elif own:  # a cell torch.func cannot follow may read one row for all: only rows of one step share a batch
+        step_of = pick // states.shape[1]
+        u = torch.cat([_pushed(lambda p, rows=step_of == t: system.step(p, flat_h[rows], flat_x[rows])[0], params,
+                               tangents, own) for t in step_of.unique()], dim=1)
     else:
-        u = _pushed(lambda p: system.step(p, flat_h, flat_x)[0], params, tangents)
+        u = _pushed(lambda p: system.step(p, flat_h, flat_x)[0], params, tangents, own)
     u = u.reshape(-1, u.shape[-1])
     return u.T @ u / u.shape[0]
 
 
-def _pushed(step, params: Params, tangents: Params) -> torch.Tensor:
+def _pushed(step, params: Params, tangents: Params, own: bool) -> torch.Tensor:
     """Every probe's ``J v``, (probes, rows, D), through torch.func: batched by vmap, else one probe
-    at a time, else (no forward-mode rule) by double backward."""
+    at a time, else (no forward-mode rule) by double backward; by double backward against the
+    module's own tensors when ``own``."""
     def push(tangent):
         return jvp(step, (params,), (tangent,))[1]
 
     draws = [{n: t[i] for n, t in tangents.items()} for i in range(next(iter(tangents.values())).shape[0])]
+    if own:
+        return torch.stack([_jvp_by_vjp(step, params, v, own) for v in draws])
     try:
         return vmap(push)(tangents)
     except RuntimeError:
         try:
             return torch.stack([push(v) for v in draws])
         except RuntimeError:  # no forward-mode rule: J v = d/du <vjp(u), v>, by double backward
-            return torch.stack([_jvp_by_vjp(step, params, v) for v in draws])
+            return torch.stack([_jvp_by_vjp(step, params, v, own) for v in draws])
 
 
 def _rademacher(shape, generator, like: torch.Tensor) -> torch.Tensor:
@@ -116,9 +128,9 @@ def _rademacher(shape, generator, like: torch.Tensor) -> torch.Tensor:
     return signs().to(like.dtype)
 
 
-def _jvp_by_vjp(f, params: Params, tangent: Params) -> torch.Tensor:
+def _jvp_by_vjp(f, params: Params, tangent: Params, own: bool) -> torch.Tensor:
     with torch.enable_grad():
-        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        leaves = params if own else {n: p.detach().requires_grad_() for n, p in params.items()}
         out = f(leaves)
         u = torch.zeros_like(out, requires_grad=True)
         grads = torch.autograd.grad(out, list(leaves.values()), grad_outputs=u, create_graph=True, allow_unused=True)

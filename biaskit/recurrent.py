@@ -36,6 +36,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
+from . import hooks
 from .errors import InputError
 
 ACCEPTED = (
@@ -188,11 +189,13 @@ class RecurrentSystem:
         return flat
 
     def _like(self) -> torch.Tensor:
-        """A tensor with the module's dtype and device, for new states."""
-        p = next(self.module.parameters(), None)
+        """A tensor with the module's real precision and device, for new states and input checks: its
+        first real floating-point parameter (or buffer), else the real part of a complex one."""
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        p = next((t for t in tensors if t.is_floating_point()), None)
         if p is None:
-            p = next(self.module.buffers(), torch.zeros(()))
-        return p
+            p = next((t for t in tensors if t.is_complex()), torch.zeros(()))
+        return p.real if p.is_complex() else p
 
     # --- readout and loss -------------------------------------------------
     def loss(self, readout_params: Params, output: torch.Tensor, targets) -> torch.Tensor:
@@ -363,7 +366,7 @@ class CustomStep(RecurrentSystem):
             names.append(pytree.keystr(path) or "h")
         if getattr(module, "state_names", None) and len(module.state_names) == len(names):
             names = list(module.state_names)
-        self.sizes = [max(1, _numel(s)) * (2 if c else 1) for s, c in zip(self.shapes, self.complex)]
+        self.sizes = [_numel(s) * (2 if c else 1) for s, c in zip(self.shapes, self.complex)]
         units = [_units(s, c) for s, c in zip(self.shapes, self.complex)]
         self.layout = StateLayout([n for n, u in zip(names, units) for _ in u], [0] * sum(map(len, units)),
                                   [x for u in units for x in u])
@@ -374,21 +377,21 @@ class CustomStep(RecurrentSystem):
         if spec != self.spec or not all(torch.is_tensor(leaf) for leaf in leaves):
             raise InputError(f"{self.kind}'s state has the structure {self.spec}, got {spec}")
         parts = []
-        for leaf, shape, complex_ in zip(leaves, self.shapes, self.complex):
+        for leaf, shape, complex_, size in zip(leaves, self.shapes, self.complex, self.sizes):
             if tuple(leaf.shape[1:]) != shape:
                 raise InputError(f"a state part of {self.kind} has shape {tuple(leaf.shape)}, expected (batch, "
                                  f"{', '.join(map(str, shape))})")
             real = torch.view_as_real(leaf) if complex_ else leaf
-            parts.append(real.reshape(leaf.shape[0], -1))
+            parts.append(real.reshape(leaf.shape[0], size))
         return torch.cat(parts, dim=1)
 
     def unflatten(self, flat):
-        leaves = []
+        leaves, batch = [], flat.shape[0]
         for part, shape, complex_ in zip(flat.split(self.sizes, dim=1), self.shapes, self.complex):
             if complex_:
-                leaves.append(torch.view_as_complex(part.reshape(-1, *shape, 2)))
+                leaves.append(torch.view_as_complex(part.reshape(batch, *shape, 2)))
             else:
-                leaves.append(part.reshape(-1, *shape))
+                leaves.append(part.reshape(batch, *shape))
         return pytree.tree_unflatten(leaves, self.spec)
 
     def zeros(self, batch):
@@ -426,24 +429,28 @@ def _numel(shape) -> int:
     return n
 
 
-def check_reachable(system: RecurrentSystem, state: torch.Tensor, x: torch.Tensor):
-    """Refuse a custom step whose parameters ``functional_call`` cannot substitute.
+def unreachable(system: RecurrentSystem, state: torch.Tensor, x: torch.Tensor) -> list[str]:
+    """The parameters of a custom step that ``functional_call`` cannot substitute (their products
+    must then be taken against the module's own tensors, by torch.autograd).
 
-    One step of the module as called (its own parameters as leaves) against the
-    same step through ``system.step`` (θ substituted): a projection of the new
-    state (and output) must have the same gradient either way. A cell that
-    reads its parameters through a private container (``self._p = {"W": self.W}``)
-    gets zeros from the substituted path, and every bias measured through it
-    would read 0.
+    One step of the module as called (its own parameters as leaves, their
+    gradient hooks applied by autograd) against the same step through
+    ``system.step`` (θ substituted, the hooks applied by ``hooks.apply``): a
+    projection of the new state (and output) must have the same gradient
+    either way. A cell that reads its parameters through a container made in
+    ``__init__`` (``self._p = {"W": self.W}``) gets zeros from the substituted
+    path. Also refuses a step that mixes the windows of a batch. The steps
+    run with gradients on, as the measurement runs them (a step may take
+    another path under ``torch.no_grad``).
     """
     params = system.params()
     if not params:
-        return
+        return []
     rows = slice(0, min(4, state.shape[0]))
     state, x = state[rows].detach(), x[rows]
-    with torch.no_grad():  # one step in, so that weights multiplying the state (zero at first) show
-        state = system.step({n: p.detach() for n, p in params.items()}, state, x)[0]
-    with torch.enable_grad():
+    detached = {n: p.detach() for n, p in params.items()}
+    with torch.enable_grad():  # one step in, so that weights multiplying the state (zero at first) show
+        state = system.step(detached, state, x)[0].detach()
         substituted = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
         new, out = system.step(substituted, state, x)
         gen = torch.Generator(device=new.device).manual_seed(0)
@@ -463,26 +470,22 @@ def check_reachable(system: RecurrentSystem, state: torch.Tensor, x: torch.Tenso
         as_called = torch.autograd.grad(projection, list(params.values()), allow_unused=True)
     wrong = []
     for name, a, b in zip(params, via_step, as_called):
-        a = torch.zeros_like(params[name]) if a is None else a
+        a = hooks.apply(params[name], torch.zeros_like(params[name]) if a is None else a)
         b = torch.zeros_like(params[name]) if b is None else b
         scale = float(b.abs().max()) if b.numel() else 0.0
         if not torch.allclose(a, b, rtol=1e-3, atol=1e-5 * max(scale, 1e-30) + 1e-12):
             wrong.append(name)
-    with torch.no_grad():  # windows are independent: a step of one window alone gives its row of the batch's
-        detached = {n: p.detach() for n, p in params.items()}
-        together = system.step(detached, state, x)
-        alone = [system.step(detached, state[i:i + 1], x[i:i + 1]) for i in range(state.shape[0])]
+    with torch.enable_grad():  # windows are independent: a step of one window alone gives its row of the batch's
+        together = [t.detach() for t in system.step(detached, state, x) if t is not None]
+        alone = [[t.detach() for t in system.step(detached, state[i:i + 1], x[i:i + 1]) if t is not None]
+                 for i in range(state.shape[0])]
     for i, row in enumerate(alone):
         for a, b in zip(row, together):
-            if a is not None and not torch.allclose(a, b[i:i + 1], rtol=1e-4, atol=1e-6):
+            if not torch.allclose(a, b[i:i + 1], rtol=1e-4, atol=1e-6):
                 raise InputError(f"{system.kind}'s step mixes the windows of a batch (window {i} alone steps "
                                  "differently than within the batch: batch statistics, or one window's value read "
                                  "for all): biaskit needs windows that step independently")
-    if wrong:
-        raise InputError(f"{system.kind} uses {', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''} in a way "
-                         "biaskit cannot follow: the step's gradient through substituted parameters differs from "
-                         "the module's own (for example, parameters read through a private dict or list made in "
-                         "__init__); read parameters as module attributes (self.W) when forward is called")
+    return wrong
 
 
 def wrap(module: nn.Module, readout: nn.Module | None = None, loss_fn: Callable | None = None,

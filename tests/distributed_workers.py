@@ -11,6 +11,8 @@ import torch.distributed as dist
 def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: str, record: str):
     """As torchrun starts a process: a sharded decomposition (rank 0 saves its Dataset), then a
     data-parallel training run (each rank records the K it used after every update)."""
+    import warnings
+
     import biaskit
     from biaskit import fastpath, report
     from test_distributed import every_step_problem, problem, token_problem
@@ -21,6 +23,7 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
     torch.set_num_threads(1)
     by_rows = fastpath.by_rows
     dist.init_process_group("gloo")
+    warnings.simplefilter("ignore")  # the hooked problem's note that it goes by torch.autograd
     system, x, y, metric = problem()
     mine = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
     for rows in (False, True):  # the fast path's two ways: products whole per group, or kept as rows
@@ -33,6 +36,10 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
     ds = biaskit.decompose(system, tokens[mine], y[mine], metric=False, groups=2, process_group=dist.group.WORLD)
     if rank == 0:
         report.save(ds, decomposed.replace(".nc", ".tokens.nc"))
+    system, x, y, metric = problem(hooked=True)  # the autograd path
+    ds = biaskit.decompose(system, x[mine], y[mine], metric=metric, groups=2, process_group=dist.group.WORLD)
+    if rank == 0:
+        report.save(ds, decomposed.replace(".nc", ".autograd.nc"))
     system, x, y = every_step_problem()
     ds = biaskit.decompose(system, x[mine], y[mine], metric=False, groups=2, process_group=dist.group.WORLD,
                            loss_at="every")

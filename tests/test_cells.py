@@ -136,8 +136,104 @@ class OutputState(nn.Module):
         return torch.tanh(self.out(torch.cat([h, x], dim=1))), self.cell(x, h)
 
 
+class Hooked(nn.Module):
+    """Gradient hooks on its parameters, as packages use them: the recurrent weight's diagonal zeroed
+    (a mask), the input weight's gradient halved (a per-parameter learning rate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.U = nn.Parameter(torch.randn(N, N) / 2), nn.Parameter(torch.randn(N, F))
+        self.W.register_hook(lambda g: g.clone().fill_diagonal_(0.0))
+        self.U.register_hook(lambda g: 0.5 * g)
+
+    def initial_state(self, batch):
+        return torch.zeros(batch, N)
+
+    def forward(self, x, h):
+        return torch.tanh(h @ self.W.T + x @ self.U.T)
+
+
+class Spike(torch.autograd.Function):
+    """A surrogate-gradient spike, old style (forward takes ctx, no setup_context): torch.func cannot
+    follow it."""
+
+    @staticmethod
+    def forward(ctx, v):
+        ctx.save_for_backward(v)
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        return g / (1 + v.abs()) ** 2
+
+
+class Spiking(nn.Module):
+    """A leaky integrate-and-fire membrane whose spikes feed back through a surrogate gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.rec = nn.Linear(F, N), nn.Linear(N, N)
+
+    def initial_state(self, batch):
+        return torch.zeros(batch, N)
+
+    def forward(self, x, v):
+        return 0.8 * v + self.inp(x) + self.rec(Spike.apply(v - 1.0))
+
+
+class EmptyPart(nn.Module):
+    """A state part with a zero-size dimension (a convolution buffer of kernel size 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(F + N, N)
+
+    def initial_state(self, batch):
+        return torch.zeros(batch, N), torch.zeros(batch, 0, 3)
+
+    def forward(self, x, s):
+        return torch.tanh(self.lin(torch.cat([x, s[0]], 1))), s[1]
+
+
+class ComplexFirst(nn.Module):
+    """A complex diagonal recurrence whose complex parameter comes first, real inputs, real output."""
+
+    step_output = True
+
+    def __init__(self):
+        super().__init__()
+        self.lam = nn.Parameter(torch.polar(torch.rand(N) * 0.5 + 0.4, torch.rand(N) * 3))
+        self.inp = nn.Linear(F, N)
+
+    def initial_state(self, batch):
+        return torch.zeros(batch, N, dtype=torch.complex64)
+
+    def forward(self, x, h):
+        h = self.lam * h + self.inp(x)
+        return h.real, h
+
+
+class NoGradPath(nn.Module):
+    """Dispatches to a float32-only kernel when no gradient is needed (as a package's inference path
+    does): in float64 only the gradient path runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.W, self.U = nn.Parameter(torch.randn(N, N) / 2), nn.Parameter(torch.randn(N, F))
+
+    def initial_state(self, batch):
+        return torch.zeros(batch, N)
+
+    def forward(self, x, h):
+        if not torch.is_grad_enabled():
+            return torch.tanh(h.float() @ self.W.float().T + x @ self.U.T)  # fails on float64 inputs
+        return torch.tanh(h @ self.W.T + x @ self.U.T)
+
+
 class PrivateDict(nn.Module):
-    """Registers its parameters but reads them through a dict made in __init__."""
+    """Registers its parameters but reads them through a dict made in __init__ (as a liquid
+    time-constant package does)."""
 
     def __init__(self):
         super().__init__()
@@ -152,7 +248,9 @@ class PrivateDict(nn.Module):
 
 
 CELLS = {"dict state": DictState, "heads": Heads, "frozen mask": FrozenMask, "reset": Reset,
-         "shift register": ShiftRegister, "complex LRU": LRU, "output and state": OutputState}
+         "shift register": ShiftRegister, "complex LRU": LRU, "output and state": OutputState,
+         "hooked": Hooked, "spiking": Spiking, "empty part": EmptyPart, "complex first": ComplexFirst,
+         "no_grad path": NoGradPath, "private dict": PrivateDict}
 
 
 def first_leaf(state):
@@ -183,7 +281,8 @@ def unroll(cell, x, split=None, keep=None):
         if keep is not None:
             state = pytree.tree_map(lambda s: s.clone(), state)
             for leaf in pytree.tree_leaves(state):
-                leaf.retain_grad()
+                if leaf.requires_grad:  # not a part of no size that nothing writes
+                    leaf.retain_grad()
             keep.append(state)
     return out, state
 
@@ -205,10 +304,8 @@ def norm(grads):
 def setup(name, dtype, seed=0):
     torch.manual_seed(seed)
     cell = CELLS[name]()
-    cell = cell.to(dtype) if name != "complex LRU" else cell.to(torch.complex128 if dtype == torch.float64 else
-                                                                 torch.complex64)
-    if name == "complex LRU":  # ν and θ stay real
-        cell.nu.data, cell.theta.data = cell.nu.data.real.to(dtype), cell.theta.data.real.to(dtype)
+    for p in cell.parameters():  # complex parameters stay complex
+        p.data = p.data.to(dtype.to_complex() if p.is_complex() else dtype)
     first = {"heads": nn.Flatten(), "complex LRU": RealPart()}.get(name, nn.Identity())
     head = nn.Sequential(first, nn.Linear(6 if name == "heads" else N, 2)).to(dtype)
     x = torch.randn(B, R, F, dtype=dtype)
@@ -238,7 +335,7 @@ def test_each_kind_of_cell_is_measured_right(name, dtype):
     for n in full:
         torch.testing.assert_close(got_full[n], full[n], rtol=tol, atol=tol * norm(full))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the reset cell is decomposed step by step, with a warning
+        warnings.simplefilter("ignore")  # cells torch.func cannot follow go by torch.autograd, with a warning
         ds = biaskit.decompose(system, x, y, psi=True)
     for K in (0, 1, 3, R - 2):
         trunc = naive(cell, head, x, y, K)
@@ -289,28 +386,95 @@ def test_a_frozen_parameter_is_a_constant_everywhere():
     assert ds.attrs["n_params"] == N * N + N * F + 2 * N + 2
 
 
-def test_parameters_read_through_a_private_dict_are_refused_not_zeroed():
-    cell, head, x, y = setup("private dict" if False else "dict state", torch.float64)
-    torch.manual_seed(0)
-    cell = PrivateDict().double()
-    system = wrap(cell, nn.Linear(N, 2).double())
-    for measure in (lambda: biaskit.decompose(system, x, y), lambda: biaskit.truncated_gradient(system, x, y, 2)):
-        with pytest.raises(biaskit.InputError, match=r"uses W, U .*read parameters as module attributes"):
-            measure()
+#: Why each cell goes by torch.autograd (decompose's ``path``), or None: batched through torch.func.
+AUTOGRAD = {"hooked": "gradient hooks on W, U", "spiking": "torch.func cannot follow the step",
+            "private dict": "W, U read where torch.func cannot substitute them", "reset": "torch.func cannot follow"}
 
 
-def test_the_step_by_step_fallback_gives_the_batched_numbers():
-    """The same cell with and without .item(): one runs batched, one step by step (with a warning)."""
+@pytest.mark.parametrize("name", list(CELLS))
+def test_the_path_says_how_each_cell_was_measured(name):
+    cell, head, x, y = setup(name, torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = biaskit.decompose(wrap(cell, head), x, y, psi=False)
+    said = [str(w.message) for w in caught if "torch.autograd" in str(w.message)]
+    if AUTOGRAD.get(name) is None:
+        assert ds.attrs["path"] == "generic" and not said
+    else:
+        assert ds.attrs["path"].startswith("generic, autograd (" + AUTOGRAD[name])
+        assert len(said) == 1 and AUTOGRAD[name] in said[0]
+
+
+def test_the_autograd_path_gives_the_batched_numbers():
+    """The same cell with and without .item(): one batched by torch.func, one by torch.autograd."""
     cell, head, x, y = setup("reset", torch.float64)
     batched = Reset(use_item=False).double()
     batched.load_state_dict(cell.state_dict())
-    with pytest.warns(UserWarning, match="cannot be batched with torch.func.vmap"):
-        stepwise = biaskit.decompose(wrap(cell, head), x, y, metric=torch.eye(N, dtype=torch.float64))
-    assert stepwise.attrs["path"] == "generic, step by step"
-    plain = biaskit.decompose(wrap(batched, head), x, y, metric=torch.eye(N, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="taken by torch.autograd"):
+        by_autograd = biaskit.decompose(wrap(cell, head), x, y, groups=3)
+    plain = biaskit.decompose(wrap(batched, head), x, y, groups=3)
     assert plain.attrs["path"] == "generic"
-    for name in ("rel_bias", "phi", "psi", "group_tail_sq", "group_tail_dot", "group_contribution"):
-        np.testing.assert_allclose(stepwise[name].values, plain[name].values, rtol=1e-10, atol=1e-14)
+    for name in ("rel_bias", "phi", "psi", "phi_mahalanobis", "group_tail_sq", "group_tail_dot",
+                 "group_contribution", "group_grad_sq"):
+        np.testing.assert_allclose(by_autograd[name].values, plain[name].values, rtol=1e-10, atol=1e-14)
+
+
+def test_a_hook_that_is_not_linear_is_refused_with_that_reason():
+    cell, head, x, y = setup("dict state", torch.float64)
+    cell.W.register_hook(lambda g: g.clamp(-0.01, 0.01))  # clipping: the total's clip is not the parts' sum
+    with pytest.raises(biaskit.InputError, match="gradient hook on W is not linear"):
+        biaskit.decompose(wrap(cell, head), x, y)
+    head[1].weight.register_hook(lambda g: g + 1.0)
+    with pytest.raises(biaskit.InputError, match="gradient hook on readout.1.weight is not linear"):
+        biaskit.decompose(wrap(CELLS["heads"]().double(), head), x, y)
+
+
+def test_hooks_on_a_torch_lstm_and_its_readout_are_applied_as_backward_applies_them():
+    from helpers import naive_gradient
+
+    torch.manual_seed(3)
+    lstm, head = nn.LSTM(F, N, 2, batch_first=True).double(), nn.Linear(N, 3).double()
+    lstm.weight_hh_l1.register_hook(lambda g: g * torch.tril(torch.ones_like(g)))
+    head.weight.register_hook(lambda g: 0.1 * g)
+    loss_fn = nn.CrossEntropyLoss(reduction="none")
+    x, y = torch.randn(B, R, F, dtype=torch.float64), torch.randint(0, 3, (B,))
+    system = biaskit.wrap(lstm, head, loss_fn)
+    with pytest.warns(UserWarning, match="gradient hooks on weight_hh_l1"):
+        ds = biaskit.decompose(system, x, y)
+    full = naive_gradient(lstm, head, loss_fn, x, y)
+    assert ds.attrs["grad_norm"] == pytest.approx(norm(full), rel=1e-10)
+    for K in (0, 2, R - 2):
+        trunc = naive_gradient(lstm, head, loss_fn, x, y, K)
+        exact = norm({n: trunc[n] - full[n] for n in full}) / norm(full)
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(exact, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["hooked", "spiking", "private dict", "empty part", "complex first"])
+def test_cells_torch_func_cannot_follow_are_measured_right_with_losses_at_every_step(name):
+    from helpers import naive_every
+
+    cell, head, x, _ = setup(name, torch.float64)
+    y = torch.randn(B, R, 2, dtype=torch.float64)
+
+    def reference(K=None):  # the cell's own detach-based run, a loss at every step
+        total = None
+        for s in range(R):
+            g = naive(cell, head, x[:, :s + 1], y[:, s], None if K is None or K >= s else K)
+            total = g if total is None else {n: total[n] + g[n] for n in g}
+        return {n: v / R for n, v in total.items()}
+
+    assert naive_every  # the helper's module-level twin, for the built-in modules
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = biaskit.decompose(wrap(cell, head), x, y, loss_at="every", groups=2)
+        phi = biaskit.state_gradient_norms(wrap(cell, head), x, y, loss_at="every")
+    full = reference()
+    assert ds.attrs["grad_norm"] == pytest.approx(norm(full), rel=1e-9)
+    for K in (0, 2, R - 2):
+        trunc = reference(K)
+        exact = norm({n: trunc[n] - full[n] for n in full}) / norm(full)
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(exact, rel=1e-8, abs=1e-12)
+    np.testing.assert_allclose(phi["phi"].values, ds["phi"].values, rtol=1e-12)
 
 
 def test_a_dropout_lstm_is_audited_through_factory_in_evaluation_mode(run_cli, tmp_path, monkeypatch):
@@ -339,3 +503,17 @@ def test_a_step_that_mixes_the_windows_of_a_batch_is_refused():
     x[0, 0, 0], x[1, 0, 0] = 1.0, -1.0  # the first window's sign now decides for all at step 0
     with pytest.raises(biaskit.InputError, match="mixes the windows of a batch"):
         biaskit.decompose(wrap(cell, head), x, y)
+
+
+def test_audit_takes_step_output_as_wrap_does():
+    cell, head, x, y = setup("complex first", torch.float64)
+    del ComplexFirst.step_output  # a package's cell that does not say so itself
+    try:
+        with pytest.raises(biaskit.InputError):  # read as a state-returning step, its (output, state) is refused
+            biaskit.audit(cell, x, y, head, squared)
+        result = biaskit.audit(cell, x, y, head, squared, step_output=True, deltas=(0.5,))
+    finally:
+        ComplexFirst.step_output = True
+    direct = biaskit.decompose(wrap(cell, head), x, y)
+    assert result.dataset.attrs["step_output"] == 1
+    np.testing.assert_allclose(result.dataset["rel_bias"].values, direct["rel_bias"].values, rtol=1e-12)

@@ -25,10 +25,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def problem():
-    """16 windows of a 2-layer LSTM in float64, and a given metric (its estimate is per rank)."""
+def problem(hooked: bool = False):
+    """16 windows of a 2-layer LSTM in float64, and a given metric (its estimate is per rank); ``hooked``:
+    a gradient hook on a weight, which sends the LSTM down the autograd path."""
     torch.manual_seed(0)
     lstm, head = nn.LSTM(3, 4, 2, batch_first=True).double(), nn.Linear(4, 3).double()
+    if hooked:
+        lstm.weight_hh_l0.register_hook(lambda g: g * torch.tril(torch.ones_like(g)))
     system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"))
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 9, 3, dtype=torch.float64, generator=gen), torch.randint(0, 3, (16,), generator=gen)
@@ -78,6 +81,17 @@ def test_a_sharded_decomposition_is_one_process_holding_every_window(spawned, sa
     for name in whole.data_vars:
         np.testing.assert_allclose(sharded[name].values, whole[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
     assert sharded.attrs["grad_norm"] == pytest.approx(whole.attrs["grad_norm"], rel=1e-12)
+
+
+def test_a_sharded_decomposition_by_the_autograd_path_is_one_process_holding_every_window(spawned):
+    tmp, _ = spawned
+    sharded = report.load(tmp / "sharded.autograd.nc")
+    system, x, y, metric = problem(hooked=True)
+    with pytest.warns(UserWarning, match="gradient hooks on weight_hh_l0"):
+        whole = biaskit.decompose(system, x, y, metric=metric, groups=4)
+    assert sharded.attrs["path"] == whole.attrs["path"] and "autograd" in whole.attrs["path"]
+    for name in whole.data_vars:
+        np.testing.assert_allclose(sharded[name].values, whole[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
 
 
 def test_a_sharded_decomposition_through_an_embedding_is_one_process_holding_every_window(spawned):
