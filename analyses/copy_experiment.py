@@ -2,8 +2,11 @@
 
 Fixed K ∈ {5, 10, 15, 20, 30}; the exact controller and the paper's Algorithm 1
 as printed, each with δ ∈ {0.9, 0.5, 0.1}; for fixed m = 10 and variable
-m ∈ [5, 10]; and the exact controller at δ = 0.5 with K_min tied to the task
-(m_max + 1 = 11), to show what a small early bias does to the truncation. The
+m ∈ [5, 10]; the exact controller at δ = 0.5 with K_min tied to the task
+(m_max + 1 = 11), to show what a small early bias does to the truncation; and
+both controllers under ``--setup authors`` (the authors' scripts' training
+loop: clip/K, BPTT(2K − 1, K), weight decay, K set at once, see
+``trainers.config.AUTHORS``). The
 paper's data size, model, batch, step size, W, K0 and [K_min, K_max] are kept;
 the paper controller draws the paper's 64 windows per update, the exact one
 256; what is scaled down is the number of epochs (``--epochs``, default 40).
@@ -31,7 +34,8 @@ TITLES = {"fixed": "fixed m = 10", "variable": "variable m in [5, 10]"}
 SETTINGS = ([{"K": K} for K in (5, 10, 15, 20, 30)]
             + [{"controller": c, "delta": d, **({"windows": 64, "audit_every": 1} if c == "paper" else {})}
                for c in ("exact", "paper") for d in (0.9, 0.5, 0.1)]
-            + [{"controller": "exact", "delta": 0.5, "K_min": 11}])
+            + [{"controller": "exact", "delta": 0.5, "K_min": 11}]
+            + [{"controller": c, "delta": d, "setup": "authors"} for c in ("exact", "paper") for d in (0.9, 0.5, 0.1)])
 #: Table C.1's test perplexities (one initialisation's value; the paper gives a standard deviation too).
 PAPER = {**{("fixed m = 10", f"K={K}"): v for K, v in zip((5, 10, 15, 20, 30),
                                                           ("1.646", "1.036", "1.039", "1.040", "1.043"))},
@@ -53,8 +57,11 @@ def main():
     args = parser.parse_args()
     name = {id(s): grid.label(s).replace(" ", "_").replace(",", "") for s in SETTINGS}
     dirs = {(v, id(s)): args.runs / v / name[id(s)] for v in VARIANTS for s in SETTINGS}
-    jobs = [(dirs[v, id(s)], configs.full_config("copy", dict(VARIANTS[v]),
-                                                 {**copy.TRAIN, "epochs": args.epochs, **s}))
+    def train(setting):  # the task's defaults, or the authors' scripts' over them (--setup authors)
+        return {**copy.TRAIN, **(configs.AUTHORS["copy"] if setting.get("setup") == "authors" else {}),
+                "epochs": args.epochs, **setting}
+
+    jobs = [(dirs[v, id(s)], configs.full_config("copy", dict(VARIANTS[v]), train(s)))
             for v in VARIANTS for s in SETTINGS]
     if not args.report_only:
         grid.run(sorted(jobs, key=lambda job: job[1]["train"]["delta"] is None), args.jobs)  # adaptive first

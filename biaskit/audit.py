@@ -77,6 +77,8 @@ class Audit:
                 "bound_holds_fraction": float(ds["fraction_holds"].sel(norm=norm)),
                 "median_bound_over_exact": _finite(ds["median_ratio"].sel(norm=norm)),
             }
+        if "checkpoint" in ds.attrs:  # set by ``biaskit analyze``: which file was audited
+            out["checkpoint"] = ds.attrs["checkpoint"]
         if self.K is not None:
             out["K"] = self.K
             out["rel_bias_at_K"] = _finite(ds["rel_bias"].sel(K=self.K)) if self.K in ds.K else None
@@ -117,8 +119,11 @@ class Audit:
         for label, beta, tau, a1, *kappas, holds, reliable in _paper_rows(d, deltas, "tau"):
             lines.append(f"{label:<22}{beta:<28}{tau!s:>5}  {a1:<4}" + "".join(f"{k!s:>12}" for k in kappas)
                          + (f"{holds:>13}" if holds else "") + ("  (unreliable)" if reliable is False else ""))
-        if any(not r["reliable"] for r in d["norms"].values()):
-            lines.append("(unreliable: the far lags' means are dominated by a few windows; see fit.reliability_note())")
+        heavy = [int(fit.heavy_lags[0]) for fit in self.fits.values() if not fit.reliable]
+        if heavy:
+            lines.append(f"(unreliable: from lag {min(heavy)} on, the lags' means are dominated by a few windows, so "
+                         "beta's interval may miss: use more windows, or a window length of at most "
+                         f"{min(heavy)})")
         if self.K is not None:
             at = d["rel_bias_at_K"]
             lines += ["", f"exact relative bias at the model's own K = {self.K}: "
@@ -157,6 +162,10 @@ class Audit:
             "state": report.plot_state_heatmap(self.dataset),
         }
 
+    def __repr__(self) -> str:
+        """The summary, so ``print(result)`` and a notebook's plain-text view say what was found."""
+        return self.summary()
+
     def _repr_html_(self) -> str:
         """The audit in a notebook: the summary's tables as HTML, the decay and bias figures
         inline, each with a caption."""
@@ -191,13 +200,15 @@ class Audit:
         figures = self.figures()
         fit = self.fits["phi"]
         parts.append(report.figure_html(figures["decay"], (
-            f"Decay: φ_k = ||∂L_s/∂h_(s−k)|| against lag k, each window faint, their mean, and the "
-            f"{fit.method} fit from τ = {fit.tau} with its {100 * fit.level:g}% band (the paper's assumption "
-            "A-1: geometric decay past τ).")))
+            f"Decay: φ_k = ||∂L_s/∂h_(s−k)|| against lag k (log axis), each window a faint grey line, their "
+            f"mean a thick line, and the {fit.method} fit from τ = {fit.tau} (dotted vertical) as a line in its "
+            f"shaded {100 * fit.level:g}% band (the paper's assumption A-1: geometric decay past τ).")))
         parts.append(report.figure_html(figures["bias"], (
-            f"Bias: the exact relative bias of truncation K (solid) with its {100 * rec['level']:g}% upper limit "
-            "(shaded), the paper's bound Δ̂(K) (dashed) and each δ; ▼ marks the recommended K, where the "
-            "upper limit first falls below δ. Right: every K in the window.")))
+            f"Bias: the exact relative bias of truncation K (thick line), its {100 * rec['level']:g}% upper limit "
+            "(thin line; the gap between them shaded), the paper's bound Δ̂(K) (dashed) and each δ (grey); "
+            "▼ marks the recommended K, where the upper limit first falls below δ, ○ the paper's κ̂(δ)"
+            + (f", the vertical line the model's own K = {self.K}" if self.K is not None else "")
+            + ". Right: every K in the window, the left panel boxed.")))
         return '<div class="biaskit-audit">' + "\n".join(parts) + "</div>"
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import vjp, vmap
 
-from . import distributed, norms, pullback
+from . import distributed, limits, norms, pullback
 from .errors import InputError
 from .recurrent import Params
 
@@ -60,12 +60,10 @@ def check_targets(targets, batch: int, length: int):
 def check_readout_memory(system, readout, read: torch.Tensor):
     """Refuse, with the figures, every step's readout (a language model's logits over the vocabulary at
     every step of every window) that cannot fit: sized from one row before the whole is formed."""
-    from .decompose import available_memory
-
     with torch.no_grad():
         row = system.call(system.readout, system.readout_params(), readout, (read[0, :1],))
     need = 3 * row.numel() * row.element_size() * read.shape[0] * read.shape[1]  # outputs, their gradient, the loss's
-    free = available_memory(read.device)
+    free = limits.available_memory(read.device)
     if need > free:
         raise InputError(f"the readout at every step of {read.shape[1]} windows of {read.shape[0]} steps needs about "
                          f"{need / 2**30:.1f} GiB, but {read.device} has {free / 2**30:.1f} GiB free: use fewer or "

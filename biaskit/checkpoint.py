@@ -16,7 +16,9 @@ trainer    the trainer's own state (optimizer, RNG, epoch, metrics); biaskit nev
 Tasks are found by name in the ``biaskit.tasks`` entry-point group, DNI shapes
 in ``biaskit.dni`` (a package registers its own in its ``pyproject.toml``), so
 ``biaskit analyze`` needs no task code and never imports or calls code because
-a file names it. Code the user names on the command line (``--factory``,
+a file names it. Names are looked up among installed distributions only: a
+``*.dist-info`` in the current folder is never read, and a name registered
+twice is refused. Code the user names on the command line (``--factory``,
 ``--data``) is trusted: the same rule as ``trust_remote_code`` in the Hugging
 Face libraries. Weights load with ``torch.load(weights_only=True)``.
 """
@@ -26,16 +28,19 @@ import errno
 import importlib
 import math
 import os
+import re
 import sys
+import warnings
+import zipfile
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, distributions
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from . import atomic
+from . import atomic, limits
 from .bands import LOSS_AT
 from .errors import InputError, first_line
 from .probe import check_model
@@ -46,30 +51,59 @@ TASKS = "biaskit.tasks"
 DNI_SHAPES = "biaskit.dni"
 
 
+def _installed_path() -> list[str]:
+    """``sys.path`` without the current folder: where installed distributions live. A planted
+    ``*.dist-info/entry_points.txt`` in the user's folder is never read."""
+    here = os.path.realpath(os.getcwd())
+    return [p for p in sys.path if os.path.realpath(p or ".") != here]
+
+
+def _registrations(group: str) -> dict[str, list[EntryPoint]]:
+    """Every registration of each name in ``group`` by an installed distribution (one copy of
+    each distribution: the first on the path, as ``importlib.metadata.entry_points`` takes)."""
+    found: dict[str, list[EntryPoint]] = {}
+    seen = set()
+    for dist in distributions(path=_installed_path()):
+        key = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        for ep in dist.entry_points.select(group=group):
+            found.setdefault(ep.name, []).append(ep)
+    return found
+
+
 def registered(group: str) -> dict[str, EntryPoint]:
-    """The names registered in an entry-point group, e.g. ``registered("biaskit.tasks")``."""
-    return {ep.name: ep for ep in entry_points(group=group)}
+    """The names installed distributions register in an entry-point group, e.g.
+    ``registered("biaskit.tasks")``; a name registered more than once is left out (it is ambiguous)."""
+    return {name: eps[0] for name, eps in _registrations(group).items() if len(eps) == 1}
 
 
-def _registered_name(group: str, named: str) -> str:
-    """The registered name ``named`` stands for: itself, or (checkpoints of version 1) the name
-    whose entry point is exactly the import path it holds. Anything else is refused."""
-    found = registered(group)
-    if named in found:
-        return named
-    by_path = {ep.value: name for name, ep in found.items()}
-    if named in by_path:
-        return by_path[named]
+def _registered(group: str, named: str) -> EntryPoint:
+    """The entry point ``named`` stands for: its own, or (checkpoints of version 1) the one whose
+    value is exactly the import path it holds. Anything else is refused, and so is a name that
+    two distributions register."""
+    what = "task" if group == TASKS else "DNI shape"
+    registrations = _registrations(group)
+    for name, eps in registrations.items():
+        if len(eps) > 1 and (name == named or any(ep.value == named for ep in eps)):
+            raise InputError(f"the {what} {name!r} is registered more than once ("
+                             + ", ".join(f"{ep.value} by {ep.dist.name if ep.dist else '?'}" for ep in eps)
+                             + f"), so biaskit cannot tell which to run: uninstall all but one (entry-point "
+                               f"group {group})")
+    found = {name: eps[0] for name, eps in registrations.items()}
+    by_path = {ep.value: ep for ep in found.values()}
+    if named in found or named in by_path:
+        return found.get(named) or by_path[named]
     advice = ("if you trust that code, pass --factory package.module:function" if group == TASKS else
               "install the package that registers it (entry-point group biaskit.dni)")
-    raise InputError(f"the checkpoint names {'task' if group == TASKS else 'DNI shape'} {named!r}, which is not "
-                     f"registered (known: {', '.join(sorted(found)) or 'none'}): biaskit runs no code a file "
-                     f"names; {advice}")
+    raise InputError(f"the checkpoint names {what} {named!r}, which is not registered (known: "
+                     f"{', '.join(sorted(found)) or 'none'}): biaskit runs no code a file names; {advice}")
 
 
 def load_registered(group: str, name: str) -> Callable:
-    """The factory registered under ``name`` in ``group``."""
-    return registered(group)[_registered_name(group, name)].load()
+    """The factory registered under ``name`` in ``group`` by an installed distribution."""
+    return _registered(group, name).load()
 
 
 def save(path: str | Path, *, task: str, task_config: dict, model: dict, K: int | None = None,
@@ -86,16 +120,41 @@ def save(path: str | Path, *, task: str, task_config: dict, model: dict, K: int 
     return path
 
 
+def _unpacked_size(path: Path) -> int:
+    """The bytes ``torch.load`` unpacks from ``path``. torch.save stores its entries uncompressed,
+    so a compressed entry (a small file unpacking to gigabytes) is refused."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return path.stat().st_size  # the legacy format, or not torch's: the file is what unpickles
+    packed = max((e for e in entries if e.compress_type != zipfile.ZIP_STORED), key=lambda e: e.file_size,
+                 default=None)
+    if packed is not None:
+        raise InputError(f"{path} holds a compressed entry ({packed.filename}: {packed.compress_size:,} bytes "
+                         f"unpacking to {packed.file_size:,}), which torch.save never writes: refused as a "
+                         "possible zip bomb; save the checkpoint again with torch.save")
+    return sum(e.file_size for e in entries)
+
+
+def _read(path: Path, what: str, map_location: str | torch.device = "cpu"):
+    """``torch.load`` of a file that must hold plain data only, its unpacked size checked first."""
+    limits.require({"its contents": _unpacked_size(path)}, f"loading {path}",
+                   "the file is larger than this machine can load", "cpu")
+    try:
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols; the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many kinds for a file that is not its own
+        raise InputError(f"{path} is not {what} ({type(err).__name__})") from None
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint's dict (weights only: no pickled code can run)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many kinds for a file that is not its own
-        raise InputError(f"{path} is not a torch checkpoint, or holds more than plain data "
-                         f"({type(err).__name__})") from None
+    ckpt = _read(path, "a torch checkpoint, or holds more than plain data", map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path} is a torch file but not a biaskit checkpoint; for a plain state dict "
                          "pass --factory and --data")
@@ -176,7 +235,8 @@ def _controller(ckpt: dict) -> dict:
     return found
 
 
-def _call(factory: Callable, what: str, *args) -> Any:
+def call_factory(factory: Callable, what: str, *args) -> Any:
+    """``factory(*args)``, any failure but an InputError turned into one: "<what> failed: <error>"."""
     try:
         return factory(*args)
     except InputError:
@@ -208,7 +268,7 @@ def _dni(entry, path: Path, device) -> nn.Module | None:
         return None
     if not isinstance(entry, dict) or not isinstance(entry.get("shape"), str):
         raise InputError(f"{path} is damaged: its 'dni' field names no DNI shape")
-    module = _call(load_registered(DNI_SHAPES, entry["shape"]), f"the DNI shape {entry['shape']!r}",
+    module = call_factory(load_registered(DNI_SHAPES, entry["shape"]), f"the DNI shape {entry['shape']!r}",
                    entry.get("config") or {})
     if not isinstance(module, nn.Module):
         raise InputError(f"the DNI shape {entry['shape']!r} did not build a torch module")
@@ -236,9 +296,10 @@ def rebuild(path: str | Path, factory: str | None = None, data: str | None = Non
             raise
         ckpt = None
     if ckpt is not None:
-        name = ckpt["task"] if factory is not None else _registered_name(TASKS, ckpt["task"])
-        build = resolve(factory) if factory is not None else load_registered(TASKS, name)
-        task = _call(build, f"the factory {factory}" if factory else f"the task {name!r}",
+        entry = None if factory is not None else _registered(TASKS, ckpt["task"])
+        name = ckpt["task"] if entry is None else entry.name
+        build = resolve(factory) if entry is None else entry.load()
+        task = call_factory(build, f"the factory {factory}" if factory else f"the task {name!r}",
                      _field(ckpt, "task_config", dict, path))
         model, splits = getattr(task, "model", None), getattr(task, "splits", None)
         if not isinstance(splits, dict) or "train" not in splits:
@@ -246,16 +307,13 @@ def rebuild(path: str | Path, factory: str | None = None, data: str | None = Non
         streams = _streams(splits["train"], f"the task {name!r}'s training split")
         state, K, dni_entry, controller = ckpt["model"], ckpt.get("K"), ckpt.get("dni"), _controller(ckpt)
     else:
-        model, streams, K, dni_entry = _call(resolve(factory), f"the factory {factory}"), None, None, None
+        model, streams, K, dni_entry = call_factory(resolve(factory), f"the factory {factory}"), None, None, None
         controller = {}
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise InputError(f"{path} is not a torch state dict ({type(err).__name__})") from None
+        state = _read(path, "a torch state dict")
     check_model(model)
     _load_weights(model, state, path)
     if data is not None:
-        streams = _streams(_call(resolve(data), f"the data function {data}"), f"the data function {data}")
+        streams = _streams(call_factory(resolve(data), f"the data function {data}"), f"the data function {data}")
     if streams is None:
         raise InputError("this file holds no data: pass --data package.module:function returning (inputs, targets)")
     dni = _dni(dni_entry, path, device)  # an unregistered DNI shape is refused first

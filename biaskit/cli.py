@@ -36,6 +36,8 @@ def device(name: str) -> torch.device:
         raise InputError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"--device {name}: biaskit runs on cpu or cuda (cuda:N)")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise InputError(f"--device {name}: there is one cpu device (cpu or cpu:0)")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(f"--device {name} was asked for but no CUDA device is available here")
@@ -44,6 +46,19 @@ def device(name: str) -> torch.device:
     return dev
 
 
+class Seed(click.IntRange):
+    """A seed torch takes: a whole number in [0, 2^63), its range shown short in help and errors."""
+
+    def __init__(self):
+        super().__init__(0, 2**63 - 1)
+
+    def _describe_range(self) -> str:
+        return "0<=x<2^63"
+
+
+SEED = Seed()
+#: The best checkpoint of a trainer's run folder, which ``analyze RUN_DIR`` audits.
+RUN_BEST = "checkpoint-best.pt"
 #: What ``analyze`` asks when neither the command line nor the checkpoint's controller says.
 FALLBACK = {"windows": 64, "window_length": 200, "groups": 8, "level": 0.95, "loss_at": "last"}
 
@@ -59,11 +74,33 @@ def deltas_option(ctx, param, value):
     return deltas
 
 
+def audit_folder(checkpoint_path: Path) -> Path:
+    """Where the audit of a checkpoint goes by default: beside it, named after it
+    (``runs/x/checkpoint-best.pt`` → ``runs/x/checkpoint-best.audit``)."""
+    return checkpoint_path.with_name(f"{checkpoint_path.stem}.audit")
+
+
+def check_replaces(out: Path, source: Path):
+    """Refuse to replace an earlier audit in ``out`` unless it audited ``source``, as its summary.json
+    records: an audit of another checkpoint, or of one it does not name, is kept."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        audited = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("checkpoint")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        audited = None
+    if audited != str(source):
+        of = f"of {audited}" if audited else "that does not name its checkpoint"
+        raise InputError(f"--out {out} holds an audit {of}, not of {source}: choose another --out, or delete it")
+
+
 @cli.command()
 @click.argument("checkpoint_path", metavar="CHECKPOINT", type=click.Path(path_type=Path))
 @click.option("--factory", help="package.module:function building the model: code you trust (plain state "
-                                "dicts need it; for a biaskit checkpoint it replaces the registered task).")
-@click.option("--data", help="package.module:function returning (inputs, targets) streams: code you trust.")
+                                "dicts need it; for a biaskit checkpoint it replaces the registered task). "
+                                "[default: the checkpoint's registered task]")
+@click.option("--data", help="package.module:function returning (inputs, targets) streams: code you trust. "
+                             "[default: the task's training split]")
 @click.option("--windows", type=click.IntRange(2),
               help=f"Windows to decompose [default: the run's controller's, else {FALLBACK['windows']}].")
 @click.option("--window-length", type=click.IntRange(2),
@@ -79,24 +116,36 @@ def deltas_option(ctx, param, value):
               help="The truncation whose exact bias is reported [default: the checkpoint's K].")
 @click.option("--deltas", default="0.9,0.5,0.1", show_default=True, callback=deltas_option,
               help="Tolerated relative biases.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
-              help="Seed for drawing the windows.")
-@click.option("--device", "device_name", default="cpu", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("audit"), show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for drawing the windows.")
+@click.option("--device", "device_name", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="The audit's folder: new, empty, or an earlier audit of the same checkpoint. "
+                   "[default: beside the checkpoint, named after it: CHECKPOINT.audit]")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="What is printed: the summary as text, or its numbers as JSON.")
 def analyze(checkpoint_path, factory, data, windows, window_length, groups, level, loss_at, K, deltas, seed,
             device_name, out, fmt):
     """Audit a trained model: the exact bias for every K, and its estimates.
 
-    By default it asks what the run's own K updates asked: the windows, window
-    length, groups and confidence of the checkpoint's controller. The checkpoint
-    is data: it names its task by a registered name and no code it names is
-    run. Code you name with --factory or --data is trusted.
+    CHECKPOINT is a checkpoint file, or a run folder, whose best checkpoint
+    (checkpoint-best.pt) is audited. By default it asks what the run's own K
+    updates asked: the windows, window length, groups and confidence of the
+    checkpoint's controller. The checkpoint is data: it names its task by a
+    registered name and no code it names is run. Code you name with --factory
+    or --data is trusted.
     """
     interactive = fmt == "text" and sys.stderr.isatty()  # progress for people, not for pipes
     say = (lambda msg: click.echo(msg, err=True)) if interactive else (lambda msg: None)
     dev = device(device_name)
+    if checkpoint_path.is_dir():
+        if not (checkpoint_path / RUN_BEST).is_file():
+            raise InputError(f"{checkpoint_path} is a folder without {RUN_BEST}: name a checkpoint file")
+        checkpoint_path = checkpoint_path / RUN_BEST
+        click.echo(f"auditing {checkpoint_path}, the run's best checkpoint", err=True)
+    source = checkpoint_path.resolve()
+    out = audit_folder(checkpoint_path) if out is None else out
     atomic.check_folder(out, FILES)
+    check_replaces(out, source)
     say(f"loading {checkpoint_path}")
     rebuilt = checkpoint.rebuild(checkpoint_path, factory, data, dev)
     inputs, targets = rebuilt.streams
@@ -129,14 +178,23 @@ def analyze(checkpoint_path, factory, data, windows, window_length, groups, leve
             result.synthetic = synthetic_bias(probe.system, probe.inputs, probe.targets, rebuilt.K, rebuilt.dni,
                                               start=start, memory=memory, lookahead=window_length)
     say(f"writing {out}")
+    result.dataset.attrs["checkpoint"] = str(source)
     result.save(out)
     click.echo(result.summary() if fmt == "text" else json.dumps(result.as_dict(), indent=1))
+    click.echo(f"audit written to {out}", err=fmt == "json")  # stdout stays JSON
+
+
+#: What click raises for a group given no command (click >= 8.2; before, it printed the help itself).
+NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def main(argv=None):
-    """Entry point: click's own errors and InputError become one line and exit 2."""
+    """Entry point: click's own errors and InputError become one line and exit 2; a bare ``biaskit``
+    or ``biaskit train`` prints its help and exits 0."""
     try:
         cli.main(args=argv, prog_name="biaskit", standalone_mode=False)
+    except NO_ARGS as err:  # a bare group: its help, as asked for
+        click.echo(err.ctx.get_help())
     except (click.ClickException, InputError) as err:
         message = err.format_message() if isinstance(err, click.ClickException) else str(err)
         click.echo(f"biaskit: error: {' '.join(message.split())}", err=True)

@@ -90,19 +90,40 @@ interval covered 94.9% (ols) / 93.7% (wls) of 1000 seeds at V = 0.01,
 RNN's 256 windows over 30 lags are flagged in every seed (V reaches 0.048
 at lag 4), its 1024 windows over 5 lags in none (V ≈ 0.012).
 
-Lags whose mean norm is exactly zero (a nilpotent recurrence, dead units,
-underflow) cannot enter a log fit: the regression uses the lags with a
-positive mean; the max-type estimators need every lag of the window positive.
+Zero means.  A lag whose mean norm is exactly zero (underflow in a float32
+backward with denormals flushed, a nilpotent recurrence, dead units) has
+log φ̄ = −∞, which no slope expresses, and it bounds no β: ``0 ≤ β^n φ̄`` holds
+for every β.  A zero cotangent stays zero one step further back, so zeros
+that come from the recurrence come after every positive mean: a *collapse* of the
+norm, decay faster than any β.  Each estimator therefore fits the lags with a
+positive mean:
+
+- regression: Eq. 22 on the lags with a positive mean, wherever the zeros
+  are (the authors' ``estimate_logbeta_ols`` likewise drops ``log φ̄ < −50``);
+- max, anchored, quantile: the window up to the collapse.  With log 0 = −∞
+  the pairs into the collapse have slope −∞ and never set a max, so Eq. 21
+  and the anchored max are their values on those lags exactly; the quantile
+  is taken over the pairs of those lags too, since counting −∞ slopes would
+  let the collapse's length (set by the float format, not by the decay) pull
+  it down.  Leaving the collapse out can only raise β̂, and with it Ê(K).
+  A zero mean followed by a positive one (a restart from zero) satisfies
+  ``E φ_{k+1} ≤ β E φ_k`` for no β and cannot come from underflow: these
+  estimators refuse it (InputError: choose a τ past it, or the regression).
+
 When the mean is zero at every lag past τ the norm has vanished and the fit
-is exact: β̂ = 0 with the interval [0, 0].
+is exact: β̂ = 0 with the interval [0, 0].  The authors' code instead adds
+1e-100 before the log, so a run of zero means is a flat line at ≈ −230: a
+slope of 0 (β̂ = 1) between two zero lags, and slopes into the zeros set by
+the 1e-100, not by the decay; biaskit does not reproduce that.
 
 ``tau=None`` is the paper's ``τ = ⌊0.9 R⌋``.  ``tau="auto"`` scans τ upward over
 at most 50 candidates and takes the first whose window ``[τ, R)`` is
 log-linear: a Wald test of a quadratic term in the same clustered regression
 is not rejected at ``1 − level`` (a curvature below √ε of the table's dtype
-counts as rounding), or the norm has vanished past τ.  A window with zero
-means amid positive ones is rejected (no β > 0 produces exact zeros).  If no
-candidate passes, the paper's default is used and ``tau_rule`` says so.
+counts as rounding), or the norm has vanished past τ.  The test runs on the
+window up to a collapse (at least three lags); a window whose zero means are
+followed by a positive one is rejected.  If no candidate passes, the paper's
+default is used and ``tau_rule`` says so.
 """
 from __future__ import annotations
 
@@ -212,16 +233,18 @@ def fit_decay(
         fit = RegressionDecay(results, center=center, weights=weights, window=window[:, positive],
                               fit_lags=lags, **common)
     else:
-        zero = np.arange(tau, R)[mean == 0]
-        if zero.size:
+        kept = _collapse_start(mean)  # the lags before the collapse; all of them when none
+        if (mean[kept:] > 0).any():
+            last_zero = tau + int(np.flatnonzero(mean[:np.flatnonzero(mean > 0)[-1]] == 0)[-1])
             raise InputError(
-                f"the mean {norm} is zero at lag(s) {', '.join(map(str, zero[:5]))} of [{tau}, {R}): "
-                f"the {method} estimator takes the log of every lag's mean; choose a tau past them "
+                f"the mean {norm} is zero at lag {tau + kept} but positive at lag "
+                f"{tau + kept + int(np.argmax(mean[kept:] > 0))} of [{tau}, {R}): no beta bounds a decay that "
+                f"restarts from zero (an underflowed norm stays zero); choose a tau past lag {last_zero} "
                 "or method='regression', which leaves zero lags out"
             )
         extra = {"q": q} if method == "quantile" else {}
         kind = {"max": MaxSlopeDecay, "anchored": AnchoredDecay, "quantile": QuantileDecay}[method]
-        fit = kind(window, n_boot=int(n_boot), seed=seed, **extra, **common)
+        fit = kind(window[:, :kept], n_boot=int(n_boot), seed=seed, **extra, **common)
     if not fit.reliable:
         warnings.warn(fit.reliability_note(), UnreliableFitWarning, stacklevel=2)
     return fit
@@ -287,6 +310,12 @@ def _regress(table: np.ndarray, x: np.ndarray, weights: str, curvature: bool = F
     return results, center
 
 
+def _collapse_start(mean: np.ndarray) -> int:
+    """How many leading lags have a positive mean: where a collapse to zero starts (every lag if none)."""
+    zero = mean == 0
+    return int(zero.argmax()) if zero.any() else mean.size
+
+
 def _auto_tau(table: np.ndarray, level: float, weights: str, resolution: float) -> tuple[int, str]:
     """The smallest candidate τ whose window [τ, R) is log-linear (see the module docstring)."""
     R = table.shape[1]
@@ -297,10 +326,11 @@ def _auto_tau(table: np.ndarray, level: float, weights: str, resolution: float) 
         mean = window.mean(axis=0)
         if not (mean[1:] > 0).any():
             return tau, "auto: the norm vanishes past tau"
-        if (mean == 0).any():
+        kept = _collapse_start(mean)
+        if kept < 3 or (mean[kept:] > 0).any():  # a line through two lags, or a restart from zero
             continue
-        x = (np.arange(tau, R) - tau) / (R - 1 - tau)
-        res, _ = _regress(window, x, weights, curvature=True)
+        x = np.arange(kept) / (kept - 1)  # the fitted lags mapped onto [0, 1]
+        res, _ = _regress(window[:, :kept], x, weights, curvature=True)
         curvature, p_value = res.params[2], res.pvalues[2]
         if abs(curvature) < resolution or p_value >= 1 - level:
             return tau, f"auto: first log-linear window (curvature {curvature:.2g}, p={p_value:.3g})"

@@ -32,7 +32,6 @@ Memory is O(R·state + groups·|θ|) plus a chunk's products (``CHUNK_ELEMENTS``
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -43,7 +42,7 @@ import torch
 import xarray as xr
 from torch.func import vjp, vmap
 
-from . import bands, denormals, distributed, fastpath, hooks, norms, pullback
+from . import bands, denormals, distributed, fastpath, hooks, limits, norms, pullback
 from .errors import InputError, first_line
 from .recurrent import CustomStep, Params, RecurrentSystem, unreachable, wrap
 from .tails import Tails, held
@@ -67,23 +66,10 @@ def memory_estimate(system: RecurrentSystem | torch.nn.Module, batch: int, lengt
     return system._like().element_size() * (length * per_step + 4 * CHUNK_ELEMENTS)
 
 
-def available_memory(device: torch.device | str) -> int:
-    """Free bytes on ``device``: the CUDA allocator's free memory, or the host's available memory."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            fields = dict(line.split(":", 1) for line in fh)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_memory(system: RecurrentSystem | torch.nn.Module, batch: int, length: int,
                  device: torch.device | str) -> None:
     """Refuse, with the figures, a decomposition that cannot fit in the device's free memory."""
-    need, free = memory_estimate(system, batch, length), available_memory(device)
+    need, free = memory_estimate(system, batch, length), limits.available_memory(device)
     if need > free:
         raise InputError(f"{batch} windows of {length} steps need about {need / 2**30:.1f} GiB to decompose, "
                          f"but {torch.device(device)} has {free / 2**30:.1f} GiB free: use fewer or shorter windows")

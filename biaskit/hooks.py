@@ -43,6 +43,6 @@ def _check_linear(name: str, p: torch.Tensor):
         together, apart = apply(p, a + 2.5 * b), apply(p, a) + 2.5 * apply(p, b)
     scale = float(apart.abs().max()) if apart.numel() else 0.0
     if together.shape != p.shape or not torch.allclose(together, apart, rtol=1e-5, atol=1e-6 * scale + 1e-12):
-        raise InputError(f"the gradient hook on {name} is not linear (hook(a + c·b) differs from hook(a) + c·hook(b)): "
-                         "loss.backward() applies it to the total gradient, biaskit to each lag's part, and the two "
-                         "agree only for linear hooks; measure without it")
+        raise InputError(f"the gradient hook on {name} is not linear (hook(a + c·b) differs from "
+                         "hook(a) + c·hook(b)): loss.backward() applies it to the total gradient, biaskit to "
+                         "each lag's part, and the two agree only for linear hooks; measure without it")

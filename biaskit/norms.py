@@ -37,15 +37,26 @@ NORMS = {norm.name: norm for norm in (
 )}
 
 
+def _scale(cotangents: torch.Tensor) -> torch.Tensor:
+    """Each vector's largest |entry| (1 where it is 0): the norms below divide by it first, so that
+    entries whose squares underflow (below ~1e-19 in float32) still give a norm that is not 0."""
+    top = cotangents.abs().amax(dim=-1, keepdim=True) if cotangents.shape[-1] else \
+        cotangents.new_zeros(*cotangents.shape[:-1], 1)
+    return torch.where(top > 0, top, torch.ones_like(top))
+
+
 def euclidean(cotangents: torch.Tensor) -> torch.Tensor:
-    """||b|| over the last (state) dimension."""
-    return torch.linalg.vector_norm(cotangents, dim=-1)
+    """||b|| over the last (state) dimension, without underflow."""
+    scale = _scale(cotangents)
+    return torch.linalg.vector_norm(cotangents / scale, dim=-1) * scale.squeeze(-1)
 
 
 def mahalanobis(cotangents: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-    """sqrt(bᵀ M b) over the last (state) dimension."""
-    quad = torch.einsum("...i,ij,...j->...", cotangents, metric, cotangents)
-    return quad.clamp_min(0).sqrt()
+    """sqrt(bᵀ M b) over the last (state) dimension, without underflow."""
+    scale = _scale(cotangents)
+    unit = cotangents / scale
+    quad = torch.einsum("...i,ij,...j->...", unit, metric, unit)
+    return quad.clamp_min(0).sqrt() * scale.squeeze(-1)
 
 
 def estimate_metric(

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import limits
 from .errors import InputError, first_line
 from .recurrent import RecurrentSystem
 
@@ -66,9 +67,7 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
 
 def _fits(need: int, what: str, device) -> None:
     """Refuse, with the figures, an allocation of ``need`` bytes that the device's free memory cannot hold."""
-    from .decompose import available_memory
-
-    free = available_memory(device)
+    free = limits.available_memory(device)
     if need > free:
         raise InputError(f"{what} need about {need / 2**30:.1f} GiB, but {torch.device(device)} has "
                          f"{free / 2**30:.1f} GiB free: use fewer or shorter windows")

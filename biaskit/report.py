@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import math
@@ -11,6 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xarray as xr
 
+from .errors import first_line
+
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn, not with biaskit
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -19,10 +22,15 @@ ENGINE = "netcdf4"
 
 
 def save(ds: xr.Dataset, path: str | Path) -> Path:
-    """Write a results Dataset to netCDF (parent folders are made)."""
+    """Write a results Dataset to netCDF (parent folders are made). The netCDF library reports a
+    failed write (a full disk, say) as a RuntimeError ("NetCDF: HDF error"): it becomes an OSError,
+    which ``atomic`` turns into one line naming the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.to_netcdf(path, engine=ENGINE)
+    try:
+        ds.to_netcdf(path, engine=ENGINE)
+    except RuntimeError as err:
+        raise OSError(errno.EIO, f"{first_line(err)} (writing {path.name})") from None
     return path
 
 
@@ -204,18 +212,32 @@ def _focus_y(ds: xr.Dataset, bound: xr.Dataset, exact: xr.Dataset | None, deltas
     return deltas.min() / 3, 2 * max(deltas.max(), values.max(initial=0.0))
 
 
+#: The state heatmap's colours span this many decades below its largest value; smaller values
+#: (a vanished gradient spans 40) take the lowest colour.
+STATE_DECADES = 6
+
+
 def plot_state_heatmap(ds: xr.Dataset, ax=None):
     """Mean |∂L/∂h| per state dimension (rows, grouped by layer and component) versus lag,
-    on a log colour scale: the rows that stay bright at long lags decay slowly."""
+    on a log colour scale over the STATE_DECADES decades below the largest value, ticked at
+    whole powers of ten (lags at whole numbers): the rows that stay bright at long lags decay slowly."""
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, MaxNLocator
 
     ax = _axes(ax)
     values = ds["phi_state"].transpose("state", "lag").values
     positive = values[values > 0]
-    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
+    top = positive.max() if positive.size else None
+    norm = LogNorm(vmin=max(positive.min(), top / 10**STATE_DECADES), vmax=top, clip=True) if top else None
     mesh = ax.pcolormesh(ds.lag.values, np.arange(values.shape[0]), np.ma.masked_less_equal(values, 0),
                          norm=norm, shading="nearest", cmap="viridis")
-    ax.figure.colorbar(mesh, ax=ax, label="mean |∂L_s/∂h_(s-k)|")
+    clipped = norm is not None and positive.min() < norm.vmin
+    label = "mean |∂L_s/∂h_(s-k)|" + (f" (clipped below {norm.vmin:.0e})" if clipped else "")
+    bar = ax.figure.colorbar(mesh, ax=ax, extend="min" if clipped else "neither", label=label)
+    if norm is not None:
+        bar.ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,)))
+        bar.ax.yaxis.set_major_formatter(LogFormatterSciNotation())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # lags are whole
     blocks = [(layer, comp) for layer, comp in zip(ds["layer"].values.tolist(), ds["part"].values.tolist())]
     starts = [i for i in range(len(blocks)) if i == 0 or blocks[i] != blocks[i - 1]]
     ax.set_yticks([s + (e - s) / 2 for s, e in zip(starts, starts[1:] + [len(blocks)])],

@@ -179,6 +179,7 @@ def _nan_checkpoint(run_dir, path):
         (lambda d, t: [d / "checkpoint-last.pt", "--out", t / "foreign"], "already holds other files"),
         (lambda d, t: [_nan_checkpoint(d, t / "nan.pt"), "--window-length", WINDOW], "NaN or infinite"),
         (lambda d, t: [d / "checkpoint-last.pt", "--deltas", "0.5,2"], "each delta must be in (0, 1)"),
+        (lambda d, t: [t / "foreign"], "is a folder without checkpoint-best.pt: name a checkpoint file"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_written(run_cli, run_dir, tmp_path, make_args, message):
@@ -192,6 +193,32 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(run_cli, run_dir, tmp_
     assert len(res.err.strip().splitlines()) == 1 and message in res.err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary left
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
+
+
+def test_analyze_writes_beside_the_checkpoint_and_keeps_an_audit_of_another(run_cli, run_dir, tmp_path):
+    """A run folder means its best checkpoint, said in one line; the audit goes beside it, named after
+    it, and the path is printed; a rerun replaces it, an audit of another checkpoint is refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint-best.pt", "checkpoint-last.pt"):
+        (run / name).write_bytes((run_dir / name).read_bytes())
+    small = ["--windows", 4, "--window-length", 8]
+    res = run_cli("analyze", run, *small)
+    assert res.code == 0, res.err
+    audit_dir = run / "checkpoint-best.audit"
+    assert res.err.strip() == f"auditing {run / 'checkpoint-best.pt'}, the run's best checkpoint"
+    assert res.out.rstrip().endswith(f"audit written to {audit_dir}")
+    recorded = json.loads((audit_dir / "summary.json").read_text())["checkpoint"]
+    assert recorded == str(run.resolve() / "checkpoint-best.pt")
+    assert run_cli("analyze", run / "checkpoint-best.pt", *small, "--seed", 1).code == 0  # the same one: replaced
+    kept = {p.name: p.read_bytes() for p in audit_dir.iterdir()}
+    res = run_cli("analyze", run / "checkpoint-last.pt", *small, "--out", audit_dir, "--format", "json")
+    assert res.code == 2 and len(res.err.strip().splitlines()) == 1 and res.out == ""
+    assert f"holds an audit of {run.resolve() / 'checkpoint-best.pt'}, not of" in res.err
+    assert {p.name: p.read_bytes() for p in audit_dir.iterdir()} == kept
+    res = run_cli("analyze", run / "checkpoint-last.pt", *small, "--format", "json")
+    assert res.code == 0 and json.loads(res.out)["checkpoint"].endswith("checkpoint-last.pt")
+    assert res.err.strip() == f"audit written to {run / 'checkpoint-last.audit'}"  # stdout stays JSON
 
 
 def _state_dict(tmp_path):

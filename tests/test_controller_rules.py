@@ -63,6 +63,35 @@ def test_unresolved_takes_the_papers_kappa_hat_when_it_is_longer():
     assert choose_K(range(2, 6), inf, 0.5, 7, 50, False, 0.1, kappa_hat=None) == (7, False, "held")
 
 
+def test_K_shortens_by_at_most_its_own_factor_and_grows_by_the_other():
+    assert limit_change(16, 8, 2.0, 2, 100, shrink=1.25) == 13  # ceil(16 / 1.25)
+    assert limit_change(16, 100, 2.0, 2, 100, shrink=1.25) == 32
+    assert limit_change(4, 2, 2.0, 2, 100, shrink=1.25) == 3  # at least one step
+    assert limit_change(16, 8, 2.0, 2, 100) == 8  # by default as far as it grows
+
+
+def test_unresolved_grows_while_the_point_estimate_is_above_delta_when_asked():
+    Ks, inf = list(range(2, 12)), [math.inf] * 10
+    points = [0.9, 0.8, 0.7, 0.6, 0.45, 0.3, 0.2, 0.15, 0.08, 0.05]  # K = 2..11
+    assert choose_K(Ks, inf, 0.1, 6, 50, False, 0.0, None, points) == (10, False, "point estimate")
+    assert choose_K(Ks, inf, 0.01, 6, 50, False, 0.0, None, points) == (50, False, "point estimate")  # none: K_max
+    assert choose_K(Ks, inf, 0.5, 6, 50, False, 0.0, None, points) == (6, False, "held")  # 0.45 is below 0.5
+    assert choose_K(Ks, inf, 0.1, 6, 50, False, 0.0, None, None) == (6, False, "held")  # not asked
+    limits = [math.inf] * 8 + [0.09, 0.06]
+    assert choose_K(Ks, limits, 0.1, 6, 50, False, 0.0, None, points) == (10, True, "certified")  # a limit first
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_shrink": 1.0}, "--max-shrink must be a factor above 1"),
+    ({"max_shrink": 3.0}, "at most --max-change 2"),
+])
+def test_a_shrink_factor_outside_its_range_is_refused(options, message):
+    from trainers import config as configs
+
+    with pytest.raises(biaskit.InputError, match=message):
+        configs.full_config("copy", {}, {"delta": 0.5, **options})
+
+
 def test_the_paper_controller_never_says_certified():
     assert paper_rule(9, True, 15, 100) == (9, True, "estimated")
     assert paper_rule(100, False, 15, 100) == (100, False, "none below delta")

@@ -596,3 +596,22 @@ def test_metric_false_leaves_the_mahalanobis_norm_out_and_changes_nothing_else()
         metric_estimator="none (metric=False)"))
     with pytest.raises(biaskit.errors.InputError, match="metric=False"):
         biaskit.fit_decay(without, norm="phi_mahalanobis")
+
+
+def test_phi_does_not_underflow_where_the_state_gradient_is_tiny_but_not_zero():
+    """h' = 0.1 h + U x in float32: ∂L/∂h_{R-k} = 0.1^k ∂L/∂h_R, whose entries fall to ~1e-27, far
+    below where their squares underflow (1e-19); φ_k must still be 0.1^k φ_0."""
+    from helpers import LinearCell
+
+    torch.manual_seed(0)
+    R = 28
+    cell = LinearCell(0.1 * torch.eye(3), torch.randn(3, 2))
+    x, y = torch.randn(4, R, 2), torch.randint(0, 3, (4,))
+    system = biaskit.wrap(cell, None, torch.nn.CrossEntropyLoss(reduction="none"))
+    ds = biaskit.decompose(system, x, y, metric=torch.eye(3))
+    phi = ds["phi"].values
+    expected = phi[:, :1] * 0.1 ** np.arange(R)
+    assert (phi > 0).all() and (ds["phi_mahalanobis"].values > 0).all()
+    np.testing.assert_allclose(phi, expected, rtol=1e-4)
+    np.testing.assert_allclose(ds["phi_mahalanobis"].values, phi, rtol=1e-4)  # M = I
+    assert 1e-30 < phi[:, -1].max() < 1e-20

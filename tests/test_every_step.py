@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import biaskit
+from biaskit import limits
 from helpers import flat_norm, make_module, naive_every, naive_gradient
 
 SPECS = [
@@ -214,7 +215,7 @@ def test_float32_every_step_agrees_with_float64():
 
 def test_every_steps_readout_too_big_for_memory_is_refused_with_the_figures(monkeypatch):
     module, head, loss_fn, x, inputs, y = setup(SPECS[2])
-    monkeypatch.setattr(decompose_module, "available_memory", lambda device: 1000)  # 3 x 4 x 6 x 3 classes x 8 bytes = 1728
+    monkeypatch.setattr(limits, "available_memory", lambda device: 1000)  # 3 x 4 x 6 x 3 classes x 8 bytes = 1728
     monkeypatch.setattr(decompose_module, "check_memory", lambda *a: None)  # the graph's own check passes
     with pytest.raises(biaskit.InputError, match=r"readout at every step of 4 windows of 6 steps needs about .* GiB"):
         biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y, loss_at="every")
@@ -243,11 +244,11 @@ def test_a_burn_in_whose_outputs_cannot_fit_is_refused_before_it_runs(monkeypatc
 
     model, stream = NoAdvance(), torch.randint(0, 50, (400,))
     free = 8 * 2 * 20 * 16 + 100  # the windows fit; 8 windows x 20 steps x 50 logits x 4 bytes do not
-    monkeypatch.setattr(decompose_module, "available_memory", lambda device: free)
+    monkeypatch.setattr(limits, "available_memory", lambda device: free)
     with pytest.raises(biaskit.InputError, match=r"burn-in's outputs \(8 windows of 20 steps"):
         with probe.probing(model, stream, stream, length=20, count=8, generator=torch.Generator().manual_seed(0)):
             pass
-    monkeypatch.setattr(decompose_module, "available_memory", lambda device: 100)
+    monkeypatch.setattr(limits, "available_memory", lambda device: 100)
     with pytest.raises(biaskit.InputError, match="8 windows of 20 steps and their burn-in need about"):
         with probe.probing(model, stream, stream, length=20, count=8, generator=torch.Generator().manual_seed(0)):
             pass

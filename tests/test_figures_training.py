@@ -111,3 +111,17 @@ def test_logs_with_missing_keys_or_configs_draw(tmp_path):
     fig = runs.plot_training([bare])
     assert len(fig.axes) == 3 and fig.axes[0].get_ylabel() == "test metric"
     fig.savefig(io.BytesIO(), format="png")
+
+
+def test_a_negative_nll_keeps_its_run_on_a_linear_axis_and_epochs_are_whole(tmp_path):
+    """A point process's NLL can be below 0: a log axis would drop the run while the legend kept it."""
+    positive, negative = fixed(tmp_path / "positive", 5), fixed(tmp_path / "negative", 10, nll=[-v for v in NLL])
+    fig = runs.plot_training([positive, negative])
+    metric, _, bias = fig.axes[:3]
+    assert metric.get_yscale() == "linear" and bias.get_yscale() == "log"  # the biases stay positive
+    fig.canvas.draw()
+    bottom, top = metric.get_ylim()
+    assert bottom < -max(NLL) and top > max(NLL)  # both runs in view
+    assert runs.plot_training([positive]).axes[0].get_yscale() == "log"
+    for ax in fig.axes:
+        assert all(float(t).is_integer() for t in ax.get_xticks())

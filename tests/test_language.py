@@ -45,11 +45,20 @@ def test_missing_split_and_empty_folder_are_refused_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="holds no corpus"):
         language.build({"data_dir": str(tmp_path / "empty")})
-    with pytest.raises(InputError, match="is not a folder"):
+    with pytest.raises(InputError, match="nope does not exist"):
         language.build({"data_dir": str(tmp_path / "nope")})
+    with pytest.raises(InputError, match="is not a folder"):
+        language.build({"data_dir": str(tmp_path / "ptb" / "ptb.train.txt")})
     write(tmp_path / "blank", ("train.txt", "valid.txt", "test.txt"), ("", "a\n", "b\n"))
     with pytest.raises(InputError, match="training split is empty"):
         language.build({"data_dir": str(tmp_path / "blank")})
+
+
+def test_a_missing_data_dir_is_said_to_not_exist_on_the_command_line(run_cli, tmp_path):
+    res = run_cli("train", "language", "--data-dir", tmp_path / "nodata", "--out", tmp_path / "x")
+    assert res.code == 2 and len(res.err.strip().splitlines()) == 1
+    assert f"--data-dir {tmp_path / 'nodata'} does not exist" in res.err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("split", [1, 2])
@@ -136,12 +145,13 @@ def test_characters_are_tokens_at_the_char_level(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: language.load_words(None, "word", p / "missing.txt"), "is not a file"),
+    (lambda p: language.load_words(None, "word", p / "missing.txt"), "missing.txt does not exist"),
+    (lambda p: language.load_words(None, "word", p), "is not a file"),
     (lambda p: language.load_words(None, "word", (p / "two.txt", (p / "two.txt").write_text("a\nb\n"))[0]),
      "too few to split"),
     (lambda p: language.load_words(p, "word", p / "x.txt"), "not both"),
     (lambda p: language.load_words(None, "bytes"), "tokens must be one of"),
-    (lambda p: language.build({"cell": "qrnn"}), "cell must be one of"),
+    (lambda p: language.build({"cell": "transformer"}), "cell must be one of"),
 ])
 def test_bad_text_options_are_refused_clearly(tmp_path, make, message):
     with pytest.raises(InputError, match=message):
@@ -172,3 +182,61 @@ def test_a_char_level_gru_trains_and_its_every_step_bias_is_measured(tmp_path):
     full, trunc = naive_every(*args, encoder=model.embedding), naive_every(*args, 2, encoder=model.embedding)
     want = flat_norm([trunc[n] - full[n] for n in full]) / flat_norm(full.values())
     assert ds["rel_bias"].sel(K=2).item() == pytest.approx(want, abs=3e-6)
+
+
+def qrnn_truncated(model, tokens, targets, K=None, every=False):
+    """ĝ_K of the QRNN language model by its own chunk forward: the state entering step s − K detached
+    (tuple of (c, last input) per layer), the losses at the last step or at every step."""
+    from trainers.tbptt import detach
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    R, total = tokens.shape[1], [torch.zeros_like(p) for p in params]
+    for s in range(R) if every else [R - 1]:
+        x = model.embedding(tokens[:, :s + 1])
+        split = None if K is None or K >= s else s - K
+        if split is None:
+            out, _ = model.rnn(x)
+        else:
+            _, state = model.rnn(x[:, :split])
+            out, _ = model.rnn(x[:, split:], detach(state))
+        y = targets[:, s] if every else targets
+        loss = torch.nn.functional.cross_entropy(model.head(out[:, -1]), y)
+        total = [t + g for t, g in zip(total, torch.autograd.grad(loss, params))]
+    return [t / (R if every else 1) for t in total]
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["last step", "every step"])
+def test_a_qrnn_language_model_steps_as_it_runs_and_its_bias_is_truncations(every):
+    """The QRNN's chunk forward and its one-step view agree, and biaskit's bias of the step view is the
+    detach-based truncation of the chunk forward, float64."""
+    import biaskit
+    from helpers import flat_norm
+    from trainers.tasks.token_model import TokenLSTM
+
+    torch.manual_seed(0)
+    model = TokenLSTM(9, 5, 6, 2, cell="qrnn").double().eval()
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 9, (4, 8), generator=gen)
+    targets = torch.randint(0, 9, (4, 8) if every else (4,), generator=gen)
+    x = model.embedding(tokens)
+    out, state = model.rnn(x)
+    step_state, outs = model.rnn.initial_state(4), []
+    for t in range(8):
+        h, step_state = model.rnn.step(x[:, t], step_state)
+        outs.append(h)
+    torch.testing.assert_close(torch.stack(outs, 1), out, rtol=1e-12, atol=1e-12)
+    ds = biaskit.decompose(model.system(), tokens, targets, loss_at="every" if every else "last", groups=2)
+    full = qrnn_truncated(model, tokens, targets, every=every)
+    assert ds.attrs["grad_norm"] == pytest.approx(flat_norm(full), rel=1e-10)
+    for K in (0, 2, 5):
+        trunc = qrnn_truncated(model, tokens, targets, K, every)
+        want = flat_norm([a - b for a, b in zip(trunc, full)]) / flat_norm(full)
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_a_qrnn_language_model_trains(tmp_path):
+    cfg = configs.full_config("language", {"cell": "qrnn", "embedding": 8, "hidden": 8, "layers": 2},
+                              {"epochs": 1, "batch_size": 8, "K": 4, "window": 10, "windows": 6, "groups": 3,
+                               "K_min": 2, "K_max": 10, "delta": 0.5})
+    (line,) = loop.Run(cfg, tmp_path / "run", quiet=True).fit()
+    assert line["valid_ppl"] < 2207 and line["rel_bias_exact"] >= 0  # below a uniform guess over the vocabulary

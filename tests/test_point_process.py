@@ -425,3 +425,49 @@ def test_a_short_training_run_logs_finite_nll_rmse_and_error_rate(tmp_path):
         assert math.isfinite(line[key]), key
     assert line["valid_nll"] == line["valid_loss"]
     assert 0 <= line["valid_error_rate"] <= 1
+
+
+def tied_csv(path, tied=0.9, seed=0):
+    """An event log at a coarse clock: most events share their predecessor's time."""
+    rng = np.random.default_rng(seed)
+    rows, gaps = ["sequence,time,mark"], []
+    for s in range(60):
+        t = 0.0
+        for i in range(40):
+            gap = 0.0 if rng.random() < tied else float(rng.integers(1, 5))
+            t += gap
+            gaps += [gap] if i else []
+            rows.append(f"{s},{t},{rng.integers(0, 3)}")
+    path.write_text("\n".join(rows) + "\n")
+    return np.array(gaps).reshape(60, 39)
+
+
+def test_the_data_are_described_with_their_sizes_time_scale_and_ties(tmp_path):
+    gaps = tied_csv(tmp_path / "log.csv")[:48].ravel()  # the first 48 sequences train
+    task = pp.build({"data": str(tmp_path / "log.csv"), "embedding": 4, "hidden": 8})
+    lines = task.about.splitlines()
+    assert "absolute times; 80/10/10 by sequence id" in lines[0]
+    assert "train 48 sequences / 1,920 events, valid 6 sequences / 240 events" in lines[0] and "3 marks" in lines[0]
+    assert lines[1] == (f"training gaps: median {np.median(gaps):.4g}, mean {gaps.mean():.4g} (the model's time unit), "
+                        f"{(gaps == 0).mean():.1%} tied (0)")
+    assert lines[2].startswith(f"warning: {(gaps == 0).mean():.1%} of the training gaps are 0")
+    tied_csv(tmp_path / "fine.csv", tied=0.0)
+    assert "warning" not in pp.build({"data": str(tmp_path / "fine.csv"), "hidden": 8}).about
+
+
+def test_a_diverging_run_stops_with_the_figures_and_keeps_its_checkpoints(tmp_path):
+    tied_csv(tmp_path / "log.csv")
+    train = {"batch_size": 8, "window": 20, "windows": 8, "K": 5, "K_max": 30, "epochs": 4, "lr": 10.0, "clip": None}
+    cfg = configs.full_config("point-process", {"data": str(tmp_path / "log.csv"), "embedding": 4, "hidden": 8},
+                              {**pp.TRAIN, **train})
+    run = loop.Run(cfg, tmp_path / "run", quiet=True)
+    with pytest.raises(biaskit.InputError, match=r"training diverged: .* for 2 epochs .* try --clip 1\.0, or a smaller "
+                                                 r"--lr than 10; .*checkpoint-best\.pt holds"):
+        run.fit()
+    first = run.start_loss
+    assert math.isfinite(first) and len(run.lines) == 1  # the second diverging epoch is not logged
+    assert run.lines[0]["valid_loss"] > first + loop.DIVERGED_FACTOR * max(abs(first), 1)
+    assert (tmp_path / "run" / "checkpoint-last.pt").is_file()
+    cfg["train"].update(lr=pp.TRAIN["lr"], clip=pp.TRAIN["clip"])  # the task's defaults train on it
+    lines = loop.Run(cfg, tmp_path / "clipped", quiet=True).fit()
+    assert len(lines) == 4 and all(line["valid_loss"] < 1 for line in lines)

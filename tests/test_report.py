@@ -205,3 +205,43 @@ def test_the_bias_figure_without_exact_or_on_a_given_axes(resolved):
     own = report._figure()
     ax = own.add_subplot()
     assert report.plot_bias(ds, bound, K=3, exact=resolved.exact, ax=ax) is own and own.axes == [ax]
+
+
+# --- printing and the state figure ----------------------------------------------------
+
+
+def test_print_shows_the_summary_and_captions_say_what_is_drawn(resolved, noise):
+    assert repr(resolved) == str(resolved) == resolved.summary()  # print(audit), a notebook's text/plain
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", resolved._repr_html_())
+    bias = next(c for c in captions if c.startswith("Bias"))
+    assert "upper limit (thin line; the gap between them shaded)" in bias and "model&#x27;s own K = 2" in bias
+    for result in (resolved, noise):
+        unreliable = [fit for fit in result.fits.values() if not fit.reliable]
+        text = result.summary()
+        assert "reliability_note" not in text
+        if unreliable:  # says what to do, with the lag the fits first go wrong at
+            lag = min(int(fit.heavy_lags[0]) for fit in unreliable)
+            assert f"use more windows, or a window length of at most {lag}" in text
+    assert not resolved.fits["psi"].reliable  # so the advice above was checked
+
+
+def test_the_state_heatmap_spans_six_decades_ticked_at_powers_of_ten():
+    """A fast-contracting linear cell: the state gradient falls 100-fold a lag, 38 decades over the
+    window, which would leave all but the first lags in the lowest colour of a full-range scale."""
+    from helpers import LinearCell
+
+    torch.manual_seed(0)
+    cell = LinearCell(0.01 * torch.eye(4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
+    x, y = torch.randn(8, 20, 2, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    result = audit(cell, x, y, readout=nn.Linear(4, 1).double(), loss_fn=squared_error)
+    phi = result.dataset["phi_state"].values
+    assert phi[phi > 0].max() / phi[phi > 0].min() > 1e30
+    fig = report.plot_state_heatmap(result.dataset)
+    mesh = fig.axes[0].collections[0]
+    assert mesh.norm.vmin == pytest.approx(mesh.norm.vmax / 10**report.STATE_DECADES)
+    bar = fig.axes[1]
+    fig.canvas.draw()
+    ticks = [t for t in bar.get_yticks() if mesh.norm.vmin <= t <= mesh.norm.vmax]
+    assert len(ticks) >= 5 and all(float(np.log10(t)).is_integer() for t in ticks)
+    assert "clipped below" in bar.get_ylabel()
+    assert all(float(t).is_integer() for t in fig.axes[0].get_xticks())  # whole lags

@@ -134,3 +134,19 @@ def test_a_full_disk_during_a_checkpoint_write_is_one_error_and_keeps_the_last_c
     assert (tmp_path / "checkpoint-last.pt").read_bytes() == saved
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert checkpoint.load(tmp_path / "checkpoint-last.pt")["trainer"]["epoch"] == 1
+
+
+def test_an_infinite_limit_is_logged_as_inf_not_as_missing(tmp_path):
+    """JSON has no infinity: an infinite upper limit (no K certified) is the string "inf", read back as
+    a float; only NaN (not measured) is null. The log then matches its checkpoint's lines on resume."""
+    line = {"epoch": 1, "rel_bias_exact": 0.1, "rel_bias_exact_upper": float("inf"), "low": float("-inf"),
+            "valid_loss": float("nan")}
+    folder = runs.RunDirectory(tmp_path, resume=False, config={})
+    folder.append(line)
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert logged == {"epoch": 1, "rel_bias_exact": 0.1, "rel_bias_exact_upper": "inf", "low": "-inf",
+                      "valid_loss": None}
+    kept = runs.clean(line)
+    assert runs.read_metrics(tmp_path) == [kept] and kept["rel_bias_exact_upper"] == float("inf")
+    assert folder.restore([kept]) is None  # no "repaired" note: the log says what the checkpoint says
+    folder.close()

@@ -179,6 +179,7 @@ def test_analyze_on_a_full_disk_leaves_nothing_half_written(run_cli, tmp_path, h
     path = plant(tmp_path / "ok.pt", version=2, task="copy", task_config=TASK, model=honest, K=3)
     (tmp_path / "audit").mkdir()
     (tmp_path / "audit" / "summary.txt").write_text("the previous audit\n")  # an earlier audit stays whole
+    (tmp_path / "audit" / "summary.json").write_text(json.dumps({"checkpoint": str(path.resolve())}))  # of ok.pt
 
     def full_disk(ds, target):
         with open(target, "wb") as fh:
@@ -189,7 +190,7 @@ def test_analyze_on_a_full_disk_leaves_nothing_half_written(run_cli, tmp_path, h
     res = run_cli("analyze", path, *FAST, "--out", tmp_path / "audit")
     assert res.code == 2 and "No space left on device" in res.err and len(res.err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit", "ok.pt"]
-    assert [p.name for p in (tmp_path / "audit").iterdir()] == ["summary.txt"]
+    assert sorted(p.name for p in (tmp_path / "audit").iterdir()) == ["summary.json", "summary.txt"]
     assert (tmp_path / "audit" / "summary.txt").read_text() == "the previous audit\n"
 
 

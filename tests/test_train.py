@@ -8,6 +8,7 @@ import torch
 from biaskit import checkpoint
 from trainers import config as configs
 from trainers import loop, runs
+from trainers.tasks import copy as copy_task
 
 TINY = {"train_tokens": 2000, "valid_tokens": 400, "test_tokens": 400, "hidden": 8}
 FAST = {"batch_size": 8, "window": 20, "windows": 8, "K_max": 30}
@@ -64,13 +65,17 @@ TINY_ARGS = ["--train-tokens", "2000", "--valid-tokens", "400", "--test-tokens",
              "--batch-size", "8", "--window", "20", "--windows", "8", "--quiet"]
 
 
-def test_cli_trains_and_resumes(run_cli, tmp_path):
+def test_cli_trains_and_resume_alone_continues_with_the_runs_options(run_cli, tmp_path):
     res = run_cli("train", "copy", "--K", "4", "--epochs", "1", "--out", str(tmp_path / "r"), *TINY_ARGS)
     assert res.code == 0, res.err
     assert "best valid ppl" in res.out
-    res = run_cli("train", "copy", "--K", "4", "--epochs", "2", "--resume", str(tmp_path / "r"), *TINY_ARGS)
+    config = checkpoint.load(tmp_path / "r" / "checkpoint-last.pt")["trainer"]["config"]
+    # only --epochs; --m 10 and --lr 1 are the values it ran with (the task's and the training default)
+    res = run_cli("train", "copy", "--resume", str(tmp_path / "r"), "--epochs", "2", "--m", "10", "--lr", "1")
     assert res.code == 0, res.err
     assert len(runs.read_metrics(tmp_path / "r")) == 2
+    resumed = checkpoint.load(tmp_path / "r" / "checkpoint-last.pt")["trainer"]["config"]
+    assert resumed == {**config, "train": {**config["train"], "epochs": 2}}
 
 
 @pytest.mark.parametrize(
@@ -131,13 +136,21 @@ def test_cli_errors_are_one_line_and_exit_2(run_cli, tmp_path, args, message):
     assert (tmp_path / "foreign" / "thesis.tex").read_text() == "precious"
 
 
-def test_resume_with_another_config_is_refused(run_cli, tmp_path):
-    run_dir = str(tmp_path / "r")
+def test_resume_with_other_options_is_refused_with_all_of_them_in_one_line(run_cli, tmp_path):
+    run_dir = tmp_path / "r"
     assert run_cli("train", "copy", "--K", "4", "--epochs", "1", "--out", run_dir, *TINY_ARGS).code == 0
-    res = run_cli("train", "copy", "--K", "6", "--epochs", "2", "--resume", run_dir, *TINY_ARGS)
-    assert res.code == 2 and "another config" in res.err and "K: 4 then, 6 now" in res.err
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+    res = run_cli("train", "copy", "--K", "6", "--epochs", "2", "--resume", run_dir, *TINY_ARGS[:-1],
+                  "--hidden", "9", "--delta", "0.5")
+    assert res.code == 2 and len(res.err.strip().splitlines()) == 1, res.err
+    for change in ("--hidden 8 then, 9 now", "--K 4 then, 6 now", "--delta none then, 0.5 now",
+                   "only --epochs can change"):
+        assert change in res.err
+    res = run_cli("train", "language", "--epochs", "2", "--resume", run_dir)
+    assert res.code == 2 and f"{run_dir} is a copy run: resume it with biaskit train copy" in res.err
     res = run_cli("train", "copy", "--K", "4", "--epochs", "1", "--out", run_dir, *TINY_ARGS)
     assert res.code == 2 and "already holds a run" in res.err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
 
 
 @pytest.mark.cuda
@@ -159,7 +172,7 @@ def test_a_run_from_before_an_option_existed_resumes_with_its_default(tmp_path):
     assert len(loop.Run(config(K=4, epochs=2), tmp_path, quiet=True, resume=True).fit()) == 2
 
 
-def test_tensorboard_holds_the_scalars_of_metrics_jsonl(tmp_path, run_cli):
+def test_tensorboard_holds_the_scalars_of_metrics_jsonl_in_sections_the_rule_and_the_figure(tmp_path, run_cli):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from trainers.board import tag
@@ -167,16 +180,26 @@ def test_tensorboard_holds_the_scalars_of_metrics_jsonl(tmp_path, run_cli):
     res = run_cli("train", "copy", "--K", "4", "--delta", "0.5", "--epochs", "1", "--out", tmp_path, "--tensorboard",
                   *TINY_ARGS)
     assert res.code == 0, res.err
-    res = run_cli("train", "copy", "--K", "4", "--delta", "0.5", "--epochs", "2", "--resume", tmp_path,
-                  "--tensorboard", *TINY_ARGS)
+    res = run_cli("train", "copy", "--epochs", "2", "--resume", tmp_path, "--tensorboard", "--update-every-max", "1")
+    assert res.code == 2 and "--update-every-max 4 then, 1 now" in res.err
+    res = run_cli("train", "copy", "--epochs", "2", "--resume", tmp_path, "--tensorboard", "--quiet")
     assert res.code == 0, res.err
     lines = runs.read_metrics(tmp_path)
-    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "tensors": 0}).Reload()
     for key in ("train_loss", "valid_ppl", "K", "rel_bias_exact", "rel_bias_bound", "beta", "beta_high"):
         scalars = events.Scalars(tag(key))
         logged = [line for line in lines if key in line]  # the bias: the epochs that ended with an update
         assert logged and [s.step for s in scalars] == [line["epoch"] for line in logged]
         assert [s.value for s in scalars] == pytest.approx([line[key] for line in logged], rel=1e-6)
+    sections = {name.split("/")[0] for name in events.Tags()["scalars"]}
+    assert sections == {"loss", "perplexity", "K", "bias", "decay", "time", "training"}
+    assert (tag("valid_ppl"), tag("test_rmse"), tag("update_seconds")) == ("perplexity/valid_ppl", "rmse/test_rmse",
+                                                                           "time/update_seconds")
+    updates = [line for line in lines if "K_rule" in line]
+    rules = events.Tensors("K/rule/text_summary")
+    assert [r.step for r in rules] == [line["epoch"] for line in updates]
+    assert rules[0].tensor_proto.string_val[0].decode() == f"K 4 → {updates[0]['next_K']}: {updates[0]['K_rule']}"
+    assert [image.step for image in events.Images("bias/figure")] == [line["epoch"] for line in updates]
 
 
 def test_work_that_does_not_divide_among_the_processes_is_refused():
@@ -193,9 +216,76 @@ def test_work_that_does_not_divide_among_the_processes_is_refused():
             loop.check_data(task, configs.check({**base, key: value}), Ranks(rank=0, world=2))
 
 
-def test_an_epoch_whose_valid_loss_is_not_finite_is_logged_and_printed_as_missing(run_cli, tmp_path, monkeypatch):
+def test_an_epoch_whose_valid_loss_is_not_finite_stops_the_run_in_one_line(run_cli, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "evaluate", lambda *args: (float("nan"), {}))
-    res = run_cli("train", "copy", "--K", "4", "--epochs", "1", "--out", str(tmp_path / "r"), *TINY_ARGS[:-1])
-    assert res.code == 0, res.err
-    assert "valid ppl –" in res.err + res.out and "best valid ppl –" in res.out
-    assert runs.read_metrics(tmp_path / "r")[0]["valid_loss"] is None
+    res = run_cli("train", "copy", "--K", "4", "--epochs", "2", "--out", str(tmp_path / "r"), *TINY_ARGS[:-1])
+    assert res.code == 2 and len(res.err.strip().splitlines()) == 1
+    assert "epoch 1: the valid loss is nan: try a tighter --clip than 1, or a smaller --lr than" in res.err
+    assert runs.read_metrics(tmp_path / "r") == []
+
+
+def test_every_option_of_train_and_analyze_has_help_and_shows_its_default():
+    import click
+
+    from trainers.cli import cli
+
+    commands = [*cli.commands["train"].commands.values(), cli.commands["analyze"]]
+    for command in commands:
+        ctx = click.Context(command, info_name=command.name)
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                _, text = param.get_help_record(ctx)
+                assert text.split("[default")[0].strip(), (command.name, param.name)  # a line of help
+                assert "[default: " in text, (command.name, param.name)
+    copy = click.Context(cli.commands["train"].commands["copy"])
+    texts = {p.name: p.get_help_record(copy)[1] for p in cli.commands["train"].commands["copy"].params}
+    assert "[default: 100]" in texts["K_max"] and "[default: 256000]" in texts["train_tokens"]
+    assert "0<=x<2^63" in texts["seed"] and "9223372036854775807" not in texts["seed"]
+
+
+def test_bare_commands_print_their_help_and_exit_0(run_cli):
+    for args in ([], ["train"]):
+        res = run_cli(*args)
+        assert res.code == 0 and res.err == "", res.err
+        assert res.out.startswith(f"Usage: biaskit {' '.join(args)}".rstrip() + " [OPTIONS] COMMAND")
+    res = run_cli("train", "copy", "--seed", "100000000000000000000", "--out", "x")
+    assert res.code == 2 and "is not in the range 0<=x<2^63" in res.err
+
+
+def test_a_task_that_fails_to_build_is_one_line_and_writes_nothing(run_cli, tmp_path, monkeypatch):
+    from trainers.tasks import copy
+
+    def broken(config):
+        raise RuntimeError("split_with_sizes expects split_sizes to sum exactly to 20\nsecond line")
+
+    monkeypatch.setattr(copy, "build", broken)
+    res = run_cli("train", "copy", "--epochs", "1", "--out", str(tmp_path / "r"), *TINY_ARGS[:-1])
+    assert res.code == 2 and res.err.strip().splitlines() == [
+        "biaskit: error: building the task 'copy' failed: RuntimeError: split_with_sizes expects split_sizes to sum "
+        "exactly to 20"]
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_the_authors_setup_trains_with_their_buffer_clip_and_weight_decay(tmp_path, monkeypatch):
+    """``--setup authors`` (config.AUTHORS): BPTT(2K - 1, K) windows, the gradient clipped at clip / K,
+    SGD with their weight decay, and K set at once to the paper's κ̂."""
+    seen = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm):
+        seen.append(max_norm)
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    train = {**copy_task.TRAIN, **configs.AUTHORS["copy"], "setup": "authors", "epochs": 1, "K": 4,
+             "batch_size": 8, "window": 20, "windows": 8, "K_max": 19, "delta": 0.5, "update_every": 1.0,
+             "update_every_max": 1.0}
+    cfg = configs.full_config("copy", dict(TINY), train)
+    assert configs.truncation(cfg["train"], 4) == (7, 4) and configs.truncation(cfg["train"], 1) == (1, 1)
+    run = loop.Run(cfg, tmp_path / "a", quiet=True)
+    (line,) = run.fit()
+    assert set(seen) == {1.0 / 4} and (line["K1"], line["K2"]) == (7, 4)
+    assert run.optimizer.param_groups[0]["weight_decay"] == 1e-5
+    assert line["K_rule"] in ("estimated", "none below delta", "no fit")  # the paper's controller
+    if line["K_rule"] == "estimated":
+        assert line["next_K"] == min(max(line["kappa_hat"], 2), 19)  # at once, no factor limit

@@ -57,7 +57,7 @@ from .ddp import Ranks, share
 CONTROLLERS = ("exact", "paper")
 BETA_METHODS = ("regression", "max", "quantile")
 #: Rules after which the run goes on as planned; any other is shown as a warning line.
-QUIET_RULES = ("certified", "held", "estimated", "measured only")
+QUIET_RULES = ("certified", "held", "estimated", "point estimate", "measured only")
 
 
 @dataclass
@@ -77,6 +77,8 @@ class Controller:
     max_change: float = 2.0  # K moves by at most this factor per update
     audit_every: int = 1  # the paper controller measures the exact bias every n-th update
     loss_at: str = "last"  # the windows' losses: the last step's (the paper's) or every step's
+    max_shrink: float | None = None  # K shortens by at most this factor per update (None: max_change)
+    raise_on_estimate: bool = False  # exact, unresolved: grow K while the bias's point estimate is above δ
 
     def measure(self, model, inputs, targets, K: int, generator: torch.Generator, previous: dict | None = None,
                 count: int = 0) -> dict:
@@ -122,13 +124,16 @@ class Controller:
             target, reached, rule = K, False, "measured only"
         elif self.controller == "exact":
             curve = exact["rel_bias_upper"].sel(K=slice(self.K_min, self.K_max))
+            points = exact["rel_bias"].sel(K=slice(self.K_min, self.K_max)).values \
+                if self.raise_on_estimate else None
             target, reached, rule = choose_K(curve.K.values, curve.values, self.delta, K, self.K_max,
                                              bool(exact["gradient_resolved"]), record["rel_bias_exact_lower"],
-                                             record["kappa_hat"])
+                                             record["kappa_hat"], points)
         else:
             target, reached, rule = paper_rule(record["kappa_hat"], bool(record["kappa_hat_reached"]), K, self.K_max)
         new_K = limit_change(K, target, self.max_change, self.K_min, self.K_max,
-                             shorten=self.controller != "exact" or _certified_shorter(previous))
+                             shorten=self.controller != "exact" or _certified_shorter(previous),
+                             shrink=self.max_shrink)
         if exact is not None:
             record["rel_bias_upper"] = float(exact["rel_bias_upper"].sel(K=new_K))  # the K chosen
             record["extrapolated"] = int(exact["extrapolated"].sel(K=max(K, new_K)))
@@ -165,13 +170,15 @@ def _certified_shorter(previous: dict | None) -> bool:
 
 
 def choose_K(Ks, limits, delta: float, K: int, K_max: int, resolved: bool, lower_in_use: float,
-             kappa_hat: int | None = None) -> tuple[int, bool, str]:
+             kappa_hat: int | None = None, points=None) -> tuple[int, bool, str]:
     """The exact controller's target from a curve of upper limits over ``Ks``: ``(K, reached, rule)``.
 
     - the smallest K whose limit is below δ ("certified");
     - none, with the windows' mean gradient resolved: K_max, as the paper does ("none below delta");
     - none, unresolved, while the K in use evidently misses δ (its lower limit is above δ): twice
       the K in use ("raised");
+    - none, unresolved, with ``points`` (the point estimates over ``Ks``) given and the K in use's
+      above δ: the smallest longer K whose point estimate is below δ, K_max if none ("point estimate");
     - none, unresolved, and the paper's κ̂ (``kappa_hat``, from φ's decay, which a noisy mean
       does not hide) longer than the K in use: κ̂ ("estimated");
     - otherwise keep the K in use ("held").
@@ -183,6 +190,12 @@ def choose_K(Ks, limits, delta: float, K: int, K_max: int, resolved: bool, lower
         return K_max, False, "none below delta"
     if lower_in_use > delta:
         return min(max(2 * K, K + 1), K_max), False, "raised"
+    if points is not None:
+        points, Ks = np.asarray(points), np.asarray(Ks)
+        at_K = points[Ks == K]
+        if at_K.size and at_K[0] > delta:
+            longer = (Ks > K) & (points <= delta)
+            return (int(Ks[longer.argmax()]) if longer.any() else K_max), False, "point estimate"
     if kappa_hat is not None and kappa_hat > K:
         return int(kappa_hat), False, "estimated"
     return K, False, "held"
@@ -196,13 +209,16 @@ def paper_rule(kappa_hat: int | None, reached: bool, K: int, K_max: int) -> tupl
     return (int(kappa_hat), True, "estimated") if reached else (K_max, False, "none below delta")
 
 
-def limit_change(K: int, target: int, factor: float, K_min: int, K_max: int, shorten: bool = True) -> int:
+def limit_change(K: int, target: int, factor: float, K_min: int, K_max: int, shorten: bool = True,
+                 shrink: float | None = None) -> int:
     """The next K: ``target``, approached from ``K`` by at most a factor ``factor`` (> 1; at least one
-    step) either way, within [K_min, K_max]; kept at ``K`` rather than shortened unless ``shorten``."""
+    step) up and ``shrink`` (default ``factor``) down, within [K_min, K_max]; kept at ``K`` rather
+    than shortened unless ``shorten``."""
     if target < K and not shorten:
         target = K
+    shrink = factor if shrink is None else shrink
     high = max(K + 1, math.floor(factor * K)) if math.isfinite(factor) else math.inf
-    low = min(K - 1, math.ceil(K / factor)) if math.isfinite(factor) else 0
+    low = min(K - 1, math.ceil(K / shrink)) if math.isfinite(shrink) else 0
     return int(min(max(target, low, K_min), high, K_max))
 
 

@@ -1,28 +1,49 @@
 """TensorBoard: the run's epoch lines as scalars, beside the user's other runs.
 
 ``biaskit train ... --tensorboard`` writes, under ``RUN_DIR/tensorboard``, every
-number of each ``metrics.jsonl`` line (losses, the task's metric, K, the exact
-relative bias and its upper limit, the paper's estimate, β with its interval,
-speed) with the epoch as the step, through ``torch.utils.tensorboard``
-(``pip install 'biaskit[tensorboard]'``). ``biaskit plot`` stays the way with
-no extra dependency.
+number of each ``metrics.jsonl`` line with the epoch as the step, each in its
+section (``tag``): loss, the task's metric (perplexity; nll, rmse, error_rate),
+K, bias, decay, time, training. At each K update it adds the rule as text
+(``K/rule``) and the run's training figure so far (metric, K, relative bias with
+the paper's bound: ``biaskit plot``'s) as an image (``bias/figure``). Through
+``torch.utils.tensorboard`` (``pip install 'biaskit[tensorboard]'``);
+``biaskit plot`` stays the way with no extra dependency.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from biaskit.errors import InputError
 
+from .runs import plot_training
+
 FOLDER = "tensorboard"
-#: metrics.jsonl keys and the TensorBoard tag each goes under (the rest go under "other/").
-GROUPS = {"loss": ("train_loss", "valid_loss", "test_loss"), "truncation": ("K", "next_K", "K1", "K2"),
-          "bias": ("rel_bias_exact", "rel_bias_exact_upper", "rel_bias_upper", "rel_bias_bound"),
-          "decay": ("beta", "beta_low", "beta_high", "tau")}
+#: The section of each metrics.jsonl key that is not a split's metric.
+SECTIONS = {
+    "loss": ("train_loss", "valid_loss", "test_loss"),
+    "K": ("K", "next_K", "K1", "K2", "K_in_use", "K_target", "kappa_reached", "kappa_hat", "kappa_hat_reached",
+          "interval", "progress"),
+    "bias": ("rel_bias_exact", "rel_bias_exact_upper", "rel_bias_exact_lower", "rel_bias_upper", "rel_bias_bound",
+             "rel_bias_truncated", "rel_bias_synthetic", "synthetic_error", "gradient_resolved", "extrapolated"),
+    "decay": ("beta", "beta_low", "beta_high", "beta_reliable", "tau"),
+    "time": ("seconds", "tokens_per_s", "update_seconds"),
+    "training": ("lr", "synthetic_share", "dni_loss"),
+}
+#: A split's metric (``valid_ppl``, ``test_rmse``) goes under its metric's section, named here or as logged.
+METRIC_SECTIONS = {"ppl": "perplexity"}
+SPLITS = ("train", "valid", "test")
 
 
 def tag(key: str) -> str:
-    """The TensorBoard tag of a metrics key, e.g. ``bias/rel_bias_exact``."""
-    return next((f"{group}/{key}" for group, keys in GROUPS.items() if key in keys), f"other/{key}")
+    """The TensorBoard tag of a metrics key, e.g. ``bias/rel_bias_exact``, ``perplexity/valid_ppl``;
+    a key no section knows goes under ``other/``."""
+    section = next((name for name, keys in SECTIONS.items() if key in keys), None)
+    split, _, metric = key.partition("_")
+    if section is None and split in SPLITS and metric:
+        section = METRIC_SECTIONS.get(metric, metric)
+    return f"{section or 'other'}/{key}"
 
 
 class Board:
@@ -35,12 +56,23 @@ class Board:
             raise InputError("--tensorboard needs the tensorboard package: pip install 'biaskit[tensorboard]'") \
                 from None
         # purge_step drops events a crash left after the checkpoint being resumed
-        self.writer = SummaryWriter(str(Path(run_dir) / FOLDER), purge_step=first_epoch + 1)
+        self.run_dir = Path(run_dir)
+        self.writer = SummaryWriter(str(self.run_dir / FOLDER), purge_step=first_epoch + 1)
 
     def write(self, line: dict):
+        """Log one epoch's line, already appended to metrics.jsonl: its numbers; at a K update, the
+        rule and the training figure drawn from the log."""
+        step = line["epoch"]
         for key, value in line.items():
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(tag(key), value, global_step=line["epoch"])
+                self.writer.add_scalar(tag(key), value, global_step=step)
+        if "K_rule" in line:
+            self.writer.add_text("K/rule", f"K {line['K_in_use']} → {line['next_K']}: {line['K_rule']}",
+                                 global_step=step)
+            fig = plot_training([self.run_dir])
+            fig.canvas.draw()  # Agg: no pyplot, no window
+            image = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+            self.writer.add_image("bias/figure", image, global_step=step, dataformats="HWC")
         self.writer.flush()
 
     def close(self):

@@ -25,6 +25,9 @@ TRAIN_DEFAULTS = {
     "optimizer": "SGD",
     "optimizer_options": {},
     "clip": None,          # max gradient norm, or None
+    "clip_per_K": False,   # clip at clip / K2 instead (the authors' scripts)
+    "buffer": "2K",        # BPTT(2K, K) (the paper's), or "2K-1": BPTT(2K - 1, K) (the authors' scripts)
+    "setup": "biaskit",    # whose settings the run started from: biaskit's task defaults, or "authors" (AUTHORS)
     "schedule": "constant",  # see schedule.SCHEDULES
     "scale_lr": True,      # step size times sqrt(K)
     "K": 15,               # fixed truncation: BPTT(2K, K); the initial K0 when adaptive
@@ -38,6 +41,8 @@ TRAIN_DEFAULTS = {
     "update_every": 1.0,   # epochs between K updates (fractions allowed)
     "update_every_max": 4.0,  # while K is settled the interval doubles, up to this
     "max_change": 2.0,     # K moves by at most this factor per update (so the step lr·√K by its root)
+    "max_shrink": None,    # ... and shortens by at most this one (at most max_change; None: max_change)
+    "raise_on_estimate": False,  # exact: unresolved, grow K while the bias's point estimate is above delta
     "audit_every": 4,      # the paper controller measures the exact bias every n-th update
     "loss_at": "last",     # the controller's windows' losses: last step (the paper's) or every step
     "controller": "exact",  # exact: K from the exact bias's upper limit; paper: Algorithm 1 as printed
@@ -55,6 +60,26 @@ TRAIN_DEFAULTS = {
     "seed": 0,
 }
 DNI_SHAPES = tuple(SHAPES)
+BUFFERS = ("2K", "2K-1")
+SETUPS = ("biaskit", "authors")
+
+#: ``--setup authors``: what the authors' experiment scripts set beyond the paper, per task (read in
+#: aicherc/adaptive_tbptt at 1bab866; docs/formulas.md, "Training loop"), over the task's defaults;
+#: options given on the command line still win. Their K update every ~5000/K steps (copy) or
+#: 200,000/K (language), cut at 20 s / 120 s, is approximated by ``update_every`` in epochs of the
+#: task's default data; not reproduced: the time cut, 5 averaged κ̂ per update (language), φ
+#: measured with dropout on, Δ̂ over the exact cumulative norm (copy, point process).
+AUTHORS = {
+    "copy": {"controller": "paper", "windows": 64, "K_min": 2, "K_max": 100, "clip": 1.0, "clip_per_K": True,
+             "buffer": "2K-1", "optimizer_options": {"weight_decay": 1e-5}, "update_every": 1.25,
+             "update_every_max": 1.25, "max_change": math.inf, "max_shrink": math.inf},
+    "language": {"controller": "paper", "windows": 32, "K_min": 10, "K_max": 300, "clip": 1.0, "clip_per_K": True,
+                 "buffer": "2K-1", "optimizer_options": {"weight_decay": 1e-7}, "max_change": math.inf,
+                 "max_shrink": math.inf},
+    "point-process": {"controller": "paper", "windows": 64, "K_min": 2, "K_max": 100, "clip": 1.0,
+                      "clip_per_K": True, "buffer": "2K-1", "optimizer_options": {"weight_decay": 1e-3},
+                      "update_every": 8.0, "update_every_max": 8.0, "max_change": math.inf, "max_shrink": math.inf},
+}
 
 
 def _positive(cfg: dict, key: str, option: str, integer: bool = False, allow_none: bool = False):
@@ -77,6 +102,10 @@ def check(cfg: dict) -> dict:
     for key in ("K1", "K2", "dni_hidden"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True, allow_none=True)
     _positive(cfg, "audit_every", "--audit-every", integer=True)
+    if cfg["buffer"] not in BUFFERS:
+        raise InputError(f"--buffer must be one of {', '.join(BUFFERS)}, got {cfg['buffer']!r}")
+    if cfg["setup"] not in SETUPS:
+        raise InputError(f"--setup must be one of {', '.join(SETUPS)}, got {cfg['setup']!r}")
     if cfg["loss_at"] not in LOSS_AT:
         raise InputError(f"--loss-at must be one of {', '.join(LOSS_AT)}, got {cfg['loss_at']!r}")
     for key in ("lr", "update_every", "update_every_max", "dni_lr"):
@@ -94,11 +123,18 @@ def check(cfg: dict) -> dict:
         raise InputError(f"the first --K {cfg['K']} is outside [--K-min, --K-max] = [{cfg['K_min']}, {cfg['K_max']}]")
     if not (isinstance(cfg["max_change"], numbers.Real) and cfg["max_change"] > 1):
         raise InputError(f"--max-change must be a factor above 1, got {cfg['max_change']!r}")
+    if cfg["max_shrink"] is not None and not (isinstance(cfg["max_shrink"], numbers.Real)
+                                              and 1 < cfg["max_shrink"] <= cfg["max_change"]):
+        raise InputError(f"--max-shrink must be a factor above 1 and at most --max-change "
+                         f"{cfg['max_change']:g}, got {cfg['max_shrink']!r}")
     if cfg["update_every_max"] < cfg["update_every"]:
         raise InputError(f"--update-every-max {cfg['update_every_max']} is below --update-every "
                          f"{cfg['update_every']}")
     if cfg["window"] < 2:
         raise InputError("the controller needs a --window of at least 2 steps")
+    if cfg["K"] >= cfg["window"]:  # the bias at K is measured over windows, at lags below their length
+        raise InputError(f"--K {cfg['K']} is past the controller's --window of {cfg['window']} steps, where its "
+                         "bias cannot be measured: lower --K or raise --window")
     if cfg["controller"] not in CONTROLLERS:
         raise InputError(f"unknown controller {cfg['controller']!r}: use {' or '.join(CONTROLLERS)}")
     if cfg["beta_method"] not in BETA_METHODS:
@@ -147,10 +183,13 @@ def full_config(task: str, task_config: dict, train: dict) -> dict:
 
 def truncation(cfg: dict, K: int) -> tuple[int, int]:
     """(K1, K2) for truncation K: explicit when given, BPTT(K, K) chunks for synthetic
-    gradients, else the paper's BPTT(2K, K)."""
+    gradients, else the paper's BPTT(2K, K) (the authors' scripts' BPTT(2K - 1, K) with
+    ``buffer="2K-1"``)."""
     if cfg["estimator"] == "dni":
         return K, K
-    return (cfg["K1"], cfg["K2"]) if cfg["K1"] is not None else (2 * K, K)
+    if cfg["K1"] is not None:
+        return cfg["K1"], cfg["K2"]
+    return (2 * K - 1 if cfg["buffer"] == "2K-1" else 2 * K), K
 
 
 def first_difference(a: dict, b: dict, prefix: str = "") -> str:

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from biaskit import checkpoint
-from biaskit.errors import InputError
+from biaskit.errors import InputError, first_line
 from biaskit.probe import check_windows, evaluating
 
 from . import config as configs
@@ -30,6 +30,11 @@ from .runs import BEST, LAST, RunDirectory, clean
 from .tbptt import Stream, Truncation, batchify
 
 EVAL_CHUNK = 200
+#: An epoch diverges when a loss exceeds the first training step's (the model as initialised, before
+#: any step could blow it up) by this many times max(|that loss|, 1) ...
+DIVERGED_FACTOR = 10.0
+#: ... and the run stops after this many such epochs in a row.
+DIVERGED_EPOCHS = 2
 
 
 def make_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
@@ -82,7 +87,8 @@ class Run:
         self.config, cfg = config, config["train"]
         self.ranks, self.device = ddp.start(torch.device(device))
         self.quiet = quiet or not self.ranks.main
-        self.task = checkpoint.load_registered(checkpoint.TASKS, config["task"])(config["task_config"])
+        self.task = checkpoint.call_factory(checkpoint.load_registered(checkpoint.TASKS, config["task"]),
+                                            f"building the task {config['task']!r}", config["task_config"])
         ddp.agree(self.ranks, lambda: check_data(self.task, cfg, self.ranks))
         torch.manual_seed(cfg["seed"])
         self.model = self.task.model.to(self.device)
@@ -93,10 +99,11 @@ class Run:
         self.controller = Controller(cfg["delta"], cfg["window"], cfg["windows"], cfg["K_min"], cfg["K_max"],
                                      cfg["norm"], cfg["tau"], cfg["controller"], cfg["level"], cfg["groups"],
                                      cfg["beta_method"], self.ranks, cfg["max_change"], cfg["audit_every"],
-                                     cfg["loss_at"])
+                                     cfg["loss_at"], cfg["max_shrink"], cfg["raise_on_estimate"])
         self.generator = torch.Generator().manual_seed(cfg["seed"])
         self.epoch, self.K, self.best, self.lines = 0, cfg["K"], math.inf, []
         self.next_update, self.history, self.record = cfg["update_every"], [], {}
+        self.start_loss, self.diverging = None, 0  # the first step's loss; epochs in a row far above it
         self.out = Path(out)
         self.dir = ddp.on_main(self.ranks, lambda: RunDirectory(out, resume=resume, config=config))
         self.board = None
@@ -141,6 +148,7 @@ class Run:
         self.epoch, self.K, self.best = state["epoch"], ckpt["K"], state["best_valid"]
         self.next_update, self.history, self.record = state["next_update"], ckpt["K_history"], state["record"]
         self.lines = state["metrics"]
+        self.start_loss, self.diverging = state.get("start_loss"), state.get("diverging", 0)
         if self.ranks.main:
             note = self.dir.restore(self.lines)
             if note:
@@ -156,6 +164,7 @@ class Run:
         trainer = {"config": self.config, "optimizer": self.optimizer.state_dict(),
                    "estimator": self.estimator.state_dict(), "epoch": self.epoch, "best_valid": self.best,
                    "next_update": self.next_update, "record": self.record, "metrics": self.lines,
+                   "start_loss": self.start_loss, "diverging": self.diverging,
                    "rng": {"torch": torch_rng if self.ranks.world > 1 else torch_rng[0],
                            "controller": self.generator.get_state(), "cuda": cuda_rng}}
         for name in names:
@@ -201,7 +210,7 @@ class Run:
         while not stream.done:
             progress = self.epoch + stream.pos / stream.length
             if self.adaptive and stream.pos > 0 and progress >= self.next_update - 1e-9:  # mid-epoch updates
-                self._update(progress)
+                self._measure(progress, total / positions)
             K1, K2 = configs.truncation(cfg, self.K)
             lr = cfg["lr"] * schedule.lr_factor(cfg["schedule"], cfg["epochs"], progress)
             lr *= math.sqrt(K2) if cfg["scale_lr"] else 1.0
@@ -211,11 +220,11 @@ class Run:
             loss, n = self.estimator.backward(stream, self.trained, K1, K2, progress)
             loss = ddp.total(loss.item(), self.ranks) / self.ranks.world  # every rank's, so all stop together
             if not math.isfinite(loss):
-                raise InputError(f"the training loss became {loss} in epoch {self.epoch + 1}: lower --lr, or set "
-                                 "--clip")
+                raise InputError(f"the training loss became {loss} in epoch {self.epoch + 1}: {self._advice()}")
             if cfg["clip"]:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip"])
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip"] / (K2 if cfg["clip_per_K"] else 1))
             self.optimizer.step()
+            self.start_loss = loss if self.start_loss is None else self.start_loss
             total, positions = total + loss * n, positions + n
             bar.update(n)  # positions per stream: the same on every rank
             bar.set_postfix(loss=f"{total / positions:.3f}", K=self.K, refresh=False,
@@ -224,6 +233,41 @@ class Run:
         seconds = time.perf_counter() - began
         return {"train_loss": total / positions, "lr": lr, "seconds": seconds,
                 "tokens_per_s": positions * S / seconds, **self.estimator.epoch_stats()}
+
+    def _advice(self) -> str:
+        """What to try when training fails, and what is kept."""
+        cfg = self.config["train"]
+        clip = f"a tighter --clip than {cfg['clip']:g}" if cfg["clip"] else "--clip 1.0"
+        kept = f"; {self.out / BEST} holds the epoch of lowest valid loss" if (self.out / BEST).exists() else ""
+        return f"try {clip}, or a smaller --lr than {cfg['lr']:g}{kept}"
+
+    def _limit(self) -> float:
+        """The loss above which an epoch counts as diverging."""
+        return self.start_loss + DIVERGED_FACTOR * max(abs(self.start_loss), 1.0)
+
+    def _measure(self, progress: float, train_loss: float):
+        """``_update``; a measurement that fails on a model whose loss has blown up names that cause."""
+        try:
+            self._update(progress)
+        except InputError as err:
+            if not train_loss > self._limit():
+                raise
+            raise InputError(f"training diverged: train loss {train_loss:.4g} in epoch {self.epoch}, above "
+                             f"{self._limit():.4g} (the first step's loss was {self.start_loss:.4g}), and the bias "
+                             f"cannot be measured on it ({first_line(err)}): {self._advice()}") from None
+
+    def _check_divergence(self, line: dict):
+        """Stop a run whose valid loss is not finite, or whose losses stay far above (DIVERGED_FACTOR)
+        its first step's for DIVERGED_EPOCHS epochs in a row, with the figures and what to try."""
+        valid, train = line["valid_loss"], line["train_loss"]
+        if not math.isfinite(valid):
+            raise InputError(f"epoch {self.epoch}: the valid loss is {valid}: {self._advice()}")
+        limit = self._limit()
+        self.diverging = self.diverging + 1 if max(valid, train) > limit else 0
+        if self.diverging >= DIVERGED_EPOCHS:
+            raise InputError(f"training diverged: train loss {train:.4g} and valid loss {valid:.4g} in epoch "
+                             f"{self.epoch}, above {limit:.4g} for {self.diverging} epochs (the first step's loss was "
+                             f"{self.start_loss:.4g}): {self._advice()}")
 
     def _epoch_line(self, line: dict, K_used: int, updated: bool) -> dict:
         """The metrics line of an epoch: training, evaluation, truncation, and the record of the
@@ -251,9 +295,11 @@ class Run:
                 line = self._train_epoch()
                 self.epoch += 1
                 if not self.adaptive or self.epoch >= self.next_update - 1e-9:
-                    self._update(float(self.epoch))  # fixed K: measure only, for the log
+                    self._measure(float(self.epoch), line["train_loss"])  # fixed K: measure only, for the log
                 updated = len(self.history) > updates
-                line = clean(self._epoch_line(line, K_used, updated or not self.adaptive))
+                line = self._epoch_line(line, K_used, updated or not self.adaptive)
+                self._check_divergence(line)
+                line = clean(line)
                 self.lines.append(line)
                 better = line["valid_loss"] is not None and line["valid_loss"] < self.best
                 self.best = line["valid_loss"] if better else self.best

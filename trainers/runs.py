@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from biaskit import atomic
+from biaskit import atomic, checkpoint
 from biaskit.errors import InputError
 
 if TYPE_CHECKING:
@@ -28,8 +28,42 @@ OWNED = {CONFIG, METRICS, LOCK, LAST, BEST, "tensorboard"}
 
 
 def clean(record: dict) -> dict:
-    """JSON-safe: NaN and infinities become null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    """NaN (not measured, or lost to overflow) becomes None; an infinity stays, since an infinite
+    upper limit is a measurement (no K certified): ``encode`` writes it as "inf"."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
+
+
+def encode(record: dict) -> str:
+    """One JSON line of ``clean(record)``: None as null and ±infinity as the strings "inf" and
+    "-inf" (JSON has no infinity, and null would read as "not measured")."""
+    return json.dumps({k: (("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v)
+                       for k, v in clean(record).items()})
+
+
+def decode(record: dict) -> dict:
+    """A logged line as numbers again: "inf" and "-inf" back to floats (``encode``'s inverse)."""
+    return {k: (float(v) if v in ("inf", "-inf") else v) for k, v in record.items()}
+
+
+def check_resumable(path: Path):
+    """Refuse a folder with no checkpoint to resume, saying whether a run started there."""
+    if not (path / LAST).is_file():
+        if (path / CONFIG).is_file():
+            raise InputError(f"{path} has no checkpoint yet (the run stopped before its first epoch "
+                             f"ended): start it again with --out {path}")
+        raise InputError(f"no checkpoint at {path / LAST}: nothing to resume there")
+
+
+def stored_config(path) -> dict:
+    """The config the run in ``path`` was last trained with: its last checkpoint's, which a resumed
+    run must match (``config.json`` keeps the first --epochs)."""
+    path = Path(path)
+    check_resumable(path)
+    trainer = checkpoint.load(path / LAST).get("trainer")
+    config = trainer.get("config") if isinstance(trainer, dict) else None
+    if not isinstance(config, dict) or not {"task", "task_config", "train"} <= set(config):
+        raise InputError(f"{path / LAST} holds no run config: it was not written by biaskit train")
+    return config
 
 
 class RunDirectory:
@@ -39,11 +73,10 @@ class RunDirectory:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"{self.path} is a file: choose a folder for the run")
-        if resume and not (self.path / LAST).is_file():
-            if (self.path / CONFIG).is_file():
-                raise InputError(f"{self.path} has no checkpoint yet (the run stopped before its first epoch "
-                                 f"ended): start it again with --out {self.path}")
-            raise InputError(f"no checkpoint at {self.path / LAST}: nothing to resume there")
+        if resume:
+            check_resumable(self.path)
+        elif self.path.is_dir():
+            self._check_new()  # before the lock is made, so a refused folder is left as it was
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = open(self.path / LOCK, "a+")
@@ -61,6 +94,7 @@ class RunDirectory:
         self._lock.truncate()
         self._lock.write(str(os.getpid()))
         self._lock.flush()
+        atomic.remove_stale(self.path)  # what a killed run was writing
         if not resume:
             try:
                 self._start(config)
@@ -68,13 +102,17 @@ class RunDirectory:
                 self.close()
                 raise
 
-    def _start(self, config: dict):
+    def _check_new(self):
+        """Refuse a folder that holds a run or other files: a new run needs an empty one."""
         if (self.path / LAST).exists():
             raise InputError(f"{self.path} already holds a run: pass --resume to continue it, or another --out")
         foreign = sorted(p.name for p in self.path.iterdir() if p.name not in OWNED and not p.name.startswith("."))
         if foreign:
             raise InputError(f"{self.path} is not a run directory and not empty ({', '.join(foreign[:3])}): "
                              "choose a new or empty folder for --out")
+
+    def _start(self, config: dict):
+        self._check_new()  # again under the lock: another run may have started here meanwhile
         atomic.write_text(self.path / CONFIG, json.dumps(config, indent=1) + "\n", "the run config")
         atomic.write_text(self.path / METRICS, "", "the metrics log")
 
@@ -88,7 +126,7 @@ class RunDirectory:
         """Add one epoch's line to the log, flushed to disk."""
         try:
             with open(self.path / METRICS, "a") as fh:
-                fh.write(json.dumps(clean(line)) + "\n")
+                fh.write(encode(line) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as err:
@@ -103,10 +141,22 @@ class RunDirectory:
             had, problem = None, str(err)
         else:
             problem = None if had == lines else f"it held {len(had)} epoch(s), the checkpoint {len(lines)}"
-        atomic.write_text(path, "".join(json.dumps(clean(line)) + "\n" for line in lines), "the metrics log")
+        atomic.write_text(path, "".join(encode(line) + "\n" for line in lines), "the metrics log")
         if problem is not None:
             return f"repaired {path} from the checkpoint ({problem})"
         return None
+
+
+def check_epochs_left(run_dir, epochs: int) -> None:
+    """Refuse to resume a run that has already trained ``epochs`` epochs: it would do nothing."""
+    path = Path(run_dir) / LAST
+    if not path.is_file():
+        return  # RunDirectory says what is missing
+    trainer = checkpoint.load(path).get("trainer")
+    done = trainer.get("epoch") if isinstance(trainer, dict) else None
+    if isinstance(done, int) and done >= epochs:
+        raise InputError(f"{run_dir} has trained {done} epoch(s) already and --epochs is {epochs}: nothing to "
+                         f"resume; pass --epochs above {done} to train further")
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -128,7 +178,7 @@ def read_metrics(run_dir) -> list[dict]:
             raise InputError(f"{path}, line {number}, is not JSON: the log is damaged") from None
         if not isinstance(record, dict) or "epoch" not in record:
             raise InputError(f"{path}, line {number}, is not an epoch record: the log is damaged")
-        lines.append(record)
+        lines.append(decode(record))
     return lines
 
 
@@ -151,11 +201,15 @@ def plot_training(run_dirs, labels: list[str] | None = None, title: str | None =
     spans exactly that many). Near the ends the window shrinks to stay
     centred, and a missing value stays missing, so nothing is extrapolated or
     filled in. K is drawn as logged: it is the decision, not a noisy estimate.
+
+    The metric and the biases get log axes, linear where a value is ≤ 0 (a point process's NLL
+    can be negative), so no run in the legend is missing from a panel; epoch ticks are whole.
     """
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     def number(value) -> float:  # a logged value; missing (None, not a number) is NaN
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
@@ -228,8 +282,10 @@ def plot_training(run_dirs, labels: list[str] | None = None, title: str | None =
     if synthetic:
         axes[3].set_ylabel("BPTT(K, K) relative bias (dotted: no DNI)")
     for ax in axes:
-        if ax is not axes[1]:
-            ax.set_yscale("log", nonpositive="mask")
+        drawn = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.lines] or [np.empty(0)])
+        if ax is not axes[1] and not (drawn[np.isfinite(drawn)] <= 0).any():  # a log axis would drop them
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_xlabel("epoch" + (f" (centred mean over {2 * half + 1})" if half and ax is not axes[1] else ""))
     if handles:
         fig.legend(handles=handles, loc="outside right upper", fontsize="small",

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from biaskit import limits
 from biaskit.errors import InputError
 
 
@@ -40,13 +41,20 @@ class Task:
     about: str = ""
 
 
+#: Memory per byte of a text data file once parsed (Python strings of words, or rows of numbers).
+TEXT_BYTES = 16
+
+
 def perplexity(mean_loss: float) -> float:
     return float(torch.tensor(mean_loss).exp())
 
 
 def read_utf8(path: Path) -> str:
-    """The UTF-8 text of a data file (a byte-order mark dropped), or an InputError at the first bad byte."""
+    """The UTF-8 text of a data file (a byte-order mark dropped), or an InputError at the first bad byte.
+    Its size is checked first: parsed into tokens or rows, text takes about TEXT_BYTES a byte."""
     try:
+        limits.require({"its parsed text": Path(path).stat().st_size * TEXT_BYTES}, f"reading {path}",
+                       "use a smaller file")
         data = Path(path).read_bytes()
     except OSError as err:
         raise InputError(f"cannot read {path}: {err.strerror}") from None
@@ -57,3 +65,15 @@ def read_utf8(path: Path) -> str:
         line = data.count(b"\n", 0, start) + 1
         raise InputError(f"{path} is not UTF-8 text: byte {start} (line {line}) is {data[start:start + 1]!r}; "
                          "save the file as UTF-8") from None
+
+
+def recurrent_parameters(inputs: int, hidden: int, layers: int, gates: int = 4) -> int:
+    """The parameters of a stacked ``nn.LSTM`` (4 gates) or ``nn.GRU`` (3), counted without building it."""
+    return gates * hidden * (inputs + hidden + 2) + (layers - 1) * gates * hidden * (2 * hidden + 2)
+
+
+def require(task: str, data: float, parameters: float, outputs: float = 0, advice: str = "") -> None:
+    """Refuse, before anything is built, a task whose data (bytes), model (parameters, trained with
+    gradients and optimizer state) and evaluation outputs (floats) exceed the memory free."""
+    limits.require({"data": data, "model": parameters * limits.PER_PARAMETER, "outputs": outputs * limits.FLOAT},
+                   f"the {task} task", advice or "choose smaller sizes")

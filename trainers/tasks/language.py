@@ -40,7 +40,7 @@ import torch
 
 from biaskit.errors import InputError
 
-from . import Task, perplexity, read_utf8
+from . import Task, perplexity, read_utf8, recurrent_parameters, require
 from .token_model import TokenLSTM
 
 EOS, UNK = "<eos>", "<unk>"
@@ -59,7 +59,7 @@ DEFAULTS = {
     "data_dir": None,   # None: the embedded corpus (or text_file)
     "text_file": None,  # one text file, split into train/valid/test by contiguous blocks of lines
     "tokens": "word",   # word or char tokens
-    "cell": "lstm",     # lstm or gru
+    "cell": "lstm",     # lstm, gru or qrnn
     "embedding": 200,
     "hidden": 200,
     "layers": 1,
@@ -88,6 +88,8 @@ def read_lines(lines, level: str = "word") -> list[str]:
 def split_text(path, level: str) -> tuple[dict[str, list[str]], str]:
     """One text file's tokens split by contiguous blocks of lines (``TEXT_SHARES``), and the split in words."""
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"--text {path} does not exist")
     if not path.is_file():
         raise InputError(f"--text {path} is not a file")
     lines = io.StringIO(read_utf8(path), newline=None).read().splitlines()
@@ -108,6 +110,8 @@ def split_text(path, level: str) -> tuple[dict[str, list[str]], str]:
 def find_splits(data_dir) -> dict[str, Path]:
     """The three split files of a PTB, WikiText-2 or train/valid/test folder."""
     root = Path(data_dir)
+    if not root.exists():
+        raise InputError(f"--data-dir {root} does not exist")
     if not root.is_dir():
         raise InputError(f"--data-dir {root} is not a folder")
     for layout in LAYOUTS:
@@ -182,6 +186,13 @@ def build(config: dict) -> Task:
     cfg = {**DEFAULTS, **config}
     words, about = load_words(cfg["data_dir"], cfg["tokens"], cfg["text_file"])
     vocab, ids = encode(words)
+    tied = cfg["embedding"] * len(vocab) if cfg["tie_weights"] else 0
+    gates = 4 if cfg["cell"] == "lstm" else 3  # a QRNN's 3 gates read two inputs and no state: about a GRU's size
+    require("language", 0, len(vocab) * (cfg["embedding"] + cfg["hidden"] + 1) - tied
+            + recurrent_parameters(cfg["embedding"], cfg["hidden"], cfg["layers"], gates),
+            max(len(ids["valid"]), len(ids["test"])) * len(vocab),  # evaluation keeps a split's outputs
+            advice=f"the vocabulary has {len(vocab):,} tokens: use a smaller corpus, character tokens or a "
+                   "smaller --embedding and --hidden")
     splits = {s: (t[:-1], t[1:]) for s, t in ids.items()}  # predict the next token
     torch.manual_seed(cfg["seed"])
     model = TokenLSTM(len(vocab), cfg["embedding"], cfg["hidden"], cfg["layers"], cfg["dropout"], cfg["tie_weights"],

@@ -1,4 +1,4 @@
-"""Embedding → LSTM or GRU → linear over tokens: the copy task's and the language model's network."""
+"""Embedding → LSTM, GRU or QRNN → linear over tokens: the copy task's and the language model's network."""
 from __future__ import annotations
 
 import torch
@@ -6,13 +6,15 @@ from torch import nn
 
 import biaskit
 
+from .qrnn import QRNN, QRNNStep
+
 
 #: The recurrent cells a token model can have, by name: each is stored under its name (``lstm.*``).
-CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "qrnn": QRNN}
 
 
 class TokenLSTM(nn.Module):
-    """Next-token model; ``forward`` runs the fused ``nn.LSTM`` (or ``nn.GRU``) over a whole chunk."""
+    """Next-token model; ``forward`` runs the fused ``nn.LSTM`` (or ``nn.GRU``, or the QRNN) over a whole chunk."""
 
     def __init__(self, vocab: int, embedding: int, hidden: int, layers: int, dropout: float = 0.0,
                  tie_weights: bool = False, cell: str = "lstm"):
@@ -49,6 +51,7 @@ class TokenLSTM(nn.Module):
         return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
 
     def system(self) -> biaskit.RecurrentSystem:
-        """The recurrence as biaskit sees it: embedding → the cell's step."""
-        return biaskit.wrap(self.rnn, readout=self.head, loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        """The recurrence as biaskit sees it: embedding → the cell's step (a QRNN's one step at a time)."""
+        step = QRNNStep(self.rnn) if isinstance(self.rnn, QRNN) else self.rnn
+        return biaskit.wrap(step, readout=self.head, loss_fn=nn.CrossEntropyLoss(reduction="none"),
                             encoder=self.embedding)
