@@ -54,8 +54,12 @@ def warm_up(system: RecurrentSystem | torch.nn.Module, dni: Callable, burn: torc
 
 def synthetic_bias(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, K: int,
                    dni: Callable | None = None, *, start: Any = None, memory: Any = None,
-                   lookahead: int = 0) -> xr.Dataset:
-    """Relative bias of BPTT(K, K) with and without ``dni``'s synthetic gradients.
+                   lookahead: int = 0, K1: int | None = None) -> xr.Dataset:
+    """Relative bias of BPTT(K, K) with and without ``dni``'s synthetic gradients, or of BPTT(K1, K).
+
+    ``K1`` (default K; without a DNI): the trainers' BPTT(K1, K2 = K), each K losses back-propagated
+    over K1 steps from the state carried, detached, from the previous backward's split, exactly
+    as ``trainers.tbptt.Stream`` walks a stream; its bias is ``rel_bias_truncated``.
 
     ``inputs`` and ``targets`` are batch-first, (B, W + lookahead, ...) and
     (B, W + lookahead, ...): a loss at every step. ``start`` is the state
@@ -75,6 +79,9 @@ def synthetic_bias(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tens
         raise InputError(f"targets must be (batch, steps) = ({B}, {T}), one per step, got {got}")
     if not 1 <= K <= W:
         raise InputError(f"K must be in 1..{W} for a window of {W} steps, got {K}")
+    K1 = K if K1 is None else K1
+    if K1 < K or (dni is not None and K1 != K):
+        raise InputError(f"K1 must be at least K = {K}, and equal to it with a DNI (BPTT(K, K) chunks), got {K1}")
     params, readout = system.params(), system.readout_params()
     seen = {id(p) for p in params.values()}
     trained = [*params.values(), *(p for p in readout.values() if id(p) not in seen)]  # a tied weight once
@@ -100,18 +107,24 @@ def synthetic_bias(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tens
         # per sample, Σ of later losses (none after the last boundary without a lookahead: zero)
         future = [torch.zeros_like(h) if g is None else g * (B * W) for g, h in zip(grads[len(trained):], carried)]
 
-        # Truncated: the state entering each chunk detached; the DNI's term at each end.
-        h, loss, term, predicted = state, 0.0, 0.0, []
-        for t in range(W):
-            if t % K == 0:
-                h = h.detach()
-            h, out = system.step(params, h, x[:, t])
-            loss = loss + system.loss(readout, system.read(h, out), targets[:, t]).sum()
-            if dni is not None and t + 1 in ends:
+        # Truncated: each backward's K losses [pos, end) from the state carried, detached, at carry_pos
+        # (K1 - K steps before pos, never before the last carry); the DNI's term at each end.
+        carry, carry_pos, pos, loss, term, predicted = state, 0, 0, 0.0, 0.0, []
+        while pos < W:
+            end = min(pos + K, W)
+            split = min(max(carry_pos, end - (K1 - K)), end)
+            h = next_carry = carry.detach()
+            for t in range(carry_pos, end):
+                h, out = system.step(params, h, x[:, t])
+                next_carry = h if t + 1 == split else next_carry
+                if t >= pos:
+                    loss = loss + system.loss(readout, system.read(h, out), targets[:, t]).sum()
+            if dni is not None:
                 with torch.no_grad():
                     delta, memory = dni(h.detach(), memory)
                 predicted.append(delta)
                 term = term + (delta * h).sum()
+            carry, carry_pos, pos = next_carry, split, end
         grads = torch.autograd.grad(loss / (B * W), trained, allow_unused=True, retain_graph=dni is not None)
         truncated = _flat(g if g is not None else torch.zeros_like(p) for g, p in zip(grads, trained))
         if dni is not None:
@@ -130,7 +143,7 @@ def synthetic_bias(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tens
             "future_norm": (("boundary",), future_norm.detach().cpu().numpy()),
         },
         coords={"boundary": np.asarray(ends)},
-        attrs={**system.describe(), "K": K, "window_length": W, "lookahead": lookahead, "batch": B,
+        attrs={**system.describe(), "K": K, "K1": K1, "window_length": W, "lookahead": lookahead, "batch": B,
                "grad_norm": float(norm)},
     )
     if dni is not None:

@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 
 
-def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: str, record: str):
+def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: str, record: str, dni_config: dict):
     """As torchrun starts a process: a sharded decomposition (rank 0 saves its Dataset), then a
-    data-parallel training run (each rank records the K it used after every update)."""
+    data-parallel training run (each rank records the K it used after every update), and one with
+    synthetic gradients (``dni_config``, into ``out`` + "-dni")."""
     import warnings
 
     import biaskit
@@ -49,4 +50,5 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
     lines = run.fit()
     with open(f"{record}.{rank}", "w") as fh:
         json.dump({"K": [h["K"] for h in run.history], "next_K": [line["next_K"] for line in lines]}, fh)
+    Run(dni_config, out + "-dni", quiet=True).fit()
     dist.destroy_process_group()

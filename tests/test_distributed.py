@@ -61,13 +61,18 @@ TRAIN = {"batch_size": 8, "window": 12, "windows": 8, "groups": 4, "K": 3, "K_ma
          "update_every": 0.5, "epochs": 1, "level": 0.5}
 
 
+DNI_CONFIG = configs.full_config("copy", dict(TINY), {**TRAIN, "delta": None, "estimator": "dni", "dni": "layer",
+                                                     "dni_discount": 0.5})
+
+
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     """Two gloo processes, started once: their sharded Dataset, run directory and K records."""
     tmp = tmp_path_factory.mktemp("two")
     config = configs.full_config("copy", dict(TINY), TRAIN)
     mp.start_processes(workers.both, nprocs=2, start_method="fork",  # forked: no second import of torch
-                       args=(2, free_port(), str(tmp / "sharded.nc"), config, str(tmp / "two"), str(tmp / "K")))
+                       args=(2, free_port(), str(tmp / "sharded.nc"), config, str(tmp / "two"), str(tmp / "K"),
+                             DNI_CONFIG))
     return tmp, config
 
 
@@ -134,3 +139,19 @@ def test_a_data_parallel_run_ends_where_one_process_does(spawned, tmp_path):
     assert sorted(p.name for p in (tmp / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     with pytest.raises(biaskit.InputError, match="trained by 2 process"):
         loop.Run({**config, "train": {**config["train"], "epochs": 2}}, tmp / "two", quiet=True, resume=True)
+
+
+def test_a_data_parallel_dni_run_ends_where_one_process_does(spawned, tmp_path):
+    """Synthetic gradients under 2 gloo processes: the model's and the DNI's weights (averaged over the
+    ranks like the model's) end where one process holding every stream ends."""
+    tmp, _ = spawned
+    loop.Run(DNI_CONFIG, tmp_path / "one", quiet=True).fit()
+    two, single = checkpoint.load(tmp / "two-dni" / "checkpoint-last.pt"), checkpoint.load(tmp_path / "one" /
+                                                                                           "checkpoint-last.pt")
+    assert single["dni"]["shape"] == "layer" and single["dni"]["state"]["net.2.weight"].abs().max() > 0  # learned
+    for part in ("model", "dni"):
+        mine, theirs = (single[part], two[part]) if part == "model" else (single[part]["state"], two[part]["state"])
+        for name, weight in mine.items():
+            torch.testing.assert_close(theirs[name], weight, rtol=1e-4, atol=1e-5, msg=f"{part} {name}")
+    one_line, two_line = runs.read_metrics(tmp_path / "one")[0], runs.read_metrics(tmp / "two-dni")[0]
+    assert two_line["dni_loss"] == pytest.approx(one_line["dni_loss"], rel=1e-4)

@@ -252,3 +252,38 @@ def test_a_burn_in_whose_outputs_cannot_fit_is_refused_before_it_runs(monkeypatc
     with pytest.raises(biaskit.InputError, match="8 windows of 20 steps and their burn-in need about"):
         with probe.probing(model, stream, stream, length=20, count=8, generator=torch.Generator().manual_seed(0)):
             pass
+
+
+@pytest.mark.parametrize("K1, K2", [(4, 2), (5, 2), (3, 3), (7, 3), (6, 1)])
+def test_the_bptt_k1_k2_bias_is_the_trainers_own_chunked_gradient(K1, K2):
+    """``synthetic_bias(..., K=K2, K1=K1)`` against the gradient trainers.tbptt.Stream accumulates over
+    a window, window by window, and full BPTT of every loss, on a TokenLSTM in float64."""
+    from trainers.tasks.token_model import TokenLSTM
+    from trainers.tbptt import Stream
+
+    torch.manual_seed(0)
+    model = TokenLSTM(vocab=5, embedding=3, hidden=4, layers=2).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 5, (3, 11), generator=gen), torch.randint(0, 5, (3, 11), generator=gen)
+    params = list(model.parameters())
+    out, _ = model(x)
+    full = torch.autograd.grad(model.loss(out, y).sum() / y.numel(), params)
+    stream, chunked = Stream(x, y), [torch.zeros_like(p) for p in params]
+    while not stream.done:
+        loss, n = stream.window_loss(model, K1, K2)
+        for total, g in zip(chunked, torch.autograd.grad(loss * n / y.shape[1], params)):
+            total += g
+    expected = flat_norm([c - f for c, f in zip(chunked, full)]) / flat_norm(full)
+    assert expected > 1e-3  # the truncation leaves a bias to measure
+    ds = biaskit.synthetic_bias(model.system(), x, y, K2, K1=K1)
+    assert float(ds["rel_bias_truncated"]) == pytest.approx(float(expected), rel=1e-10)
+    assert ds.attrs["K1"] == K1
+
+
+def test_bptt_k1_below_k2_or_beside_a_dni_is_refused():
+    module, head, loss, x, _, y = setup(SPECS[0])
+    system = biaskit.wrap(module, head, loss)
+    with pytest.raises(biaskit.InputError, match="K1 must be at least K = 3"):
+        biaskit.synthetic_bias(system, x, y, 3, K1=2)
+    with pytest.raises(biaskit.InputError, match="equal to it with a DNI"):
+        biaskit.synthetic_bias(system, x, y, 2, lambda h, m: (h, m), K1=4)

@@ -173,6 +173,26 @@ def test_a_pickle_repeating_one_sequence_is_counted_before_it_is_converted(run_c
     assert listing(tmp_path) == ["data"]
 
 
+def test_a_data_pickle_larger_than_the_memory_is_refused_unread(run_cli, tmp_path, small_memory):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for key in ("train", "dev", "test"):
+        (folder / f"{key}.pkl").write_bytes(bytes(3 * 2**20))  # not even a pickle: its size alone refuses it
+    refused(run_cli("train", "point-process", "--data", folder, "--out", tmp_path / "run", "--quiet"),
+            f"reading {folder / 'train.pkl'} needs about")
+    assert listing(tmp_path) == ["data"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hidden", "100", "--K1", "250", "--K2", "1"], "a training step of BPTT(250, 1) over 8 streams needs about"),
+    ([], "a controller update of 8 windows of 20 steps needs about"),
+])
+def test_a_training_step_or_update_larger_than_the_memory_is_refused_before_training(run_cli, tmp_path, small_memory,
+                                                                                     args, message):
+    refused(run_cli("train", "copy", *TINY, *args, "--out", tmp_path / "run"), message)
+    assert listing(tmp_path) == []
+
+
 def test_the_memory_figure_honours_ulimit_v(monkeypatch):
     monkeypatch.setattr(limits.resource, "getrlimit", lambda what: (2**40 + 2**30, limits.resource.RLIM_INFINITY))
     monkeypatch.setattr(limits, "_meminfo", lambda: 2**50)
@@ -190,6 +210,17 @@ def test_resuming_a_finished_run_says_so(run_cli, tmp_path):
     before = listing(run)
     refused(run_cli("train", "copy", "--resume", run, "--epochs", "2", "--quiet"), "has trained 6 epoch(s)")
     assert listing(run) == before
+
+
+def test_resume_reads_the_checkpoint_once_to_check_and_once_under_the_runs_lock(run_cli, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert run_cli("train", "copy", *TINY, "--epochs", "1", "--out", run).code == 0
+    reads, load = [], checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda path, *args, **kwargs: reads.append(path) or load(path, *args,
+                                                                                                      **kwargs))
+    res = run_cli("train", "copy", "--resume", run, "--epochs", "2", "--quiet")
+    assert res.code == 0, res.err
+    assert reads == [run / runs.LAST] * 2
 
 
 # --- 4. nothing left behind --------------------------------------------------------------------

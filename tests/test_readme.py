@@ -17,7 +17,7 @@ def test_the_readme_python_examples_run_as_written(tmp_path, monkeypatch):
     readme = ROOT.joinpath("README.md").read_text()
     section = readme[readme.index("## Measure the bias of your own RNN"):readme.index("## What `decompose` measures")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 6  # the library, the three notebook cells, every-step losses, the custom cell
+    assert len(blocks) == 7  # the library, the three notebook cells, every-step losses, BPTT(K1, K2), the custom cell
     monkeypatch.chdir(tmp_path)  # report.save("audit/") writes here
     namespace = {}
     for block in blocks:
@@ -26,4 +26,5 @@ def test_the_readme_python_examples_run_as_written(tmp_path, monkeypatch):
     assert 0 <= float(namespace["ds"]["rel_bias"].sel(K=10)) < 1
     assert namespace["K"] == 3  # what the notebook example's comments say
     assert namespace["char_lm"].exact["kappa"].values.tolist() == [0, 2, 7]  # the output shown
+    assert round(float(namespace["chunked"]["rel_bias_truncated"]), 4) == 0.0067  # BPTT(10, 5), as shown
     assert namespace["nb"].exact["rel_bias_upper"].sel(K=[2, 3]).values.round(3).tolist() == [0.147, 0.098]

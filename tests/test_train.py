@@ -289,3 +289,21 @@ def test_the_authors_setup_trains_with_their_buffer_clip_and_weight_decay(tmp_pa
     assert line["K_rule"] in ("estimated", "none below delta", "no fit")  # the paper's controller
     if line["K_rule"] == "estimated":
         assert line["next_K"] == min(max(line["kappa_hat"], 2), 19)  # at once, no factor limit
+
+
+def test_cli_setup_authors_starts_from_their_settings_and_given_options_override(run_cli, tmp_path):
+    res = run_cli("train", "copy", "--setup", "authors", "--clip-whole", "--K", "4", "--epochs", "1",
+                  "--out", str(tmp_path / "a"), *TINY_ARGS)
+    assert res.code == 0, res.err
+    train = runs.stored_run(tmp_path / "a")[0]["train"]
+    preset = configs.AUTHORS["copy"]
+    assert train["setup"] == "authors" and train["buffer"] == preset["buffer"] == "2K-1"
+    assert train["optimizer_options"] == preset["optimizer_options"] and train["controller"] == "paper"
+    assert train["clip_per_K"] is False and train["windows"] == 8  # given options win over the preset
+    assert runs.read_metrics(tmp_path / "a")[0]["K1"] == 7
+    res = run_cli("train", "copy", "--buffer", "2K-1", "--clip-per-K", "--K", "4", "--epochs", "1",
+                  "--out", str(tmp_path / "b"), *TINY_ARGS)
+    assert res.code == 0, res.err
+    train = runs.stored_run(tmp_path / "b")[0]["train"]
+    assert (train["setup"], train["buffer"], train["clip_per_K"], train["optimizer_options"]) == \
+        ("biaskit", "2K-1", True, {})

@@ -22,7 +22,7 @@ from biaskit.norms import NORMS
 from . import config as configs
 from .adaptive import BETA_METHODS, CONTROLLERS
 from .loop import Run, shown
-from .runs import check_epochs_left, plot_training, read_metrics, stored_config
+from .runs import check_epochs_left, plot_training, read_metrics, stored_run
 from .tasks import copy, language, point_process
 from .tasks.token_model import CELLS
 
@@ -123,6 +123,14 @@ TRAIN_OPTIONS = [
     click.option("--optimizer-options", callback=_json_dict,
                  help='The optimizer\'s options as JSON, e.g. \'{"momentum": 0.9}\'.'),
     click.option("--clip", type=POSITIVE, help="Clip the gradient norm to this."),
+    click.option("--clip-per-K/--clip-whole", "clip_per_K", default=None,
+                 help="Clip at --clip divided by K2 (the authors' scripts) or at --clip itself."),
+    click.option("--buffer", type=click.Choice(list(configs.BUFFERS)),
+                 help="The truncation K sets: BPTT(2K, K) (the paper's) or BPTT(2K-1, K) (the authors' scripts)."),
+    click.option("--setup", type=click.Choice(list(configs.SETUPS)),
+                 help="Start from biaskit's task defaults, or from the authors' scripts' training loop "
+                      "(paper controller, clip/K, BPTT(2K-1, K), weight decay, K set at once; see the README); "
+                      "options given override either."),
     click.option("--schedule", help="constant, cosine, step:EPOCHS:GAMMA or restarts:EPOCHS."),
     click.option("--seed", type=SEED, help="Seed of the data, the initial weights and the windows."),
     click.option("--out", type=click.Path(path_type=Path),
@@ -141,7 +149,8 @@ DNI_OPTIONS = [
     click.option("--estimator", type=click.Choice(["tbptt", "dni"]),
                  help="tbptt, or dni: synthetic gradients at the ends of BPTT(K, K) chunks."),
     click.option("--dni", "dni", type=click.Choice(list(configs.DNI_SHAPES)),
-                 help="The DNI's shape: one shared cell per neuron, or one MLP for the whole state (layer)."),
+                 help="The DNI's shape: one shared cell per neuron, one MLP for the whole state (layer), or one "
+                      "linear map of it (linear)."),
     click.option("--dni-hidden", type=click.IntRange(1),
                  help="The DNI's hidden size. [default: 8 for neuron, the state size for layer]"),
     click.option("--dni-lr", type=POSITIVE, help="The DNI's Adam step."),
@@ -208,12 +217,14 @@ def _train(task: str, task_config: dict, opts: dict):
         opts["schedule"] = f"restarts:{restart_base or 1}"
     given = {k: v for k, v in opts.items() if v is not None}
     if resume is not None:
-        config = _resumed(resume, task, task_config, given)
-        check_epochs_left(resume, config["train"]["epochs"])
+        stored, done = stored_run(resume)
+        config = _resumed(resume, stored, task, task_config, given)
+        check_epochs_left(resume, done, config["train"]["epochs"])
     else:
         if "seed" in given:
             task_config["seed"] = given["seed"]
-        config = configs.full_config(task, task_config, {**TRAIN_DEFAULTS[task], **given})
+        authors = configs.AUTHORS[task] if given.get("setup") == "authors" else {}
+        config = configs.full_config(task, task_config, {**TRAIN_DEFAULTS[task], **authors, **given})
     run = Run(config, resume or out, device=dev, quiet=quiet, resume=resume is not None, tensorboard=board)
     metrics = run.fit()
     if not run.ranks.main:
@@ -224,11 +235,10 @@ def _train(task: str, task_config: dict, opts: dict):
                f"test {metric} {shown(best[f'test_{metric}'], '.4f')}; run in {resume or out}")
 
 
-def _resumed(run_dir: Path, task: str, task_given: dict, given: dict) -> dict:
-    """The config to resume the run in ``run_dir`` with: its own, with the --epochs given. Every other
+def _resumed(run_dir: Path, stored: dict, task: str, task_given: dict, given: dict) -> dict:
+    """The config to resume the run in ``run_dir`` with: its own (``stored``), with the --epochs given. Every other
     option given must equal the run's (its value, else the default it ran with), since the checkpoint's
     weights, optimizer and K history belong to those; all that differ are refused in one message."""
-    stored = stored_config(run_dir)
     if stored["task"] != task:
         raise InputError(f"{run_dir} is a {stored['task']} run: resume it with biaskit train {stored['task']} "
                          f"--resume {run_dir}")

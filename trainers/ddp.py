@@ -104,3 +104,14 @@ def total(value: float, ranks: Ranks) -> float:
                      device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(t, group=ranks.group)
     return float(t)
+
+
+def average_gradients(module: torch.nn.Module, ranks: Ranks) -> None:
+    """Replace each parameter's ``.grad`` by its mean over the ranks, as DistributedDataParallel does
+    for the model (for modules trained beside it, such as the DNI)."""
+    if ranks.world == 1:
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, group=ranks.group)
+            param.grad /= ranks.world

@@ -12,10 +12,11 @@ Gradients are per sample and of the plain sum of later losses (no 1/K), so
 they do not depend on the batch size or K; the chunk objective is its mean loss
 plus δ̂_T · h_T, both over S·n.
 
-Two DNI shapes (Shang & Zhang 2019): layer-wise, one MLP from the whole flat
-state to its gradient, and neuron-wise, one small LSTM cell shared by every
-neuron, scalar in and out with a hidden state of its own per neuron, so its
-size does not grow with the RNN's width. Both follow biaskit's DNI protocol,
+Three DNI shapes: linear, one zero-initialised linear map of the whole flat
+state; layer-wise (Shang & Zhang 2019), one MLP from it; and neuron-wise, one
+small LSTM cell shared by every neuron, scalar in and out with a hidden state of
+its own per neuron, so its size does not grow with the RNN's width. All follow
+biaskit's DNI protocol,
 ``dni(state, memory) -> (gradient, memory)`` on flat states, so
 ``biaskit.synthetic_bias`` audits the same module that trains.
 """
@@ -29,7 +30,8 @@ from biaskit.recurrent import RecurrentSystem
 from biaskit.synthetic import synthetic_bias, warm_up
 
 from .schedule import synthetic_phase
-from .tbptt import Stream, detach
+from . import ddp
+from .tbptt import Stream, core, detach
 
 
 class LayerDNI(nn.Module):
@@ -40,6 +42,20 @@ class LayerDNI(nn.Module):
         self.net = nn.Sequential(nn.Linear(size, hidden), nn.ReLU(), nn.Linear(hidden, size))
         nn.init.zeros_(self.net[-1].weight)  # starts as plain truncation (Jaderberg et al.)
         nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, state: torch.Tensor, memory=None):
+        return self.net(state), memory
+
+
+class LinearDNI(nn.Module):
+    """A zero-initialised linear map from the flat state (D) to its gradient (D); stateless. Exact
+    where the future gradient is linear in the state (a linear RNN with a quadratic loss)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.net = nn.Linear(size, size)
+        nn.init.zeros_(self.net.weight)
+        nn.init.zeros_(self.net.bias)
 
     def forward(self, state: torch.Tensor, memory=None):
         return self.net(state), memory
@@ -67,12 +83,17 @@ def layer(config: dict) -> LayerDNI:
     return LayerDNI(config["size"], config.get("hidden") or config["size"])
 
 
+def linear(config: dict) -> LinearDNI:
+    """The linear DNI of ``{"size": D}``, registered as ``linear``."""
+    return LinearDNI(config["size"])
+
+
 def neuron(config: dict) -> NeuronDNI:
     """The neuron-wise DNI of ``{"hidden": m or None (8)}``, registered as ``neuron``."""
     return NeuronDNI(config.get("hidden") or 8)
 
 
-SHAPES = {"layer": layer, "neuron": neuron}
+SHAPES = {"layer": layer, "linear": linear, "neuron": neuron}
 
 
 class SyntheticStream(Stream):
@@ -101,7 +122,7 @@ class SyntheticStream(Stream):
             entering = self.boundary[0].detach().requires_grad_()
         state = None if entering is None else self.system.unflatten(entering)
         out, state = model(self.inputs[:, start:end], state)
-        loss = model.loss(out, self.targets[:, start:end]).mean()
+        loss = core(model).loss(out, self.targets[:, start:end]).mean()
         flat = self.system.flatten(state)
         term = flat.new_zeros(())
         memory = self.memory
@@ -128,7 +149,8 @@ class SyntheticGradients:
     """A DNI trained beside the model: its module, optimizer and settings, how a step uses it,
     its checkpoint entry and its audit. The training loop's one handle on synthetic gradients."""
 
-    def __init__(self, model: nn.Module, cfg: dict, device):
+    def __init__(self, model: nn.Module, cfg: dict, device, ranks: ddp.Ranks = ddp.Ranks()):
+        self.ranks = ranks  # under torch.distributed the DNI's gradients are averaged over the ranks
         with evaluating(model):  # biaskit refuses a recurrence in training mode with dropout
             self.system = model.system()
         self.shape, self.config = cfg["dni"], {"size": self.system.layout.size, "hidden": cfg["dni_hidden"]}
@@ -152,6 +174,7 @@ class SyntheticGradients:
         if dni_loss is not None:
             self.optimizer.zero_grad(set_to_none=True)
             dni_loss.backward()
+            ddp.average_gradients(self.module, self.ranks)
             self.optimizer.step()
             self.dni_loss += dni_loss.item()
         self.updates += 1
@@ -161,7 +184,7 @@ class SyntheticGradients:
     def epoch_stats(self) -> dict:
         """The epoch's share of synthetic updates and the DNI's mean loss; starts a new count."""
         stats = {"synthetic_share": self.synthetic_updates / max(1, self.updates),
-                 "dni_loss": self.dni_loss / max(1, self.updates - 1)}
+                 "dni_loss": ddp.total(self.dni_loss, self.ranks) / self.ranks.world / max(1, self.updates - 1)}
         self._reset()
         return stats
 
@@ -179,7 +202,8 @@ class SyntheticGradients:
     def measure(self, model: nn.Module, inputs, targets, K: int, window: int, windows: int,
                 generator: torch.Generator) -> dict:
         """The chunked bias of this model at K, with and without the DNI, over ``windows`` windows
-        of ``window`` steps (as many again after each for the later losses)."""
+        of ``window`` steps (as many again after each for the later losses). Every rank measures the
+        same windows, so all keep one generator state."""
         with probing(model, inputs, targets, length=window, count=windows, generator=generator,
                      lookahead=window, every_step=True) as probe:
             start, memory = warm_up(probe.system, self.module, probe.burn, K)

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils import _pytree as pytree
 from tqdm import tqdm
 
-from biaskit import checkpoint
+from biaskit import checkpoint, limits
+from biaskit.decompose import GRAPH_ELEMENTS_PER_STATE, memory_estimate
 from biaskit.errors import InputError, first_line
-from biaskit.probe import check_windows, evaluating
+from biaskit.probe import check_model, check_windows, evaluating
 
 from . import config as configs
 from . import ddp, schedule
@@ -35,6 +37,8 @@ EVAL_CHUNK = 200
 DIVERGED_FACTOR = 10.0
 #: ... and the run stops after this many such epochs in a row.
 DIVERGED_EPOCHS = 2
+#: Copies of the model's outputs a step keeps: the outputs, their gradient and the loss's own (log-softmax).
+OUTPUT_COPIES = 3
 
 
 def make_optimizer(model, cfg: dict) -> torch.optim.Optimizer:
@@ -57,12 +61,10 @@ def evaluate(model, inputs, targets, streams: int, extra=None) -> tuple[float, d
         return model.loss(out, y).mean().item(), extra(model, out, y) if extra is not None else {}
 
 
-def check_data(task, cfg: dict, ranks: ddp.Ranks = ddp.Ranks()):
+def check_data(task, cfg: dict, ranks: ddp.Ranks = ddp.Ranks(), device: torch.device | str = "cpu"):
     """Every split feeds the parallel streams, the training split offers the controller's windows,
-    and streams and windows divide among the processes."""
+    streams and windows divide among the processes, and a step and an update fit in memory."""
     if ranks.world > 1:
-        if cfg["estimator"] == "dni":
-            raise InputError("synthetic gradients train on one process: run --estimator dni without torchrun")
         ddp.share(cfg["batch_size"], ranks, "--batch-size")
         ddp.share(cfg["windows"], ranks, "--windows")
         ddp.share(cfg["groups"], ranks, "--groups")  # each rank its share: the limits one process would give
@@ -72,6 +74,36 @@ def check_data(task, cfg: dict, ranks: ddp.Ranks = ddp.Ranks()):
                              "parallel streams of at least two: use a smaller --batch-size or more data")
     lookahead = cfg["window"] if cfg["estimator"] == "dni" else 0
     check_windows(len(task.splits["train"][0]), cfg["window"], cfg["windows"], lookahead)
+    check_memory(task, cfg, ranks, device)
+
+
+def check_memory(task, cfg: dict, ranks: ddp.Ranks, device: torch.device | str):
+    """Refuse, with the figures and before training, a training step or a controller update that
+    cannot fit in this process's memory (a large vocabulary times --batch-size times K1, say).
+
+    A step of BPTT(K1, K2) (K1 of --K-max when adaptive, at most a stream's length) keeps, for each of
+    this process's streams and positions, OUTPUT_COPIES of the model's outputs (sized by one position
+    run through the model) and the unrolled graph, GRAPH_ELEMENTS_PER_STATE floats per state element
+    (decompose's figure); an update decomposes this process's windows (``decompose.memory_estimate``),
+    and with losses at every step keeps their outputs too. The two never coexist: each is checked alone.
+    """
+    model, x = task.model, task.splits["train"][0]
+    streams, windows = cfg["batch_size"] // ranks.world, cfg["windows"] // ranks.world
+    K1, K2 = configs.truncation(cfg, cfg["K_max"] if cfg["delta"] is not None else cfg["K"])
+    steps = min(K1, len(x) // cfg["batch_size"])
+    system = check_model(model).system()
+    with torch.no_grad(), evaluating(model):
+        out = model(x[:1].unsqueeze(0), None)[0]  # one stream, one position
+    row = sum(t.numel() for t in pytree.tree_leaves(out) if torch.is_tensor(t)) * limits.FLOAT  # bytes a position
+    K = "--K1" if cfg["K1"] is not None else "--K-max" if cfg["delta"] is not None else "--K"
+    limits.require({"outputs": OUTPUT_COPIES * row * streams * steps,
+                    "graph": GRAPH_ELEMENTS_PER_STATE * system.layout.size * limits.FLOAT * streams * steps},
+                   f"a training step of BPTT({K1}, {K2}) over {streams} streams",
+                   f"use a smaller --batch-size or {K}", device)
+    every = OUTPUT_COPIES * row * windows * cfg["window"] if cfg["loss_at"] == "every" else 0
+    limits.require({"decomposition": memory_estimate(system, windows, cfg["window"]), "outputs": every},
+                   f"a controller update of {windows} windows of {cfg['window']} steps",
+                   "use fewer --windows or a shorter --window", device)
 
 
 class Run:
@@ -89,13 +121,13 @@ class Run:
         self.quiet = quiet or not self.ranks.main
         self.task = checkpoint.call_factory(checkpoint.load_registered(checkpoint.TASKS, config["task"]),
                                             f"building the task {config['task']!r}", config["task_config"])
-        ddp.agree(self.ranks, lambda: check_data(self.task, cfg, self.ranks))
+        ddp.agree(self.ranks, lambda: check_data(self.task, cfg, self.ranks, self.device))
         torch.manual_seed(cfg["seed"])
         self.model = self.task.model.to(self.device)
         self.trained = self.model if self.ranks.world == 1 else DistributedDataParallel(
             self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.model, cfg)
-        self.estimator = SyntheticGradients(self.model, cfg, self.device) if cfg["estimator"] == "dni" else Truncation()
+        self.estimator = SyntheticGradients(self.model, cfg, self.device, self.ranks) if cfg["estimator"] == "dni" else Truncation()
         self.controller = Controller(cfg["delta"], cfg["window"], cfg["windows"], cfg["K_min"], cfg["K_max"],
                                      cfg["norm"], cfg["tau"], cfg["controller"], cfg["level"], cfg["groups"],
                                      cfg["beta_method"], self.ranks, cfg["max_change"], cfg["audit_every"],
@@ -122,7 +154,7 @@ class Run:
 
     # --- checkpoints ------------------------------------------------------
     def _resume(self):
-        ckpt = checkpoint.load(self.out / LAST)
+        ckpt = checkpoint.load(self.out / LAST)  # read again under the run's lock: the one to go on from
         state = ckpt["trainer"]
         saved = state["config"]
         saved = {**saved, "train": {**configs.TRAIN_DEFAULTS, **saved["train"],  # options added since

@@ -54,16 +54,17 @@ def check_resumable(path: Path):
         raise InputError(f"no checkpoint at {path / LAST}: nothing to resume there")
 
 
-def stored_config(path) -> dict:
-    """The config the run in ``path`` was last trained with: its last checkpoint's, which a resumed
-    run must match (``config.json`` keeps the first --epochs)."""
+def stored_run(path) -> tuple[dict, int | None]:
+    """The config the run in ``path`` was last trained with, its last checkpoint's, which a resumed
+    run must match (``config.json`` keeps the first --epochs), and the epochs it has trained."""
     path = Path(path)
     check_resumable(path)
     trainer = checkpoint.load(path / LAST).get("trainer")
     config = trainer.get("config") if isinstance(trainer, dict) else None
     if not isinstance(config, dict) or not {"task", "task_config", "train"} <= set(config):
         raise InputError(f"{path / LAST} holds no run config: it was not written by biaskit train")
-    return config
+    done = trainer.get("epoch")
+    return config, done if isinstance(done, int) else None
 
 
 class RunDirectory:
@@ -147,14 +148,9 @@ class RunDirectory:
         return None
 
 
-def check_epochs_left(run_dir, epochs: int) -> None:
-    """Refuse to resume a run that has already trained ``epochs`` epochs: it would do nothing."""
-    path = Path(run_dir) / LAST
-    if not path.is_file():
-        return  # RunDirectory says what is missing
-    trainer = checkpoint.load(path).get("trainer")
-    done = trainer.get("epoch") if isinstance(trainer, dict) else None
-    if isinstance(done, int) and done >= epochs:
+def check_epochs_left(run_dir, done: int | None, epochs: int) -> None:
+    """Refuse to resume a run that has already trained ``epochs`` epochs (``done``): it would do nothing."""
+    if done is not None and done >= epochs:
         raise InputError(f"{run_dir} has trained {done} epoch(s) already and --epochs is {epochs}: nothing to "
                          f"resume; pass --epochs above {done} to train further")
 

@@ -49,12 +49,17 @@ def perplexity(mean_loss: float) -> float:
     return float(torch.tensor(mean_loss).exp())
 
 
+def require_file(path: Path, per_byte: float, what: str) -> None:
+    """Refuse, before reading it, a data file that takes ``per_byte`` bytes of memory a byte once
+    loaded (``what``: "its parsed text") and so exceeds the memory free; OSError if it cannot be read."""
+    limits.require({what: Path(path).stat().st_size * per_byte}, f"reading {path}", "use a smaller file")
+
+
 def read_utf8(path: Path) -> str:
     """The UTF-8 text of a data file (a byte-order mark dropped), or an InputError at the first bad byte.
     Its size is checked first: parsed into tokens or rows, text takes about TEXT_BYTES a byte."""
     try:
-        limits.require({"its parsed text": Path(path).stat().st_size * TEXT_BYTES}, f"reading {path}",
-                       "use a smaller file")
+        require_file(path, TEXT_BYTES, "its parsed text")
         data = Path(path).read_bytes()
     except OSError as err:
         raise InputError(f"cannot read {path}: {err.strerror}") from None
