@@ -26,6 +26,7 @@ import argparse
 from pathlib import Path
 
 import grid
+
 from trainers import config as configs
 from trainers.tasks import copy
 
@@ -71,7 +72,8 @@ def main():
                 for v in VARIANTS]
     grid.report(args.results, "copy", "# Copy task: fixed versus adaptive truncation\n\n"
                 f"Paper settings (T = 256,000 train and 64,000 valid/test tokens, batch 64, SGD step 1.0·√K, "
-                f"W = 100, K0 = 15, K in [2, 100], 2-layer LSTM 50) for {args.epochs} epochs (more where an earlier call trained a run further: the epochs column), with gradients "
+                f"W = 100, K0 = 15, K in [2, 100], 2-layer LSTM 50) for {args.epochs} epochs (more where an "
+                "earlier call trained a run further: the epochs column), with gradients "
                 f"clipped to norm {copy.TRAIN['clip']} (the copy task's default: without it our SGD runs spiked). "
                 "`exact`: K from the exact bias's 90% upper limit over 256 windows (16 groups); `paper`: "
                 "Algorithm 1 as printed over 64 windows. `setup=authors`: the authors' scripts' training loop "

@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 import grid
+
 from trainers import config as configs
 from trainers import runs
 from trainers.tasks import copy

@@ -68,7 +68,7 @@ def main():
             pick = torch.randperm(X.shape[0], generator=gen)[:args.windows]
             ds = biaskit.decompose(system, X[pick], Y[pick], psi=False, metric=eye)
             for level in limits:
-                ek = biaskit.exact_kappa(ds, [0.5], level=level)
+                ek = biaskit.exact_kappa(ds, [0.5], alpha=1 - level)
                 limits[level].append(ek["rel_bias_upper"].sel(K=Ks).values)
                 unresolved[level] += 1 - int(ek["gradient_resolved"])
         for level, values in limits.items():

@@ -26,6 +26,7 @@ import statistics
 from pathlib import Path
 
 import grid
+
 from trainers import config as configs
 from trainers import runs
 from trainers.tasks import copy, language

@@ -24,6 +24,7 @@ import argparse
 from pathlib import Path
 
 import grid
+
 from trainers import config as configs
 from trainers.tasks import point_process
 
@@ -48,7 +49,8 @@ def main():
     data = args.data or "the simulated two-mark Hawkes process (50,000 events)"
     grid.report(args.results, "point_process", "# Temporal point process: fixed versus adaptive truncation\n\n"
                 f"{data}; RMTPP with a 2-layer LSTM 128, batch 64, SGD step 0.1·√K, W = 200, K0 = 6, "
-                f"K in [1, 100], 256 windows per update, {args.epochs} epochs (more where an earlier call trained a run further: the epochs column). NLL is per event; RMSE of the "
+                f"K in [1, 100], 256 windows per update, {args.epochs} epochs (more where an earlier call "
+                "trained a run further: the epochs column). NLL is per event; RMSE of the "
                 "expected time to the next event and the mark error rate are at the best valid epoch. Generated "
                 f"by `python analyses/point_process_experiment.py --epochs {args.epochs}`. For the paper's "
                 "Table C.3 see the commands in the script's docstring.",

@@ -47,10 +47,10 @@ def _worker(rank: int, world: int, port: int, config: dict, out: str, device: st
 
 def measure(task: str, world: int, epochs: int, device: str) -> dict:
     from trainers import config as configs
-    from trainers.cli import TRAIN_DEFAULTS
+    from trainers.cli import TASKS
 
     name, task_config, train = SETTINGS[task]
-    config = configs.full_config(name, task_config, {**TRAIN_DEFAULTS[name], "epochs": epochs, **train})
+    config = configs.full_config(name, task_config, {**TASKS[name].TRAIN, "epochs": epochs, **train})
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "run")
         mp.spawn(_worker, args=(world, _free_port(), config, out, device), nprocs=world)

@@ -24,11 +24,10 @@ WAYS = ("written out", "torch.func")
 
 def _measure(way, R, queue):
     import torch
+    from bench_decompose import _setup
 
     import biaskit
     from biaskit import fastpath
-
-    from bench_decompose import _setup
 
     if way == "torch.func":
         fastpath.metric_applies = lambda *a: False

@@ -22,7 +22,7 @@ import torch
 
 from trainers import config as configs
 from trainers import loop
-from trainers.cli import TRAIN_DEFAULTS
+from trainers.cli import TASKS
 
 
 def seconds(work, rounds: int) -> float:
@@ -44,7 +44,7 @@ def main():
     print(f"{'task':<14}{'epoch s':>9}{'exact s':>9}{'share':>7}{'paper s':>9}{'share':>7}"
           f"{'audited s':>11}{'share':>7}{'settled share':>15}")
     for task in args.tasks.split(","):
-        cfg = configs.full_config(task, {}, {**TRAIN_DEFAULTS[task], "delta": 0.5, "epochs": 1})
+        cfg = configs.full_config(task, {}, {**TASKS[task].TRAIN, "delta": 0.5, "epochs": 1})
         run = loop.Run(cfg, tempfile.mkdtemp() + "/run", quiet=True)
         epoch = seconds(run._train_epoch, 1)
         x, y = run.task.splits["train"]

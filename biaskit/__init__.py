@@ -7,6 +7,6 @@ from .errors import InputError
 from .recurrent import RecurrentSystem, wrap
 from .synthetic import synthetic_bias
 
-__all__ = ["wrap", "decompose", "state_gradient_norms", "truncated_gradient", "fit_decay", "bias_bound", "exact_kappa", "calibration", "audit",
-           "Audit", "synthetic_bias", "RecurrentSystem", "InputError"]
+__all__ = ["wrap", "decompose", "state_gradient_norms", "truncated_gradient", "fit_decay", "bias_bound", "exact_kappa",
+           "calibration", "audit", "Audit", "synthetic_bias", "RecurrentSystem", "InputError"]
 __version__ = "0.2.0"

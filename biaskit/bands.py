@@ -28,7 +28,6 @@ output of ``decompose`` keeps its meaning per K.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -214,7 +213,7 @@ def band(system, params, fwd: Forward, cotangent, out_cotangent, members: list[s
                 raise
     grouped, entering, psi = {name: [] for name in params}, torch.empty_like(cotangent), []
     for rows in members:
-        def flat(t):
+        def flat(t, rows=rows):
             return None if t is None else t[:n, rows].flatten(0, 1)
         grads, state_cot, sq = _pull(system, params, flat(h_prev), flat(x), flat(cotangent), flat(out_cotangent),
                                      per_row, flat(after), own)

@@ -38,16 +38,14 @@ beyond the window).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import xarray as xr
 from numpy.typing import ArrayLike
-
-import warnings
-
 from scipy import stats
 
-from .decay import DecayFit, default_tau, fit_decay, norm_table
+from .decay import DecayFit, confidence_alpha, default_tau, fit_decay, norm_table
 from .errors import InputError
 from .norms import NORMS
 
@@ -169,9 +167,10 @@ def bias_bound(
     return out
 
 
-def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
-                K_range: tuple[int, int] | None = None) -> xr.Dataset:
-    """The smallest K whose exact relative bias is below δ with confidence ``level``.
+def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float | None = None,
+                K_range: tuple[int, int] | None = None, *, alpha: float | None = None) -> xr.Dataset:
+    """The smallest K whose exact relative bias is below δ with confidence ``level`` = 1 − ``alpha``
+    (``alpha`` 0.05 by default, at most 0.5; ``level``, third in place, is deprecated).
 
     The population quantity is ``δ(K) = ||E(ĝ_K − g)|| / ||E g||``, E over the
     windows the batch was drawn from; ``decompose`` measures its batch value
@@ -194,8 +193,8 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
       groups' mean contribution norms (``group_contribution``) decaying
       geometrically from lag ``⌊0.9R⌋`` on, fitted by regression and summed past
       the window from the upper end of the fit's band at the last lag at the
-      upper limit of its decay rate, over the lower limit of ``||E g||``. It is added to every K's limit, so a window too
-      short for the gradient to have faded cannot certify a small K.
+      upper limit of its decay rate, over the lower limit of ``||E g||``. It is added to every K's
+      limit, so a window too short for the gradient to have faded cannot certify a small K.
     - K ≥ R (past the window): the same fitted tail, summed past K, at the upper
       confidence limit of its decay rate; marked ``extrapolated``. There the
       point value ``rel_bias`` is the fit's own estimate (its mean at the last
@@ -218,8 +217,10 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
                  "group_contribution", "group_size"):
         if name not in ds:
             raise InputError(f"the Dataset has no {name!r}: pass the output of biaskit.decompose")
-    if not 0.5 <= level < 1:
-        raise InputError(f"level must be in [0.5, 1), e.g. 0.95 (0.5: the estimate itself); got {level}")
+    alpha = confidence_alpha(alpha, level)
+    if alpha > 0.5:
+        raise InputError(f"alpha = 1 - level must be at most 0.5, e.g. 0.05 (0.5: the estimate itself); got {alpha:g}")
+    level = 1 - alpha
     G, R = ds.sizes["group"], ds.sizes["K"]
     if G < 3:
         raise InputError(f"the confidence limit needs at least 3 groups of windows, got {G}: decompose more "
@@ -269,8 +270,10 @@ def exact_kappa(ds: xr.Dataset, deltas: ArrayLike, level: float = 0.95,
         coords={"K": K, "delta": deltas},
         attrs={"level": float(level), "groups": int(G), "window_length": int(R), "t_factor": float(factor),
                "method": "Fieller limit of the U-statistic ratio, delete-one-group jackknife, t with G-1 df",
-               "tail_fit_beta": float(fit.beta), "tail_fit_beta_upper": float(beyond["beta_upper"]),
-               "tail_fit_tau": int(fit.tau), "tail_fit_reliable": int(fit.reliable)},
+               "tail_fit_beta": float(fit.beta) if fit else math.nan,
+               "tail_fit_beta_upper": float(beyond["beta_upper"]),
+               "tail_fit_tau": int(fit.tau) if fit else default_tau(R),
+               "tail_fit_reliable": int(bool(fit and fit.reliable))},
     )
     out["rel_bias"].attrs["long_name"] = "exact relative bias over the batch (extrapolated past the window)"
     out["rel_bias_upper"].attrs["long_name"] = f"one-sided {100 * level:g}% upper limit of the relative bias"
@@ -310,9 +313,11 @@ def not_reached(exact: xr.Dataset, delta: float, windows: int) -> dict:
     if not math.isfinite(float(exact["beyond_window"])):
         beta = float(exact.attrs["tail_fit_beta"])
         length = R + math.ceil(math.log(0.01) / math.log(beta)) if 0 < beta < 1 else 2 * R
+        cause = (f"the per-lag contributions' decay rate reaches 1 at its upper limit; fitted {beta:.3g}"
+                 if math.isfinite(beta) else "too few of its last lags have a positive mean contribution to fit "
+                 "their decay")
         return {"cause": "beyond window",
-                "why": f"the bias from lags past the {R}-step window is unbounded (the per-lag contributions' "
-                       f"decay rate reaches 1 at its upper limit; fitted {beta:.3g})",
+                "why": f"the bias from lags past the {R}-step window is unbounded ({cause})",
                 "advice": f"a window of about {length} steps (now {R}), or more windows to narrow the rate",
                 "window_length_needed": length}
     K_end = int(exact.K.max())
@@ -362,15 +367,19 @@ def _fieller_upper(a, v_aa, v_ab, b, v_bb, t) -> np.ndarray:
     return np.where((A > 0) & (b > 0), np.clip(root, 0, None), np.inf)
 
 
-def _beyond_window(ds: xr.Dataset, level: float) -> tuple[dict, DecayFit]:
+def _beyond_window(ds: xr.Dataset, level: float) -> tuple[dict, DecayFit | None]:
     """The tail past the window (in gradient units) from the decay of the groups' mean
-    contribution norms."""
+    contribution norms; unbounded, with no fit, where too few lags are positive to fit one."""
     table = ds["group_contribution"].transpose("group", "lag").values.astype(np.float64)
     R = table.shape[1]
-    with warnings.catch_warnings():  # few groups: the fit's own reliability flag is read below
-        warnings.simplefilter("ignore")
-        fit = fit_decay(xr.Dataset({"psi": (("sample", "lag"), table)}), norm="psi",
-                        tau=default_tau(R), weights="ols", level=level)
+    try:
+        with warnings.catch_warnings():  # few groups: the fit's own reliability flag is read below
+            warnings.simplefilter("ignore")
+            fit = fit_decay(xr.Dataset({"psi": (("sample", "lag"), table)}), norm="psi",
+                            tau=default_tau(R), weights="ols", alpha=1 - level)
+    except InputError:  # too few positive lags to fit a decay (float32 zeros): the tail is not bounded
+        return {"at_fit": math.inf, "beta_upper": math.nan, "past": lambda K: np.full(np.shape(K), np.inf),
+                "past_at_fit": lambda K: np.full(np.shape(K), np.nan)}, None
     alpha = 2 * (1 - level)  # the two-sided interval whose upper end is the one-sided limit
     beta, beta_upper = fit.beta, fit.conf_int(alpha)[1] if alpha < 1 else fit.beta
     band = fit.band([R - 1], alpha if alpha < 1 else 0.5)

@@ -18,8 +18,7 @@ from .audit import FILES, audit
 from .bands import LOSS_AT
 from .decompose import check_memory
 from .errors import InputError
-from .probe import probing
-from .synthetic import synthetic_bias, warm_up
+from .probe import probing, sample_windows
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,7 +110,7 @@ def check_replaces(out: Path, source: Path):
               help=f"Confidence of the recommended K [default: the run's, else {FALLBACK['level']}].")
 @click.option("--loss-at", type=click.Choice(list(LOSS_AT)),
               help="Where the windows' losses are: the last step (the paper's BPTT(R, 1)) or every step (the "
-                   f"gradient a trainer computes; about R/4 times the cost) [default: the run's, else last].")
+                   "gradient a trainer computes; about R/4 times the cost) [default: the run's, else last].")
 @click.option("--K", "K", type=click.IntRange(0),
               help="The truncation whose exact bias is reported [default: the checkpoint's K].")
 @click.option("--deltas", default="0.9,0.5,0.1", show_default=True, callback=deltas_option,
@@ -163,20 +162,18 @@ def analyze(checkpoint_path, factory, data, windows, window_length, groups, leve
         + (f" ({', '.join(from_run)} from the run's controller)" if from_run else ""))
     gen = torch.Generator().manual_seed(seed)
     every = settings["loss_at"] == "every"
+    dni_windows = None  # the DNI's: with as many steps again after each window for the later losses
+    if rebuilt.dni is not None:
+        dni_windows = sample_windows(inputs, targets, window_length, windows, torch.Generator().manual_seed(seed),
+                                     lookahead=window_length).to(dev)
     with probing(rebuilt.model, inputs, targets, length=window_length, count=windows, generator=gen,
                  every_step=every) as probe:
         check_memory(probe.system, windows, window_length, dev)
-        say(f"decomposing {windows} windows of {window_length} steps and fitting every norm")
+        say(f"decomposing {windows} windows of {window_length} steps and fitting every norm" + (
+            "" if rebuilt.dni is None else f", then the bias of the run's synthetic gradients at K = {rebuilt.K}"))
         result = audit(probe.system, probe.inputs, probe.targets, start=probe.start, deltas=deltas, K=K,
-                       seed=seed, groups=settings["groups"], level=settings["level"], loss_at=settings["loss_at"])
-    if rebuilt.dni is not None:
-        say(f"measuring the bias of the run's synthetic gradients at K = {rebuilt.K}")
-        span = torch.Generator().manual_seed(seed)
-        with probing(rebuilt.model, inputs, targets, length=window_length, count=windows, generator=span,
-                     lookahead=window_length, every_step=True) as probe:
-            start, memory = warm_up(probe.system, rebuilt.dni, probe.burn, rebuilt.K)
-            result.synthetic = synthetic_bias(probe.system, probe.inputs, probe.targets, rebuilt.K, rebuilt.dni,
-                                              start=start, memory=memory, lookahead=window_length)
+                       seed=seed, groups=settings["groups"], alpha=1 - settings["level"],
+                       loss_at=settings["loss_at"], dni=rebuilt.dni, dni_windows=dni_windows, dni_K=rebuilt.K)
     say(f"writing {out}")
     result.dataset.attrs["checkpoint"] = str(source)
     result.save(out)

@@ -119,7 +119,7 @@ the 1e-100, not by the decay; biaskit does not reproduce that.
 ``tau=None`` is the paper's ``τ = ⌊0.9 R⌋``.  ``tau="auto"`` scans τ upward over
 at most 50 candidates and takes the first whose window ``[τ, R)`` is
 log-linear: a Wald test of a quadratic term in the same clustered regression
-is not rejected at ``1 − level`` (a curvature below √ε of the table's dtype
+is not rejected at ``alpha`` (a curvature below √ε of the table's dtype
 counts as rounding), or the norm has vanished past τ.  The test runs on the
 window up to a collapse (at least three lags); a window whose zero means are
 followed by a positive one is rejected.  If no candidate passes, the paper's
@@ -132,8 +132,8 @@ import warnings
 
 import numpy as np
 import xarray as xr
-from scipy import stats
 from numpy.typing import ArrayLike
+from scipy import stats
 from statsmodels.iolib.summary import Summary
 from statsmodels.iolib.table import SimpleTable
 from statsmodels.regression.linear_model import WLS
@@ -151,6 +151,24 @@ MAX_BOOT_ENTRIES = 50_000_000  # n_boot × slopes held at once (400 MB of float6
 
 class UnreliableFitWarning(UserWarning):
     """The batch cannot estimate the mean norm at some fitted lag: the interval may undercover."""
+
+
+def confidence_alpha(alpha: float | None, level: float | None, default: float = 0.05) -> float:
+    """``alpha``, 1 − the confidence, as statsmodels takes it (``default`` when not given), checked.
+    ``level``, the confidence itself, is the older keyword: still taken, with a DeprecationWarning
+    for the code that called the public function calling this."""
+    if level is not None:
+        if alpha is not None:
+            raise InputError("pass alpha or the deprecated level, not both")
+        warnings.warn("level= is deprecated: pass alpha = 1 - level, as statsmodels does",
+                      DeprecationWarning, stacklevel=3)
+        if not 0 < level < 1:
+            raise InputError(f"level must be in (0, 1), e.g. 0.95; got {level}")
+        return 1 - level
+    alpha = default if alpha is None else alpha
+    if not 0 < alpha < 1:
+        raise InputError(f"alpha must be in (0, 1), e.g. 0.05 for a 95% interval; got {alpha}")
+    return alpha
 
 
 def norm_table(ds: xr.Dataset, norm: str) -> np.ndarray:
@@ -179,8 +197,9 @@ def fit_decay(
     norm: str = "phi",
     method: str = "regression",
     tau: int | str | None = None,
-    level: float = 0.95,
+    level: float | None = None,
     *,
+    alpha: float | None = None,
     weights: str = "wls",
     q: float = 0.95,
     n_boot: int = 1000,
@@ -190,7 +209,8 @@ def fit_decay(
 
     ``method``: "regression" (Eq. 22), "max" (Eq. 21), "anchored" or
     "quantile" (module docstring).  ``tau``: None (paper's 0.9·R), an int lag,
-    or "auto".  ``level`` is the fit's default confidence level.  ``weights``
+    or "auto".  ``alpha``: 1 − the fit's default confidence (0.05; ``level``,
+    the confidence, is deprecated).  ``weights``
     ("wls" or "ols") applies to the regression, ``q`` to the quantile,
     ``n_boot`` and ``seed`` to the bootstrap of the max-type estimators.
     Returns a ``RegressionDecay``, ``MaxSlopeDecay``, ``AnchoredDecay`` or
@@ -203,8 +223,7 @@ def fit_decay(
         raise InputError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     if weights not in WEIGHTS:
         raise InputError(f"unknown weights {weights!r}: use 'wls' or 'ols'")
-    if not 0 < level < 1:
-        raise InputError(f"level must be in (0, 1), e.g. 0.95; got {level}")
+    level = 1 - confidence_alpha(alpha, level)
     if not 0 < q < 1:
         raise InputError(f"q must be a quantile in (0, 1), e.g. 0.95; got {q}")
     if isinstance(n_boot, (bool, np.bool_)) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
@@ -358,11 +377,11 @@ class DecayFit:
 
         ``level=`` is deprecated: pass ``alpha = 1 − level``, as statsmodels does.
         """
-        return self._limits(self._alpha(alpha, level))
+        return self._limits(confidence_alpha(alpha, level, 1 - self.level))
 
     def band(self, lags: ArrayLike, alpha: float | None = None, *, level: float | None = None) -> xr.Dataset:
         """Fitted mean norm at ``lags`` with its band at confidence 1 − ``alpha`` (default: the fit's)."""
-        alpha = self._alpha(alpha, level)
+        alpha = confidence_alpha(alpha, level, 1 - self.level)
         lags = np.asarray(lags, dtype=np.int64)
         mean, lower, upper = self._curve(lags, alpha)
         return xr.Dataset(
@@ -456,18 +475,6 @@ class DecayFit:
     def _settings(self) -> dict:
         """The estimator's own settings, for the attrs and the summary."""
         return {}
-
-    def _alpha(self, alpha, level) -> float:
-        if level is not None:
-            if alpha is not None:
-                raise InputError("pass alpha or the deprecated level, not both")
-            warnings.warn("level= is deprecated: pass alpha = 1 - level, as statsmodels does",
-                          DeprecationWarning, stacklevel=3)
-            alpha = 1 - level
-        alpha = 1 - self.level if alpha is None else alpha
-        if not 0 < alpha < 1:
-            raise InputError(f"alpha must be in (0, 1), e.g. 0.05 for a 95% interval; got {alpha}")
-        return alpha
 
     def _limits(self, alpha: float) -> np.ndarray:
         raise NotImplementedError

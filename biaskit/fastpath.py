@@ -91,14 +91,14 @@ def sweep(system: TorchRecurrent, params, readout, x: torch.Tensor, start, targe
         (output_grad,) = torch.autograd.grad(losses.sum(), [output])
     deltas, b_parts, above = [None] * len(layers), [None] * len(layers), None
     with torch.no_grad():
-        for l in reversed(range(len(layers))):
+        for layer in reversed(range(len(layers))):
             arriving = above  # what reaches each step's h from the layer above
             if arriving is None:
-                arriving = torch.zeros_like(layers[l].h)
+                arriving = torch.zeros_like(layers[layer].h)
                 arriving[-1] = output_grad
-            *deltas[l], b_parts[l] = BACKWARD[system.base](system, layers[l], arriving)
-            if l or system.encoder is not None:
-                above = (deltas[l][0].flatten(0, 1) @ layers[l].weights["weight_ih"]).reshape(R, B, -1)
+            *deltas[layer], b_parts[layer] = BACKWARD[system.base](system, layers[layer], arriving)
+            if layer or system.encoder is not None:
+                above = (deltas[layer][0].flatten(0, 1) @ layers[layer].weights["weight_ih"]).reshape(R, B, -1)
     b_parts[-1][0][-1] = output_grad  # the last step's state is read by the readout alone: its top h
     b = torch.cat([part for parts in b_parts for part in parts], dim=-1)
     h_prev = torch.cat([part for layer in layers for part in layer.entering], dim=-1)  # (R, B, D)

@@ -284,9 +284,9 @@ class TorchRecurrent(RecurrentSystem):
         for n, q in named:
             first.setdefault(id(q), n)
         self.aliases = {n: first[id(q)] for n, q in named if first[id(q)] != n}
-        blocks = [(l, comp) for l in range(self.num_layers) for comp in self.components]
+        blocks = [(layer, comp) for layer in range(self.num_layers) for comp in self.components]
         self.layout = StateLayout([c for _, c in blocks for _ in range(self.hidden)],
-                                  [l for l, _ in blocks for _ in range(self.hidden)],
+                                  [layer for layer, _ in blocks for _ in range(self.hidden)],
                                   [str(u) for _ in blocks for u in range(self.hidden)])
 
     def suffix(self, layer: int) -> str:
@@ -296,7 +296,7 @@ class TorchRecurrent(RecurrentSystem):
         """The flat state as [(h, c) or (h,)] per layer."""
         parts = state.split(self.hidden, dim=1)
         n = len(self.components)
-        return [parts[l * n:(l + 1) * n] for l in range(self.num_layers)]
+        return [parts[layer * n:(layer + 1) * n] for layer in range(self.num_layers)]
 
     def step(self, params, state, x):
         new, inp = [], self.encode(params, x)
@@ -332,7 +332,7 @@ class TorchRecurrent(RecurrentSystem):
                                  f"{'' if self.is_cell else f'({self.num_layers}, ·, '}{self.hidden}), got {got}")
         if self.is_cell:
             return torch.cat(parts, dim=1)
-        return torch.cat([part[l] for l in range(self.num_layers) for part in parts], dim=1)
+        return torch.cat([part[layer] for layer in range(self.num_layers) for part in parts], dim=1)
 
     def unflatten(self, flat):
         layers = self.split(flat)

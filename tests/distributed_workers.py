@@ -14,9 +14,10 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
     synthetic gradients (``dni_config``, into ``out`` + "-dni")."""
     import warnings
 
+    from test_distributed import every_step_problem, problem, token_problem
+
     import biaskit
     from biaskit import fastpath, report
-    from test_distributed import every_step_problem, problem, token_problem
     from trainers.loop import Run
 
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),

@@ -4,13 +4,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
+from helpers import LinearCell, flat_norm, naive_gradient
 from torch import nn
 
 import biaskit
-from helpers import LinearCell, flat_norm, naive_gradient
 from trainers.adaptive import Controller
 
 
@@ -128,8 +127,9 @@ def test_the_logged_exact_bias_is_the_K_in_use_from_the_burn_in_state():
 
 def test_the_every_step_controller_logs_the_every_step_bias_of_the_K_in_use():
     """With losses at every step the controller's exact bias is the mean of each position's truncation."""
-    from biaskit.probe import sample_windows
     from helpers import naive_every
+
+    from biaskit.probe import sample_windows
 
     torch.manual_seed(0)
     model = LinearModel(0.9)

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from helpers import flat_norm, naive_every, naive_gradient
 from torch import nn
 
 import biaskit
 from biaskit import checkpoint, report
 from biaskit.audit import audit
 from biaskit.probe import sample_windows
-from helpers import flat_norm, naive_every, naive_gradient
 from trainers import config as configs
 from trainers import loop
 

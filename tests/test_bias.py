@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from helpers import LinearCell
 from torch import nn
 
 import biaskit
@@ -12,7 +13,6 @@ from biaskit import report
 from biaskit.bias import abs_bound, bias_bound, calibration, rel_bound
 from biaskit.decay import fit_decay
 from biaskit.errors import InputError
-from helpers import LinearCell
 
 # The bounds are checked against their formulas whatever the fit's reliability; test_decay tests the flag.
 pytestmark = pytest.mark.filterwarnings("ignore::biaskit.decay.UnreliableFitWarning")
@@ -388,7 +388,7 @@ def test_the_upper_limit_covers_the_population_bias_at_its_level():
         pick = torch.randperm(X.shape[0], generator=gen)[:64]
         ds = biaskit.decompose(system, X[pick], Y[pick], psi=False, metric=eye)
         for level in covered:
-            limit = biaskit.exact_kappa(ds, [0.5], level=level)["rel_bias_upper"].sel(K=Ks).values
+            limit = biaskit.exact_kappa(ds, [0.5], alpha=1 - level)["rel_bias_upper"].sel(K=Ks).values
             covered[level] += limit >= population[Ks]
     for level, count in covered.items():
         margin = 3 * np.sqrt(level * (1 - level) / n)
@@ -430,5 +430,6 @@ def test_exact_kappa_refuses_what_it_cannot_use():
     two = biaskit.decompose(system, X, Y, psi=False, groups=2)
     with pytest.raises(InputError, match="at least 3 groups"):
         biaskit.exact_kappa(two, [0.5])
-    with pytest.raises(InputError, match="level must be"):
+    with pytest.raises(InputError, match="level must be"), \
+            pytest.warns(DeprecationWarning, match="level= is deprecated"):
         biaskit.exact_kappa(biaskit.decompose(system, X, Y, psi=False), [0.5], level=1.0)

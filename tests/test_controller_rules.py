@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from test_adaptive import LinearModel
 
 import biaskit
 from biaskit.bias import not_reached
 from biaskit.probe import probing
-from test_adaptive import LinearModel
-from trainers.adaptive import Controller, choose_K, limit_change, next_interval, paper_rule
+from trainers.adaptive import Controller, UpdateSchedule, choose_K, limit_change, next_interval, paper_rule
 
 
 @pytest.mark.parametrize("K, target, want", [
@@ -152,7 +152,7 @@ def _exact(model, inputs, targets, windows, window, level=0.9, K_range=None, gro
                  generator=torch.Generator().manual_seed(seed)) as probe:
         ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
                                metric=False, groups=groups)
-    return biaskit.exact_kappa(ds, [0.01], level, K_range)
+    return biaskit.exact_kappa(ds, [0.01], alpha=1 - level, K_range=K_range)
 
 
 def test_not_reached_says_unresolved_with_the_windows_it_would_take():
@@ -186,3 +186,16 @@ def test_not_reached_says_the_bias_stays_above_delta_in_range():
     assert (exact["rel_bias_upper"].values >= 0.01).all()
     why = not_reached(exact, 0.01, 64)
     assert why["cause"] == "above delta" and "K <= 3" in why["why"]
+
+
+def test_the_update_schedule_is_asked_in_one_place():
+    """Adaptive: due from ``base`` epochs on, inside an epoch too, the interval doubling while K is
+    settled and back to ``base`` on a change; fixed K: at each epoch's end only."""
+    adaptive = UpdateSchedule(1.0, 4.0, adaptive=True)
+    assert not adaptive.due(0.99, epoch_end=False) and adaptive.due(1.0, epoch_end=False)
+    settled, moving = {"K": 10, "K_in_use": 10, "K_target": 10}, {"K": 20, "K_in_use": 10, "K_target": 20}
+    assert adaptive.advance(settled, {}) == 2.0 and adaptive.next == 3.0
+    assert adaptive.advance(settled, {"interval": 2.0}) == 4.0 and adaptive.next == 7.0
+    assert adaptive.advance(moving, {"interval": 4.0}) == 1.0 and adaptive.next == 8.0
+    fixed = UpdateSchedule(1.0, 4.0, adaptive=False)
+    assert fixed.due(0.5, epoch_end=True) and not fixed.due(5.0, epoch_end=False)

@@ -5,6 +5,7 @@ import pytest
 import statsmodels.api as sm
 import torch
 import xarray as xr
+from helpers import LinearCell
 from scipy import stats
 from torch import nn
 
@@ -12,7 +13,6 @@ import biaskit
 from biaskit import report
 from biaskit.decay import HEAVY_TAIL_LIMIT, UnreliableFitWarning, fit_decay, lognormal_variance
 from biaskit.errors import InputError
-from helpers import LinearCell
 
 
 class ResettingCell(nn.Module):
@@ -327,7 +327,7 @@ def test_eq_22_regression_is_the_printed_sum_over_pairs():
 def test_regression_matches_numpy_slope_and_delta_method_interval(weights):
     ds = noisy_geometric_table(3, R=40)
     tau = 30
-    fit = fit_decay(ds, tau=tau, weights=weights, level=0.9)
+    fit = fit_decay(ds, tau=tau, weights=weights, alpha=0.1)
 
     table = ds.phi.values[:, tau:]
     n, L = table.shape
@@ -498,6 +498,7 @@ def test_plot_decay_draws_the_mean_fit_and_tau():
         ({"method": "quantile", "tau": 0, "n_boot": 10**6}, "shorter window"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:level= is deprecated:DeprecationWarning")
 def test_bad_input_says_what_to_fix(kwargs, message):
     with pytest.raises(InputError, match=message):
         fit_decay(noisy_geometric_table(0, R=20), **kwargs)

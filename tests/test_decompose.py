@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from helpers import LeakyCell, final_output, flat_norm, make_module, naive_gradient
 from torch import nn
 
 import biaskit
 from biaskit import denormals, report
-from helpers import LeakyCell, final_output, flat_norm, make_module, naive_gradient
 
 ADAPTERS = [
     dict(kind="LSTM", layers=2, batch_first=True, bias=True),
@@ -77,7 +77,8 @@ def test_encoder_parameters_count_in_the_bias():
     for K in (0, 3, R - 2):
         naive = naive_gradient(lstm, head, loss_fn, tokens, y, K, encoder=emb)
         assert distance(biaskit.truncated_gradient(system, tokens, y, K), naive) < 1e-10
-        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(distance(naive, full) / flat_norm(full.values()), rel=1e-8)
+        want = distance(naive, full) / flat_norm(full.values())
+        assert ds["rel_bias"].sel(K=K).item() == pytest.approx(want, rel=1e-8)
 
 
 def _retained_state_grads(module, x, y, head, loss_fn):
@@ -91,7 +92,7 @@ def _retained_state_grads(module, x, y, head, loss_fn):
         states.append(parts)
     loss_fn(head(states[-1][0][-1]), y).sum().backward()
     grad = [[torch.zeros_like(p) if p.grad is None else p.grad for p in parts] for parts in states]
-    return [torch.cat([g[l] for l in range(module.num_layers) for g in parts], dim=1) for parts in grad]
+    return [torch.cat([g[layer] for layer in range(module.num_layers) for g in parts], dim=1) for parts in grad]
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
@@ -104,7 +105,7 @@ def test_phi_and_phi_state_match_retain_grad(kind):
         np.testing.assert_allclose(ds["phi"].sel(lag=k).values, g.norm(dim=1).numpy(), rtol=1e-9, atol=1e-14)
         np.testing.assert_allclose(ds["phi_state"].sel(lag=k).values, g.abs().mean(0).numpy(), rtol=1e-9, atol=1e-14)
     comps = ["h", "c"] if kind == "LSTM" else ["h"]
-    expected = [(l, c) for l in range(2) for c in comps for _ in range(5)]
+    expected = [(layer, c) for layer in range(2) for c in comps for _ in range(5)]
     assert list(zip(ds["layer"].values.tolist(), ds["part"].values.tolist())) == expected
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 
+import distributed_workers as workers
 import numpy as np
 import pytest
 import torch
@@ -15,8 +16,6 @@ import biaskit
 from biaskit import checkpoint, report
 from trainers import config as configs
 from trainers import loop, runs
-
-import distributed_workers as workers
 
 
 def free_port() -> int:
@@ -53,7 +52,8 @@ def every_step_problem():
     gru, head = nn.GRU(3, 4, batch_first=True).double(), nn.Linear(4, 3).double()
     system = biaskit.wrap(gru, head, nn.CrossEntropyLoss(reduction="none"))
     gen = torch.Generator().manual_seed(3)
-    return system, torch.randn(16, 7, 3, dtype=torch.float64, generator=gen), torch.randint(0, 3, (16, 7), generator=gen)
+    x, y = torch.randn(16, 7, 3, dtype=torch.float64, generator=gen), torch.randint(0, 3, (16, 7), generator=gen)
+    return system, x, y
 
 
 TINY = {"train_tokens": 2000, "valid_tokens": 400, "test_tokens": 400, "hidden": 6}

@@ -286,7 +286,7 @@ TINY = ["--train-tokens", "2000", "--valid-tokens", "400", "--test-tokens", "400
         "--batch-size", "8", "--window", "20", "--windows", "8", "--quiet"]
 
 
-@pytest.mark.parametrize("kind", ["layer", "neuron"])
+@pytest.mark.parametrize("kind", ["layer", "linear", "neuron"])
 def test_a_dni_run_logs_both_biases_and_analyze_reports_them(run_cli, tmp_path, kind):
     run_dir = tmp_path / kind
     res = run_cli("train", "copy", "--K", "4", "--epochs", "2", "--estimator", "dni", "--dni", kind,

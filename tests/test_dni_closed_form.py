@@ -112,8 +112,8 @@ def test_the_bootstrapped_target_has_the_closed_form_mean(discount):
 
 def test_a_linear_dni_learns_the_future_gradient_and_corrects_the_truncation():
     """Trained as the trainer trains it (Adam on the bootstrapped target, from zero), the linear DNI
-    comes within 10% of M in 150 chunk updates (one stream of 300 steps) and stays there, and its BPTT(K, K) gradient is far closer to full
-    BPTT than plain truncation's (synthetic_bias)."""
+    comes within 10% of M in 150 chunk updates (one stream of 300 steps) and stays there, and its
+    BPTT(K, K) gradient is far closer to full BPTT than plain truncation's (synthetic_bias)."""
     model = LinearRNN()
     cfg = {"dni": "linear", "dni_hidden": None, "dni_lr": 0.01, "dni_discount": 1.0, "schedule": "constant",
            "alternate": False}

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import flat_norm, make_module, naive_every, naive_gradient
 from torch import nn
 
 import biaskit
 from biaskit import limits
-from helpers import flat_norm, make_module, naive_every, naive_gradient
 
 SPECS = [
     dict(kind="RNN", layers=2, batch_first=True),

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from helpers import final_output, make_module, naive_gradient
 from scipy import optimize, stats
+from test_adaptive import LinearModel
 from torch import nn
 
 import biaskit
 from biaskit.decay import default_tau, fit_decay
 from biaskit.synthetic import warm_up
-from helpers import final_output, make_module, naive_gradient
-from test_adaptive import LinearModel
 from trainers.adaptive import Controller
 from trainers.tasks.token_model import TokenLSTM
 
@@ -213,7 +213,8 @@ def test_a_step_with_no_trainable_parameter_and_meaningless_metric_sizes_are_ref
     torch.manual_seed(0)
     rnn, head = nn.RNN(2, 3, batch_first=True), nn.Linear(3, 2)
     x, y = torch.randn(4, 5, 2), torch.randint(0, 2, (4,))
-    frozen = biaskit.wrap(nn.RNN(2, 3, batch_first=True).requires_grad_(False), head, nn.CrossEntropyLoss(reduction="none"))
+    frozen_rnn = nn.RNN(2, 3, batch_first=True).requires_grad_(False)
+    frozen = biaskit.wrap(frozen_rnn, head, nn.CrossEntropyLoss(reduction="none"))
     with pytest.raises(biaskit.InputError, match="no trainable parameters"):
         biaskit.decompose(frozen, x, y)
     system = biaskit.wrap(rnn, head, nn.CrossEntropyLoss(reduction="none"))
@@ -273,7 +274,7 @@ def test_exact_kappa_is_fieller_on_a_delete_one_group_jackknife_of_u_statistics(
     y = 5 + x[:, :3, 0].sum(1)  # an offset: the mean gradient stands out of the noise
     ds = biaskit.decompose(biaskit.wrap(gru, head, loss_fn), x, y, groups=G, psi=False,
                            metric=torch.eye(4, dtype=torch.float64))
-    ek = biaskit.exact_kappa(ds, [0.5], level=level, K_range=(0, R + 6))
+    ek = biaskit.exact_kappa(ds, [0.5], alpha=1 - level, K_range=(0, R + 6))
     names = list(naive_gradient(gru, head, loss_fn, x[:1], y[:1]))
 
     def window(s, K=None):
@@ -290,7 +291,7 @@ def test_exact_kappa_is_fieller_on_a_delete_one_group_jackknife_of_u_statistics(
     grad_low = np.sqrt(b - t * np.sqrt(v_bb))
 
     groups_table = xr.Dataset({"psi": (("sample", "lag"), ds["group_contribution"].transpose("group", "lag").values)})
-    fit = fit_decay(groups_table, norm="psi", tau=default_tau(R), weights="ols", level=level)
+    fit = fit_decay(groups_table, norm="psi", tau=default_tau(R), weights="ols", alpha=1 - level)
     alpha = 2 * (1 - level)  # the two-sided band whose upper end is the one-sided limit
     last = float(fit.band([R - 1], alpha)["upper"][0])
     beta_upper = fit.conf_int(alpha)[1]

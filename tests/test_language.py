@@ -209,8 +209,9 @@ def qrnn_truncated(model, tokens, targets, K=None, every=False):
 def test_a_qrnn_language_model_steps_as_it_runs_and_its_bias_is_truncations(every):
     """The QRNN's chunk forward and its one-step view agree, and biaskit's bias of the step view is the
     detach-based truncation of the chunk forward, float64."""
-    import biaskit
     from helpers import flat_norm
+
+    import biaskit
     from trainers.tasks.token_model import TokenLSTM
 
     torch.manual_seed(0)

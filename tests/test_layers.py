@@ -1,4 +1,4 @@
-"""The layer contract: biaskit never imports the trainers; the scripts sit above both."""
+"""The layer contract: biaskit never imports the trainers; the scripts sit above both. And the lint."""
 from __future__ import annotations
 
 import shutil
@@ -29,3 +29,10 @@ def test_the_contract_would_catch_an_upward_import(tmp_path):
     result = lint(tmp_path)
     assert result.returncode != 0 and "0 kept, 1 broken" in result.stdout
     assert "biaskit.probe -> trainers.loop" in result.stdout
+
+
+def test_ruff_finds_nothing():
+    """pycodestyle, pyflakes, isort, bugbear and the branch ceiling (pyproject.toml, [tool.ruff])."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

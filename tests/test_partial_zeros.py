@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from test_adaptive import ConstantModel, LinearModel
 
-from biaskit.decay import fit_decay
+from biaskit.decay import default_tau, fit_decay
 from biaskit.errors import InputError
-from test_adaptive import LinearModel
 from trainers.adaptive import Controller
 
 
@@ -133,3 +133,40 @@ def test_the_controller_fits_a_model_whose_norm_collapses_inside_the_window(meth
             "regression": np.polyfit([5, 6, 7], log_norm, 1)[0]}[method]
     assert record["K_rule"] != "no fit" and record["kappa_hat"] is not None
     assert record["beta"] == pytest.approx(math.exp(want), rel=1e-9)
+
+
+def sparse_tail(ds):
+    """``ds`` with its groups' contributions exactly 0 at every lag of [τ, R) but the last (float32
+    underflow at some lags, not all): one positive lag, too few to fit the tail's decay."""
+    tau = default_tau(ds.sizes["lag"])
+    contribution = ds["group_contribution"].copy()
+    contribution[{"lag": slice(tau, -1)}] = 0.0
+    return ds.assign(group_contribution=contribution)
+
+
+def test_the_exact_controller_survives_a_tail_too_sparse_to_fit(monkeypatch):
+    """Window 10 (τ = 8), the contributions 0 at lag 8 and positive at 9: the fit of the tail past the
+    window cannot be made, so that tail is unbounded, every limit infinite, the reason is said, and the
+    controller goes on (before, the fit's InputError stopped the training run)."""
+    import biaskit
+    from biaskit.bias import not_reached
+    from biaskit.probe import probing
+
+    torch.manual_seed(0)
+    model = ConstantModel()
+    inputs, targets = torch.ones(400, 1, dtype=torch.float64), torch.full((400,), 3.0, dtype=torch.float64)
+    with probing(model, inputs, targets, length=10, count=16, generator=torch.Generator().manual_seed(0)) as probe:
+        ds = sparse_tail(biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, groups=4))
+    table = ds["group_contribution"].transpose("group", "lag").values
+    with pytest.raises(InputError, match="only 1 lag"):  # the fit the exact limit needs
+        fit_decay(xr.Dataset({"psi": (("sample", "lag"), table)}), norm="psi", tau=8, weights="ols")
+    exact = biaskit.exact_kappa(ds, [0.5], alpha=0.1)
+    assert math.isinf(float(exact["beyond_window"])) and math.isnan(exact.attrs["tail_fit_beta"])
+    assert int(exact["gradient_resolved"]) and np.isinf(exact["rel_bias_upper"].values).all()
+    assert "too few of its last lags have a positive mean" in not_reached(exact, 0.5, 16)["why"]
+    decompose = biaskit.decompose
+    monkeypatch.setattr(biaskit, "decompose", lambda *args, **kwargs: sparse_tail(decompose(*args, **kwargs)))
+    record = Controller(delta=0.5, window=10, windows=16, K_min=1, K_max=9, groups=4).measure(
+        model, inputs, targets, 3, torch.Generator().manual_seed(0))
+    assert math.isinf(record["rel_bias_exact_upper"]) and record["gradient_resolved"] == 1
+    assert record["K"] == 6 and record["K_rule"] == "none below delta"  # grows by the rate limit, 2×

@@ -33,7 +33,10 @@ def outputs_for(logits, c, w):
 @pytest.mark.parametrize("gap", [0.0, 0.3, 2.5])
 def test_nll_is_cross_entropy_plus_minus_log_intensity_plus_its_quadrature(c, w, gap):
     logits, mark = [0.2, -1.0, 0.7], 2
-    lam = lambda s: math.exp(c + w * s)
+
+    def lam(s):
+        return math.exp(c + w * s)
+
     compensator = integrate.quad(lam, 0.0, gap, epsabs=1e-13, epsrel=1e-12)[0]
     cross_entropy = -logits[mark] + math.log(sum(math.exp(v) for v in logits))
     expected = cross_entropy - math.log(lam(gap)) + compensator
@@ -137,7 +140,9 @@ def test_hawkes_compensator_increments_are_unit_exponential():
 
 
 def test_hawkes_simulation_is_determined_by_the_generator():
-    draw = lambda seed: hawkes.simulate(pp.MU, pp.ALPHA, pp.BETA, 200, np.random.default_rng(seed))
+    def draw(seed):
+        return hawkes.simulate(pp.MU, pp.ALPHA, pp.BETA, 200, np.random.default_rng(seed))
+
     (t1, k1), (t2, k2), (t3, _) = draw(5), draw(5), draw(6)
     np.testing.assert_array_equal(t1, t2)
     np.testing.assert_array_equal(k1, k2)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from biaskit.decay import UnreliableFitWarning
 from biaskit.errors import InputError
 from biaskit.probe import probing
 
-from .ddp import Ranks, share
+from .ddp import ONE, Ranks, share
 
 CONTROLLERS = ("exact", "paper")
 BETA_METHODS = ("regression", "max", "quantile")
@@ -62,10 +62,10 @@ QUIET_RULES = ("certified", "held", "estimated", "point estimate", "measured onl
 
 @dataclass
 class Controller:
-    delta: float | None  # None: measure only, keep K fixed
-    window: int = 100
-    windows: int = 256
-    K_min: int = 2
+    delta: float | None = None  # tolerated relative bias; None: measure only, keep K fixed
+    window: int = 100  # W, the length of the windows it measures
+    windows: int = 256  # windows per update (the paper's is the batch, 64)
+    K_min: int = 2  # the bounds on the K it sets
     K_max: int = 100
     norm: str = "phi"  # the paper controller's norm
     tau: int | str | None = None  # as fit_decay takes it: a lag, "auto" or None (0.9 W)
@@ -73,12 +73,17 @@ class Controller:
     level: float = 0.9  # the exact controller's confidence
     groups: int = 16  # window groups for the exact controller's confidence limit
     beta_method: str = "regression"  # the paper controller's β: Eq. 22 (OLS), Eq. 21 (max) or the quantile
-    ranks: Ranks = Ranks()  # under torch.distributed each rank decomposes its share of the windows
+    ranks: Ranks = ONE  # under torch.distributed each rank decomposes its share of the windows
     max_change: float = 2.0  # K moves by at most this factor per update
-    audit_every: int = 1  # the paper controller measures the exact bias every n-th update
+    audit_every: int = 4  # the paper controller measures the exact bias every n-th update
     loss_at: str = "last"  # the windows' losses: the last step's (the paper's) or every step's
     max_shrink: float | None = None  # K shortens by at most this factor per update (None: max_change)
     raise_on_estimate: bool = False  # exact, unresolved: grow K while the bias's point estimate is above δ
+
+    @classmethod
+    def from_config(cls, cfg: dict, ranks: Ranks = ONE) -> Controller:
+        """The controller a run's training options describe (each field under its own name)."""
+        return cls(**{name: cfg[name] for name in CONTROLLER_OPTIONS}, ranks=ranks)
 
     def measure(self, model, inputs, targets, K: int, generator: torch.Generator, previous: dict | None = None,
                 count: int = 0) -> dict:
@@ -113,7 +118,7 @@ class Controller:
         span = (min(self.K_min, K), max(self.K_max, K))
         fit, bound = self._estimate(ds, delta, span)
         record = {"K_in_use": K, **_fit_fields(fit, bound, K)}
-        exact = biaskit.exact_kappa(ds, [delta], self.level, span) if exact_needed else None
+        exact = biaskit.exact_kappa(ds, [delta], alpha=1 - self.level, K_range=span) if exact_needed else None
         if exact is not None:
             record.update({
                 "rel_bias_exact": float(exact["rel_bias"].sel(K=K)),          # the K in use, on new windows
@@ -152,6 +157,12 @@ class Controller:
             return fit, biaskit.bias_bound(ds, fit, [delta], span)
         except InputError:
             return None, None
+
+
+#: The training options that configure the controller, each a field of it, and their defaults
+#: (the run config's: ``trainers.config.TRAIN_DEFAULTS`` takes them from here).
+CONTROLLER_DEFAULTS = {f.name: f.default for f in fields(Controller) if f.name != "ranks"}
+CONTROLLER_OPTIONS = tuple(CONTROLLER_DEFAULTS)
 
 
 def _fit_fields(fit, bound, K: int) -> dict:
@@ -220,6 +231,31 @@ def limit_change(K: int, target: int, factor: float, K_min: int, K_max: int, sho
     high = max(K + 1, math.floor(factor * K)) if math.isfinite(factor) else math.inf
     low = min(K - 1, math.ceil(K / shrink)) if math.isfinite(shrink) else 0
     return int(min(max(target, low, K_min), high, K_max))
+
+
+@dataclass
+class UpdateSchedule:
+    """When the controller measures, asked in one place: an adaptive run every ``base`` epochs (inside
+    an epoch too), at twice the last interval up to ``most`` while K is settled (``next_interval``);
+    a fixed-K run at each epoch's end, for the log."""
+
+    base: float
+    most: float
+    adaptive: bool
+    next: float | None = None  # the progress, in epochs, of the next adaptive update
+
+    def __post_init__(self):
+        self.next = self.base if self.next is None else self.next
+
+    def due(self, progress: float, epoch_end: bool) -> bool:
+        """Whether an update is due at ``progress`` epochs (``epoch_end``: an epoch has just ended)."""
+        return progress >= self.next - 1e-9 if self.adaptive else epoch_end
+
+    def advance(self, record: dict, previous: dict) -> float:
+        """Schedule the update after ``record`` (``previous``: the one before); returns the interval."""
+        interval = next_interval(record, previous.get("interval", self.base), self.base, self.most)
+        self.next += interval
+        return interval
 
 
 def next_interval(record: dict, interval: float, base: float, most: float) -> float:

@@ -26,10 +26,9 @@ from .runs import check_epochs_left, plot_training, read_metrics, stored_run
 from .tasks import copy, language, point_process
 from .tasks.token_model import CELLS
 
-#: Each task's registered name (the ``biaskit.tasks`` entry point) and its training defaults.
-TRAIN_DEFAULTS = {"copy": copy.TRAIN, "language": language.TRAIN, "point-process": point_process.TRAIN}
-#: Each task's data and model defaults.
-TASK_DEFAULTS = {"copy": copy.DEFAULTS, "language": language.DEFAULTS, "point-process": point_process.DEFAULTS}
+#: Each task's registered name (the ``biaskit.tasks`` entry point) and its module: its training
+#: defaults (``TRAIN``, over ``config.TRAIN_DEFAULTS``) and its data and model defaults (``DEFAULTS``).
+TASKS = {"copy": copy, "language": language, "point-process": point_process}
 CONTROL_NORMS = [name for name in NORMS if name != "psi"]  # the controller decomposes without psi
 
 
@@ -185,7 +184,7 @@ def _shown(value) -> str:
 def _defaults(task: str):
     """Add to each option's help the default a new ``task`` run takes (the config's, overridden by the
     task's training and data defaults); options whose default is no single value say it in their help."""
-    defaults = {**configs.TRAIN_DEFAULTS, **TRAIN_DEFAULTS[task], **TASK_DEFAULTS[task]}
+    defaults = {**configs.TRAIN_DEFAULTS, **TASKS[task].TRAIN, **TASKS[task].DEFAULTS}
 
     def decorate(command: click.Command) -> click.Command:
         for param in command.params:
@@ -224,7 +223,7 @@ def _train(task: str, task_config: dict, opts: dict):
         if "seed" in given:
             task_config["seed"] = given["seed"]
         authors = configs.AUTHORS[task] if given.get("setup") == "authors" else {}
-        config = configs.full_config(task, task_config, {**TRAIN_DEFAULTS[task], **authors, **given})
+        config = configs.full_config(task, task_config, {**TASKS[task].TRAIN, **authors, **given})
     run = Run(config, resume or out, device=dev, quiet=quiet, resume=resume is not None, tensorboard=board)
     metrics = run.fit()
     if not run.ranks.main:
@@ -243,7 +242,7 @@ def _resumed(run_dir: Path, stored: dict, task: str, task_given: dict, given: di
         raise InputError(f"{run_dir} is a {stored['task']} run: resume it with biaskit train {stored['task']} "
                          f"--resume {run_dir}")
     train = {**configs.TRAIN_DEFAULTS, **stored["train"]}
-    data = {**TASK_DEFAULTS[task], **stored["task_config"]}
+    data = {**TASKS[task].DEFAULTS, **stored["task_config"]}
     names = {param.name: param.opts[0] for param in click.get_current_context().command.params}
     differ = [f"{names[key]} {_shown(had.get(key))} then, {_shown(value)} now"
               for had, options in ((data, task_given), (train, given))

@@ -15,7 +15,7 @@ from biaskit.bands import LOSS_AT
 from biaskit.errors import InputError, first_line
 
 from . import schedule
-from .adaptive import BETA_METHODS, CONTROLLERS
+from .adaptive import BETA_METHODS, CONTROLLER_DEFAULTS, CONTROLLERS
 from .dni import SHAPES
 
 TRAIN_DEFAULTS = {
@@ -33,29 +33,14 @@ TRAIN_DEFAULTS = {
     "K": 15,               # fixed truncation: BPTT(2K, K); the initial K0 when adaptive
     "K1": None,            # explicit BPTT(K1, K2) instead of (2K, K)
     "K2": None,
-    "delta": None,         # tolerated relative bias: adaptive when set
-    "K_min": 2,
-    "K_max": 100,
-    "window": 100,         # W, the controller's window length
-    "windows": 256,        # windows per controller update (the paper's is the batch, 64)
     "update_every": 1.0,   # epochs between K updates (fractions allowed)
     "update_every_max": 4.0,  # while K is settled the interval doubles, up to this
-    "max_change": 2.0,     # K moves by at most this factor per update (so the step lr·√K by its root)
-    "max_shrink": None,    # ... and shortens by at most this one (at most max_change; None: max_change)
-    "raise_on_estimate": False,  # exact: unresolved, grow K while the bias's point estimate is above delta
-    "audit_every": 4,      # the paper controller measures the exact bias every n-th update
-    "loss_at": "last",     # the controller's windows' losses: last step (the paper's) or every step
-    "controller": "exact",  # exact: K from the exact bias's upper limit; paper: Algorithm 1 as printed
-    "level": 0.9,          # the exact controller's confidence
-    "groups": 16,          # window groups for its confidence limit (at most one per window)
-    "norm": "phi",         # the paper controller's norm
-    "beta_method": "regression",  # the paper controller's beta: Eq. 22 (OLS), Eq. 21 (max) or quantile
-    "tau": None,
+    **CONTROLLER_DEFAULTS,  # delta (adaptive when set), window W, windows, K_min, K_max, ...: adaptive.Controller
     "estimator": "tbptt",  # tbptt, or dni: synthetic gradients at the ends of BPTT(K, K) chunks
-    "dni": "neuron",       # the DNI's shape: neuron or layer
+    "dni": "linear",       # the DNI's shape: linear, layer or neuron (analyses/results/dni.md)
     "dni_hidden": None,    # its hidden size; None: the state size (layer), 8 (neuron)
     "dni_lr": 1e-3,        # its Adam step size
-    "dni_discount": 1.0,   # weight of the bootstrapped term in its target (1: Jaderberg et al.'s)
+    "dni_discount": 0.5,   # weight of the bootstrapped term in its target (1: Jaderberg et al.'s, which diverged)
     "alternate": False,    # dni: real gradients in even warm restarts, synthetic in odd (schedule restarts:E)
     "seed": 0,
 }
@@ -97,20 +82,34 @@ def check(cfg: dict) -> dict:
     unknown = set(cfg) - set(TRAIN_DEFAULTS)
     if unknown:
         raise InputError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    _check_sizes(cfg)
+    _check_truncation(cfg)
+    _check_controller(cfg)
+    _check_dni(cfg)
+    _check_optimizer(cfg)
+    return cfg
+
+
+def _check_sizes(cfg: dict):
+    """Counts and step sizes, and the named choices of the loop."""
     for key in ("epochs", "batch_size", "K", "K_min", "K_max", "window", "windows", "groups"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True)
     for key in ("K1", "K2", "dni_hidden"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True, allow_none=True)
     _positive(cfg, "audit_every", "--audit-every", integer=True)
+    for key in ("lr", "update_every", "update_every_max", "dni_lr"):
+        _positive(cfg, key, f"--{key.replace('_', '-')}")
+    _positive(cfg, "clip", "--clip", allow_none=True)
     if cfg["buffer"] not in BUFFERS:
         raise InputError(f"--buffer must be one of {', '.join(BUFFERS)}, got {cfg['buffer']!r}")
     if cfg["setup"] not in SETUPS:
         raise InputError(f"--setup must be one of {', '.join(SETUPS)}, got {cfg['setup']!r}")
     if cfg["loss_at"] not in LOSS_AT:
         raise InputError(f"--loss-at must be one of {', '.join(LOSS_AT)}, got {cfg['loss_at']!r}")
-    for key in ("lr", "update_every", "update_every_max", "dni_lr"):
-        _positive(cfg, key, f"--{key.replace('_', '-')}")
-    _positive(cfg, "clip", "--clip", allow_none=True)
+
+
+def _check_truncation(cfg: dict):
+    """K, BPTT(K1, K2), δ and the bounds on K, against the controller's window."""
     if (cfg["K1"] is None) != (cfg["K2"] is None):
         raise InputError("give both --K1 and --K2, or neither")
     if cfg["K1"] is not None and not 1 <= cfg["K2"] <= cfg["K1"]:
@@ -121,6 +120,15 @@ def check(cfg: dict) -> dict:
         raise InputError(f"need K_min <= K_max, got [{cfg['K_min']}, {cfg['K_max']}]")
     if cfg["delta"] is not None and not cfg["K_min"] <= cfg["K"] <= cfg["K_max"]:
         raise InputError(f"the first --K {cfg['K']} is outside [--K-min, --K-max] = [{cfg['K_min']}, {cfg['K_max']}]")
+    if cfg["window"] < 2:
+        raise InputError("the controller needs a --window of at least 2 steps")
+    if cfg["K"] >= cfg["window"]:  # the bias at K is measured over windows, at lags below their length
+        raise InputError(f"--K {cfg['K']} is past the controller's --window of {cfg['window']} steps, where its "
+                         "bias cannot be measured: lower --K or raise --window")
+
+
+def _check_controller(cfg: dict):
+    """The controller's choices, rate limits, schedule and confidence."""
     if not (isinstance(cfg["max_change"], numbers.Real) and cfg["max_change"] > 1):
         raise InputError(f"--max-change must be a factor above 1, got {cfg['max_change']!r}")
     if cfg["max_shrink"] is not None and not (isinstance(cfg["max_shrink"], numbers.Real)
@@ -130,11 +138,6 @@ def check(cfg: dict) -> dict:
     if cfg["update_every_max"] < cfg["update_every"]:
         raise InputError(f"--update-every-max {cfg['update_every_max']} is below --update-every "
                          f"{cfg['update_every']}")
-    if cfg["window"] < 2:
-        raise InputError("the controller needs a --window of at least 2 steps")
-    if cfg["K"] >= cfg["window"]:  # the bias at K is measured over windows, at lags below their length
-        raise InputError(f"--K {cfg['K']} is past the controller's --window of {cfg['window']} steps, where its "
-                         "bias cannot be measured: lower --K or raise --window")
     if cfg["controller"] not in CONTROLLERS:
         raise InputError(f"unknown controller {cfg['controller']!r}: use {' or '.join(CONTROLLERS)}")
     if cfg["beta_method"] not in BETA_METHODS:
@@ -145,6 +148,10 @@ def check(cfg: dict) -> dict:
         raise InputError(f"the exact bias's confidence limit needs at least 3 --groups of windows and 3 "
                          f"--windows (got {cfg['groups']} groups, {cfg['windows']} windows); the groups are "
                          "capped at the windows")
+
+
+def _check_dni(cfg: dict):
+    """The estimator, the DNI's shape and discount, and what goes with synthetic gradients."""
     if cfg["estimator"] not in ("tbptt", "dni"):
         raise InputError(f"unknown estimator {cfg['estimator']!r}: use tbptt or dni")
     if cfg["dni"] not in DNI_SHAPES:
@@ -159,6 +166,10 @@ def check(cfg: dict) -> dict:
     kind, _ = schedule.parse(cfg["schedule"])
     if cfg["alternate"] and (cfg["estimator"] != "dni" or kind != "restarts"):
         raise InputError("--alternate needs --estimator dni and the warm-restart schedule (--restart-base)")
+
+
+def _check_optimizer(cfg: dict):
+    """A torch.optim class whose options train here (two trial steps on a throwaway parameter)."""
     optimizer = getattr(torch.optim, str(cfg["optimizer"]), None)
     if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
         raise InputError(f"unknown optimizer {cfg['optimizer']!r}: use a torch.optim name such as SGD or Adam")
@@ -173,7 +184,6 @@ def check(cfg: dict) -> dict:
     except Exception as err:
         raise InputError(f"--optimizer {cfg['optimizer']} with options {cfg['optimizer_options']} cannot train "
                          f"here: {type(err).__name__}: {first_line(err)}") from None
-    return cfg
 
 
 def full_config(task: str, task_config: dict, train: dict) -> dict:

@@ -32,6 +32,10 @@ class Ranks:
         return self.rank == 0
 
 
+#: One process, no group: the default where a caller runs outside torch.distributed.
+ONE = Ranks()
+
+
 def start(device: torch.device) -> tuple[Ranks, torch.device]:
     """The process group torchrun asks for (none for one process), and this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

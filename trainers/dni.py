@@ -29,8 +29,8 @@ from biaskit.probe import evaluating, probing
 from biaskit.recurrent import RecurrentSystem
 from biaskit.synthetic import synthetic_bias, warm_up
 
-from .schedule import synthetic_phase
 from . import ddp
+from .schedule import synthetic_phase
 from .tbptt import Stream, core, detach
 
 
@@ -149,7 +149,7 @@ class SyntheticGradients:
     """A DNI trained beside the model: its module, optimizer and settings, how a step uses it,
     its checkpoint entry and its audit. The training loop's one handle on synthetic gradients."""
 
-    def __init__(self, model: nn.Module, cfg: dict, device, ranks: ddp.Ranks = ddp.Ranks()):
+    def __init__(self, model: nn.Module, cfg: dict, device, ranks: ddp.Ranks = ddp.ONE):
         self.ranks = ranks  # under torch.distributed the DNI's gradients are averaged over the ranks
         with evaluating(model):  # biaskit refuses a recurrence in training mode with dropout
             self.system = model.system()

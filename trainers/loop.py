@@ -25,7 +25,7 @@ from biaskit.probe import check_model, check_windows, evaluating
 
 from . import config as configs
 from . import ddp, schedule
-from .adaptive import QUIET_RULES, Controller, next_interval
+from .adaptive import QUIET_RULES, Controller, UpdateSchedule
 from .board import Board
 from .dni import SyntheticGradients
 from .runs import BEST, LAST, RunDirectory, clean
@@ -61,7 +61,7 @@ def evaluate(model, inputs, targets, streams: int, extra=None) -> tuple[float, d
         return model.loss(out, y).mean().item(), extra(model, out, y) if extra is not None else {}
 
 
-def check_data(task, cfg: dict, ranks: ddp.Ranks = ddp.Ranks(), device: torch.device | str = "cpu"):
+def check_data(task, cfg: dict, ranks: ddp.Ranks = ddp.ONE, device: torch.device | str = "cpu"):
     """Every split feeds the parallel streams, the training split offers the controller's windows,
     streams and windows divide among the processes, and a step and an update fit in memory."""
     if ranks.world > 1:
@@ -127,14 +127,13 @@ class Run:
         self.trained = self.model if self.ranks.world == 1 else DistributedDataParallel(
             self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.model, cfg)
-        self.estimator = SyntheticGradients(self.model, cfg, self.device, self.ranks) if cfg["estimator"] == "dni" else Truncation()
-        self.controller = Controller(cfg["delta"], cfg["window"], cfg["windows"], cfg["K_min"], cfg["K_max"],
-                                     cfg["norm"], cfg["tau"], cfg["controller"], cfg["level"], cfg["groups"],
-                                     cfg["beta_method"], self.ranks, cfg["max_change"], cfg["audit_every"],
-                                     cfg["loss_at"], cfg["max_shrink"], cfg["raise_on_estimate"])
+        dni = cfg["estimator"] == "dni"
+        self.estimator = SyntheticGradients(self.model, cfg, self.device, self.ranks) if dni else Truncation()
+        self.controller = Controller.from_config(cfg, self.ranks)
         self.generator = torch.Generator().manual_seed(cfg["seed"])
         self.epoch, self.K, self.best, self.lines = 0, cfg["K"], math.inf, []
-        self.next_update, self.history, self.record = cfg["update_every"], [], {}
+        self.updates = UpdateSchedule(cfg["update_every"], cfg["update_every_max"], cfg["delta"] is not None)
+        self.history, self.record = [], {}
         self.start_loss, self.diverging = None, 0  # the first step's loss; epochs in a row far above it
         self.out = Path(out)
         self.dir = ddp.on_main(self.ranks, lambda: RunDirectory(out, resume=resume, config=config))
@@ -178,7 +177,7 @@ class Run:
         if cuda is not None and self.device.type == "cuda":  # each rank's own device's state (cuda:N too)
             torch.cuda.set_rng_state(cuda[self.ranks.rank], self.device)
         self.epoch, self.K, self.best = state["epoch"], ckpt["K"], state["best_valid"]
-        self.next_update, self.history, self.record = state["next_update"], ckpt["K_history"], state["record"]
+        self.updates.next, self.history, self.record = state["next_update"], ckpt["K_history"], state["record"]
         self.lines = state["metrics"]
         self.start_loss, self.diverging = state.get("start_loss"), state.get("diverging", 0)
         if self.ranks.main:
@@ -195,7 +194,7 @@ class Run:
             return
         trainer = {"config": self.config, "optimizer": self.optimizer.state_dict(),
                    "estimator": self.estimator.state_dict(), "epoch": self.epoch, "best_valid": self.best,
-                   "next_update": self.next_update, "record": self.record, "metrics": self.lines,
+                   "next_update": self.updates.next, "record": self.record, "metrics": self.lines,
                    "start_loss": self.start_loss, "diverging": self.diverging,
                    "rng": {"torch": torch_rng if self.ranks.world > 1 else torch_rng[0],
                            "controller": self.generator.get_state(), "cuda": cuda_rng}}
@@ -223,11 +222,8 @@ class Run:
         self.record["progress"] = progress
         if self.adaptive:
             self.K = self.record["K"]
-            interval = next_interval(self.record, previous.get("interval", cfg["update_every"]),
-                                     cfg["update_every"], cfg["update_every_max"])
-            self.record["interval"] = interval
+            self.record["interval"] = self.updates.advance(self.record, previous)
             self.history.append({"progress": progress, **clean(self.record)})
-            self.next_update += interval
 
     def _train_epoch(self) -> dict:
         cfg = self.config["train"]
@@ -241,7 +237,7 @@ class Run:
                    unit="pos", leave=False, mininterval=1.0, desc=f"epoch {self.epoch + 1}/{cfg['epochs']}")
         while not stream.done:
             progress = self.epoch + stream.pos / stream.length
-            if self.adaptive and stream.pos > 0 and progress >= self.next_update - 1e-9:  # mid-epoch updates
+            if stream.pos > 0 and self.updates.due(progress, epoch_end=False):
                 self._measure(progress, total / positions)
             K1, K2 = configs.truncation(cfg, self.K)
             lr = cfg["lr"] * schedule.lr_factor(cfg["schedule"], cfg["epochs"], progress)
@@ -326,8 +322,8 @@ class Run:
                 K_used, updates = self.K, len(self.history)
                 line = self._train_epoch()
                 self.epoch += 1
-                if not self.adaptive or self.epoch >= self.next_update - 1e-9:
-                    self._measure(float(self.epoch), line["train_loss"])  # fixed K: measure only, for the log
+                if self.updates.due(float(self.epoch), epoch_end=True):
+                    self._measure(float(self.epoch), line["train_loss"])
                 updated = len(self.history) > updates
                 line = self._epoch_line(line, K_used, updated or not self.adaptive)
                 self._check_divergence(line)

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from biaskit import atomic, checkpoint
 from biaskit.errors import InputError
 
@@ -178,6 +180,54 @@ def read_metrics(run_dir) -> list[dict]:
     return lines
 
 
+def _number(value) -> float:
+    """A logged value as a float; missing (None, not a number) is NaN."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _moving_average(epoch: np.ndarray, values: np.ndarray, half: int) -> np.ndarray:
+    """Mean of the finite values at epochs within ``half`` of each, the half-width shrunk
+    near the ends so the window stays centred; NaN stays NaN."""
+    reach = np.minimum(half, np.minimum(epoch - epoch.min(), epoch.max() - epoch))
+    inside = np.abs(epoch[None, :] - epoch[:, None]) <= reach[:, None]
+    present = np.isfinite(values)
+    total = np.where(inside, np.where(present, values, 0.0)[None, :], 0.0).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present, total / (inside & present[None, :]).sum(1), np.nan)
+
+
+def _kind(run_dir, lines: list[dict]) -> tuple[str, float]:
+    """(fixed, exact or paper, what orders the run among its kind: K if fixed, δ if adaptive)."""
+    try:
+        config = json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = {}
+    train = config.get("train") if isinstance(config, dict) else None
+    train = train if isinstance(train, dict) else {}
+    delta = _number(train.get("delta"))
+    Ks = {line["K"] for line in lines if not math.isnan(_number(line.get("K")))}
+    if len(Ks) > 1 or math.isfinite(delta):
+        return ("paper" if train.get("controller") == "paper" else "exact"), delta
+    return "fixed", Ks.pop() if Ks else _number(train.get("K"))
+
+
+def _styles(kinds: list[tuple[str, float]]) -> list[dict]:
+    """Each run's line style: fixed-K runs dashed blues by K, adaptive runs thicker oranges (exact)
+    or dash-dot greens (paper) by δ; darker is longer K or smaller δ, an unknown K or δ lightest."""
+    from matplotlib import colormaps
+
+    styles = [{}] * len(kinds)
+    for family, cmap, base in (("fixed", "Blues", {"ls": "--", "lw": 1.3}),
+                               ("exact", "Oranges", {"ls": "-", "lw": 2.2}),
+                               ("paper", "Greens", {"ls": "-.", "lw": 2.2})):
+        def order(i, family=family):
+            return math.isfinite(kinds[i][1]), kinds[i][1] if family == "fixed" else -kinds[i][1]
+        ranked = sorted((i for i, (f, _) in enumerate(kinds) if f == family), key=order)
+        for i, shade in zip(ranked, np.linspace(0.45, 0.95, len(ranked)) if len(ranked) > 1 else [0.75]):
+            styles[i] = {**base, "color": colormaps[cmap](shade)}
+    return styles
+
+
 def plot_training(run_dirs, labels: list[str] | None = None, title: str | None = None,
                   smooth: int | None = None) -> Figure:
     """Training curves of run directories, like the paper's Figures 1-2.
@@ -201,52 +251,16 @@ def plot_training(run_dirs, labels: list[str] | None = None, title: str | None =
     The metric and the biases get log axes, linear where a value is ≤ 0 (a point process's NLL
     can be negative), so no run in the legend is missing from a panel; epoch ticks are whole.
     """
-    import numpy as np
-    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
-
-    def number(value) -> float:  # a logged value; missing (None, not a number) is NaN
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-    def moving_average(epoch, values, half):
-        """Mean of the finite values at epochs within ``half`` of each, the half-width shrunk
-        near the ends so the window stays centred; NaN stays NaN."""
-        reach = np.minimum(half, np.minimum(epoch - epoch.min(), epoch.max() - epoch))
-        inside = np.abs(epoch[None, :] - epoch[:, None]) <= reach[:, None]
-        present = np.isfinite(values)
-        total = np.where(inside, np.where(present, values, 0.0)[None, :], 0.0).sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(present, total / (inside & present[None, :]).sum(1), np.nan)
-
-    def kind(run_dir, lines) -> tuple[str, float]:
-        """(fixed, exact or paper, what orders the run among its kind: K if fixed, δ if adaptive)."""
-        try:
-            config = json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            config = {}
-        train = config.get("train") if isinstance(config, dict) else None
-        train = train if isinstance(train, dict) else {}
-        delta = number(train.get("delta"))
-        Ks = {line["K"] for line in lines if not math.isnan(number(line.get("K")))}
-        if len(Ks) > 1 or math.isfinite(delta):
-            return ("paper" if train.get("controller") == "paper" else "exact"), delta
-        return "fixed", Ks.pop() if Ks else number(train.get("K"))
 
     if smooth is not None and (isinstance(smooth, bool) or not isinstance(smooth, int) or smooth < 1):
         raise InputError(f"smooth must be a whole number of epochs >= 1 (or None), got {smooth!r}")
     half = 0 if smooth is None else smooth // 2
     runs = [read_metrics(run_dir) for run_dir in run_dirs]
     labels = labels or [Path(d).name for d in run_dirs]
-    kinds = [kind(run_dir, lines) for run_dir, lines in zip(run_dirs, runs)]
-    styles = [{}] * len(runs)
-    for family, cmap, base in (("fixed", "Blues", {"ls": "--", "lw": 1.3}), ("exact", "Oranges", {"ls": "-", "lw": 2.2}),
-                               ("paper", "Greens", {"ls": "-.", "lw": 2.2})):
-        order = sorted((i for i, (f, _) in enumerate(kinds) if f == family),  # unknown K or δ lightest
-                       key=lambda i: (math.isfinite(kinds[i][1]), kinds[i][1] if family == "fixed" else -kinds[i][1]))
-        for i, shade in zip(order, np.linspace(0.45, 0.95, len(order)) if len(order) > 1 else [0.75]):
-            styles[i] = {**base, "color": colormaps[cmap](shade)}
+    styles = _styles([_kind(run_dir, lines) for run_dir, lines in zip(run_dirs, runs)])
     synthetic = any("rel_bias_synthetic" in line for lines in runs for line in lines)
     fig = Figure(figsize=(19 if synthetic else 15, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
@@ -258,11 +272,11 @@ def plot_training(run_dirs, labels: list[str] | None = None, title: str | None =
     for lines, label, style in zip(runs, labels, styles):
         if not lines:
             continue
-        epoch = np.array([number(line["epoch"]) for line in lines])
+        epoch = np.array([_number(line["epoch"]) for line in lines])
 
-        def series(key, smoothed=True):
-            values = np.array([number(line.get(key)) for line in lines])
-            return moving_average(epoch, values, half) if smoothed and half else values
+        def series(key, smoothed=True, lines=lines, epoch=epoch):
+            values = np.array([_number(line.get(key)) for line in lines])
+            return _moving_average(epoch, values, half) if smoothed and half else values
 
         if metric:
             axes[0].plot(epoch, series(metric), **style)

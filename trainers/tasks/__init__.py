@@ -8,9 +8,8 @@ running code a file names.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn

@@ -8,7 +8,6 @@ import biaskit
 
 from .qrnn import QRNN, QRNNStep
 
-
 #: The recurrent cells a token model can have, by name: each is stored under its name (``lstm.*``).
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "qrnn": QRNN}
 
