@@ -60,12 +60,13 @@ class Mutant:
     reason: str = ""  # why an equivalent mutant computes the same numbers for every input
 
 
-D, F, N, TA = "biaskit/decompose.py", "biaskit/fastpath.py", "biaskit/norms.py", "biaskit/tails.py"
+D, F, N, TA = "biaskit/decompose.py", "biaskit/fastpath.py", "biaskit/cotangents.py", "biaskit/tails.py"
 B, Y, REC = "biaskit/bias.py", "biaskit/decay.py", "biaskit/recurrent.py"
 SYN, TB, AD = "biaskit/synthetic.py", "trainers/tbptt.py", "trainers/adaptive.py"
 T_DEC, T_BIAS, T_DECAY = "tests/test_decompose.py", "tests/test_bias.py", "tests/test_decay.py"
 T_CELLS, T_AD, T_TB = "tests/test_cells.py", "tests/test_adaptive.py", "tests/test_tbptt.py"
 T_DNI, T_DIST, T_INV = "tests/test_dni.py", "tests/test_distributed.py", "tests/test_invariants.py"
+T_EVERY = "tests/test_every_step.py"
 
 MUTANTS: list[Mutant] = [
     # --- tails.py: the running tails and their Gram expansions ---------------------------------------------
@@ -85,16 +86,18 @@ MUTANTS: list[Mutant] = [
            "return inclusive", "_within includes step j itself in the tail before j", (T_DEC,)),
     Mutant("lag-contribution-rowsum", TA, "self.lag_sq.append(s.TT.diagonal())", "self.lag_sq.append(s.TT.sum(1))",
            "lag_contribution: a row of the Gram matrix, not its diagonal", (T_DEC, T_INV)),
-    Mutant("by-K-unflipped", D, "return torch.cat(rows).flip(0) / world_batch**2",
-           "return torch.cat(rows) / world_batch**2",
+    Mutant("by-K-unflipped", D, "flip(torch.cat(tails.total_sq))", "torch.cat(tails.total_sq)",
            "tails indexed by step, not by K (the lag's sign)", (T_DEC,)),
-    Mutant("detach-offset", D, "None if K is None else R - 1 - K", "None if K is None else R - K",
+    Mutant("detach-offset", D, "detach = None if K is None or K >= s else s - K\n",
+           "detach = None if K is None or K >= s else s - K + 1\n",
            "truncated_gradient detaches one step late (K keeps K-1 lags)", (T_DEC,)),
-    Mutant("direct-term-dropped", D, "direct = _direct(system, readout, sweep, targets, masks)", "direct = {}",
+    Mutant("direct-term-dropped", D,
+           "direct = _direct(system, readout, sweep.outputs if every else sweep.output, targets, windows.masks, every)",
+           "direct = {}",
            "the readout's direct gradient is left out of the full gradient", (T_DEC,)),
     Mutant("tied-readout-apart", D,
-           'keys = {n: theta_ids.get(id(p), "readout." + n) for n, p in system.readout_params().items()}',
-           'keys = {n: "readout." + n for n, p in system.readout_params().items()}',
+           'return {n: theta_ids.get(id(p), "readout." + n) for n, p in system.readout_params().items()}',
+           'return {n: "readout." + n for n, p in system.readout_params().items()}',
            "a readout weight tied to θ counted as a separate coordinate", (T_DEC, T_INV)),
     Mutant("output-cotangent-first-chunk", D, "if sweep.out_cotangent is not None and sl.stop == R:",
            "if sweep.out_cotangent is not None and sl.start == 0:",
@@ -122,8 +125,8 @@ MUTANTS: list[Mutant] = [
     Mutant("metric-push-any-encoder", F,
            'return not any(n.startswith("encoder.") for n in params) or lookup(system, params)',
            "return True", "the fast metric's probes ignore a trained encoder that is not an embedding", (T_DEC,)),
-    Mutant("metric-through-torch-func", D, "fastpath.metric_applies(system, params) else None",
-           "False else None", "the fast path's metric probes go through torch.func (imports torch._dynamo)", (T_DEC,)),
+    Mutant("metric-through-torch-func", F, "if metric_applies(system, params) else None", "if False else None",
+           "the fast path's metric probes go through torch.func (imports torch._dynamo)", (T_DEC,)),
     Mutant("direct-one-group", D, "m.to(losses.dtype), retain_graph=True",
            "masks[0].to(losses.dtype), retain_graph=True", "every group gets the first group's readout gradient",
            (T_DEC,)),
@@ -165,8 +168,8 @@ MUTANTS: list[Mutant] = [
     Mutant("denormals-main-thread-only", "biaskit/denormals.py", "pause(OMP_PAUSE_SOFT)  #", "pause  #",
            "flushing reaches the calling thread, not the OpenMP workers already running", (T_DEC,)),
     # --- norms.py ---------------------------------------------------------------------------------------------
-    Mutant("mahalanobis-diagonal", N, 'torch.einsum("...i,ij,...j->...", cotangents, metric, cotangents)',
-           'torch.einsum("...i,ii,...i->...", cotangents, metric, cotangents)',
+    Mutant("mahalanobis-diagonal", N, 'torch.einsum("...i,ij,...j->...", unit, metric, unit)',
+           'torch.einsum("...i,ii,...i->...", unit, metric, unit)',
            "Mahalanobis norm uses only the metric's diagonal", (T_DEC,)),
     Mutant("metric-normaliser", N, "return u.T @ u / u.shape[0]", "return u.T @ u / probes",
            "estimated metric divided by the probes, not probes × rows", (T_DEC,)),
@@ -216,8 +219,9 @@ MUTANTS: list[Mutant] = [
            "GRU candidate: reset gate applied to the input gates too", (T_DEC,)),
     Mutant("lstm-gate-order", REC, "i, f, g, o = (gi + gh).chunk(4, dim=1)", "f, i, g, o = (gi + gh).chunk(4, dim=1)",
            "LSTM input and forget gates swapped", (T_DEC,)),
-    Mutant("flatten-part-major", REC, "torch.cat([part[l] for l in range(self.num_layers) for part in parts], dim=1)",
-           "torch.cat([part[l] for part in parts for l in range(self.num_layers)], dim=1)",
+    Mutant("flatten-part-major", REC,
+           "torch.cat([part[layer] for layer in range(self.num_layers) for part in parts], dim=1)",
+           "torch.cat([part[layer] for part in parts for layer in range(self.num_layers)], dim=1)",
            "flatten: h of every layer then c, not layer by layer", (T_DEC,)),
     Mutant("unflatten-c-is-h", REC, "torch.stack([hs[i] for hs in layers])", "torch.stack([hs[0] for hs in layers])",
            "unflatten returns h in place of c", (T_DNI,)),
@@ -227,8 +231,9 @@ MUTANTS: list[Mutant] = [
     # --- synthetic.py -------------------------------------------------------------------------------------------
     Mutant("warm-up-from-burn-start", SYN, "if (xb.shape[1] - t - 1) % K == 0:", "if (t + 1) % K == 0:",
            "warm_up counts DNI boundaries from the burn-in's start, not aligned to the window", (T_DNI, T_INV)),
-    Mutant("dni-chunks-misaligned", SYN, "if t % K == 0:", "if (t + 1) % K == 0:",
-           "synthetic_bias detaches one step before each chunk's start", (T_DNI,)),
+    Mutant("dni-chunks-misaligned", SYN, "next_carry = h if t + 1 == split else next_carry",
+           "next_carry = h if t + 2 == split else next_carry",
+           "synthetic_bias carries each chunk's state from one step before its start", (T_DNI, T_EVERY)),
     # --- tbptt.py -----------------------------------------------------------------------------------------------
     Mutant("tbptt-split-from-start", TB, "split = min(max(self.carry_pos, end - (K1 - K2)), end)",
            "split = min(max(self.carry_pos, start - (K1 - K2)), end)",
@@ -240,7 +245,9 @@ MUTANTS: list[Mutant] = [
     Mutant("controller-logs-K-plus-1", AD, 'float(exact["rel_bias"].sel(K=K)),',
            'float(exact["rel_bias"].sel(K=K + 1)),',
            "the log holds the exact bias at K+1, not the K in use", (T_AD,)),
-    Mutant("controller-forgets-burn-in", AD, "start=probe.start", "start=None",
+    Mutant("controller-forgets-burn-in", AD,
+           "start=probe.start, **measure,\n                                       groups=max",
+           "start=None, **measure,\n                                       groups=max",
            "the controller decomposes from zeros, not the burn-in's state", (T_AD,)),
     Mutant("controller-K-off-by-one", AD, 'return int(Ks[below.argmax()]), True, "certified"',
            'return int(Ks[below.argmax()]) + 1, True, "certified"',

@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 from torch import nn
 
-from . import atomic, report
+from . import atomic, norms, report
 from .bias import bias_bound, calibration, exact_kappa, not_reached
 from .decay import UnreliableFitWarning, confidence_alpha, fit_decay
 from .decompose import DEFAULT_GROUPS, decompose
@@ -330,7 +330,8 @@ def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readou
     if dni is not None and (dni_windows is None or (dni_K is None and K is None)):
         raise InputError("a dni is measured on dni_windows at dni_K (else K): pass both")
     system = wrap(module, readout, loss_fn, encoder, step_output)
-    ds = decompose(system, inputs, targets, start=start, seed=seed, groups=groups, loss_at=loss_at)
+    ds = decompose(system, inputs, targets, start=start, seed=seed, groups=groups, loss_at=loss_at,
+                   **norms.options(NORMS))  # every norm, each fitted below
     R = ds.attrs["window_length"]
     exact = exact_kappa(ds, deltas, alpha=alpha, K_range=(0, R - 1))
     with warnings.catch_warnings():  # the summary marks an unreliable fit

@@ -33,9 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch.func import vjp, vmap
 
-from . import distributed, limits, norms, pullback
+from . import cotangents, distributed, limits, pullback
 from .errors import InputError
 from .recurrent import Params
+from .sweep import real, unroll
 
 #: Where a window's losses are: its last step (the paper's BPTT(R, 1)) or every step.
 LOSS_AT = ("last", "every")
@@ -91,12 +92,10 @@ class Forward:
 
 def forward(system, params, readout, x: torch.Tensor, start, targets) -> Forward:
     """The unrolled window with its graph, every step's loss, and full BPTT's cotangents."""
-    from .decompose import _unroll
-
     R = x.shape[1]
     with torch.enable_grad():
         first = system.initial_state(start, x.shape[0]).detach().requires_grad_()
-        states, outs = _unroll(system, params, x, first, nodes=True, outputs=True)
+        states, outs = unroll(system, params, x, first, nodes=True, outputs=True)
         after = torch.stack(states[1:]).detach().requires_grad_()  # (R, B, D): leaves for the readout's partial
         read = torch.stack(outs) if system.step_output else system.output(after.flatten(0, 1)).unflatten(0, (R, -1))
         read_leaf = read.detach().requires_grad_()
@@ -159,7 +158,6 @@ def _pull(system, params, h, x, cotangent, out_cotangent, per_row: bool, expecte
         return pull(tuple(c[None] for c in cr) if isinstance(cr, tuple) else cr[None])
 
     grads, state_cot = vmap(one_row)(h, x, cot)
-    from .decompose import real
     sq = sum(real(g, 1).pow(2).sum(-1) for g in grads.values())
     return {n: g.sum(0) for n, g in grads.items()}, state_cot.reshape(h.shape), sq
 
@@ -240,10 +238,10 @@ class LagNorms:
 
     def add(self, k: int, e: torch.Tensor, metric):
         """Lag k's cotangents (R-k, B, D) on the states after steps 0..R-1-k."""
-        self.phi[:, k] = norms.euclidean(e).sum(0)
+        self.phi[:, k] = cotangents.euclidean(e).sum(0)
         self.phi_state[:, k] = e.abs().sum(0)
         if metric is not None:
-            self.phi_mahalanobis[:, k] = norms.mahalanobis(e, metric.to(e)).sum(0)
+            self.phi_mahalanobis[:, k] = cotangents.mahalanobis(e, metric.to(e)).sum(0)
 
     def means(self, process_group):
         """Each lag's mean over its R-k loss positions, per window, gathered over the ranks."""

@@ -1,129 +1,19 @@
 """Geometric decay of the per-lag gradient norms: β, τ and their confidence intervals.
 
-Assumption A-1 of Aicher, Foti & Fox (2019): ``E φ_{k+1} ≤ β E φ_k`` for every
-lag ``k ≥ τ``, with β < 1.  Four estimators of β from a (sample, lag) table of
-norms, all on the lag means ``φ̄_k`` over the window ``[τ, R)``:
+Assumption A-1 of Aicher, Foti & Fox (2019), ``E φ_{k+1} ≤ β E φ_k`` for every
+lag ``k ≥ τ`` with β < 1, is what the paper's bound Ê(K) extrapolates.
+``fit_decay`` estimates β from a (sample, lag) table of norms, on the lag means
+``φ̄_k`` over the window ``[τ, R)``, four ways: ``"regression"`` (Eq. 22; WLS by
+default, the paper's OLS with ``weights="ols"``), ``"max"`` (Eq. 21 as
+printed), ``"anchored"`` (the smallest β that bounds every lag from τ, which
+Ê(K) uses; the authors' code's "max") and ``"quantile"`` (the authors' less
+noisy max). The max-type intervals invert a test, calibrated at exact geometric
+decay; lags whose mean the batch cannot estimate (``HEAVY_TAIL_LIMIT``) make a
+fit unreliable (``UnreliableFitWarning``); zero means are a collapse, fitted up
+to it; ``tau="auto"`` takes the first log-linear window.
 
-- ``"regression"`` (Eq. 22): ``log β̂`` is the slope of ``log φ̄_k`` on ``k``.
-  ``weights="ols"`` is the paper's (Eq. 22 is the OLS slope written as a sum
-  over pairs); ``"wls"`` (default, ours) weights each lag by the inverse
-  sampling variance of ``log φ̄_k``, because per-sample norms are products of
-  random Jacobians and the far lags' means are the noisiest.  Fitted with
-  statsmodels on linearised per-sample values ``log φ̄_k + (φ_{s,k} − φ̄_k)/φ̄_k``
-  (their sample mean is ``log φ̄_k``, so the slope is exactly the slope on the
-  lag means) with the covariance clustered by sample, since every lag's mean
-  is taken over the same samples; the interval is the delta-method t
-  interval with n − 1 degrees of freedom.
-- ``"max"`` (Eq. 21 as printed): the largest slope of ``log φ̄`` between any
-  two lags ``τ ≤ k < k' < R``.  The slope between k and k' is the average of
-  the one-step slopes between them, so this equals the largest one-step
-  slope, which is how it is computed.
-- ``"anchored"``: ``max_{τ<k<R} (log φ̄_k − log φ̄_τ)/(k − τ)``, the smallest β
-  with ``φ̄_k ≤ β^{k−τ} φ̄_τ`` at every lag of the window, which is what Ê(K)
-  uses.  This is the authors' code's "max" (``estimate_logbeta_max``).
-- ``"quantile"``: the q-quantile (``q=0.95``, linear interpolation) of the
-  slopes between all pairs ``τ ≤ k < k' < R``: the authors' code's
-  ``estimate_logbeta_quantile``, mentioned in Sec. 4.2 as a less noisy max.
-
-Intervals of the max-type estimators.  A maximum (or upper quantile) of noisy
-slopes is biased upward, most when the slopes are equal, i.e. when the decay
-is exactly geometric; there a basic bootstrap of the estimate (what this
-module used for the anchored max) covered β = 0.9 in 94% (anchored) and 55%
-(max over all pairs) of 1000 seeds at 95%, on 64 windows over 30 lags.  The
-interval instead inverts a test.  With ``ŝ_p`` the slopes, ``se_p`` their
-delta-method standard errors and ``T*_p`` their studentized bootstrap
-deviations (``n_boot`` resamples of whole samples, each with its own
-standard errors), and m the order statistic the estimator is (all P slopes
-for max and anchored, ⌈q·P⌉ for the quantile):
-
-- upper limit: the m-th smallest of the slopes' own bootstrap-t upper limits
-  ``ŝ_p − q_{α/2}(T*_p) se_p``.  For max and anchored it is at least the
-  largest true slope's own (1 − α/2) limit, so it misses from above at most
-  α/2 whatever the slopes are;
-- lower limit: the m-th smallest of ``ŝ_p − c se_p``, with c the bootstrap
-  quantile of the m-th smallest ``T*`` that gives the two limits together a
-  miss rate of α when every slope is equal (exact geometric decay, the
-  least favourable case for the lower limit); elsewhere it misses less.
-
-So the coverage is 1 − α under exact geometric decay; on decays with a kink
-or one dominant step it was 83–90% at 80% and 96–98% at 95% (max and
-anchored, 600 seeds).  The quantile's interval is calibrated at exact
-geometric decay only.
-
-Measured coverage of β = 0.9 (E φ_k = 0.9^k exactly; tau=0; 1000 seeds,
-default n_boot), covered at 80% / 95%:
-
-    system                                   regression wls  regression ols  max       anchored  quantile
-    bounded random gains, 64 windows, 12 lags   803 / 950       791 / 945    787 / 960  794 / 945  785 / 951
-    resetting RNN, 1024 windows, 5 lags         791 / 942       798 / 939    802 / 940  806 / 945  800 / 936
-
-The tests re-measure both with 400 seeds.  The regression's delta-method
-interval needed no change: it covers where the lag means are estimable, and
-nothing covers where they are not (next paragraph).
-
-Heavy tails.  A lag's norm is a product of random Jacobians; when those have
-heavy tails the batch mean at far lags misses the rare large paths that
-carry the expectation and sits far below it (median ≪ mean), and no interval
-built from the batch can see what it missed: on the paper's resetting RNN
-with 256 windows over 30 lags the regression's 95% interval covers 0.9 in
-42% of seeds.  Every fit therefore measures, at each fitted lag k, ``V_k``:
-the relative variance the ratio ``φ̄_k/φ̄_a`` (a the first fitted lag) would
-have if the anchor norms ``w_s = φ_{s,a}`` and the ratios
-``r_s = φ_{s,k}/φ_{s,a}`` were independent and log-normal, r with a point
-mass at zero,
-
-    V_k = E w²/(E w)² · Var r/(E r)² / n = exp(s²_w) (exp(s²_r)/p_k − 1) / n
-
-with ``s²`` the sample variances of the logs, ``p_k`` the share of positive
-ratios and n the samples with a positive anchor.  The logs are sums of
-log-gains, light-tailed, so ``s²`` is estimated well even from a batch that
-missed the rare paths,
-which the sample variance of φ itself is not; a per-sample scale common to
-all lags leaves the ratios, and V, alone.  Lags with
-``V_k > HEAVY_TAIL_LIMIT`` are ``heavy_lags``; a fit with any is not
-``reliable``: the summary and the attrs say so and fit_decay warns
-(``UnreliableFitWarning``).  The limit 0.02 is where the regression stops
-covering: on products of log-normal gains (64 windows, 16 lags) its 95%
-interval covered 94.9% (ols) / 93.7% (wls) of 1000 seeds at V = 0.01,
-92.9% / 90.4% at 0.03 and 88% at 0.1; on independent log-normal noise
-(σ = 0.4, 32 windows, flagged in 81% of 600 seeds) 91.8%.  The resetting
-RNN's 256 windows over 30 lags are flagged in every seed (V reaches 0.048
-at lag 4), its 1024 windows over 5 lags in none (V ≈ 0.012).
-
-Zero means.  A lag whose mean norm is exactly zero (underflow in a float32
-backward with denormals flushed, a nilpotent recurrence, dead units) has
-log φ̄ = −∞, which no slope expresses, and it bounds no β: ``0 ≤ β^n φ̄`` holds
-for every β.  A zero cotangent stays zero one step further back, so zeros
-that come from the recurrence come after every positive mean: a *collapse* of the
-norm, decay faster than any β.  Each estimator therefore fits the lags with a
-positive mean:
-
-- regression: Eq. 22 on the lags with a positive mean, wherever the zeros
-  are (the authors' ``estimate_logbeta_ols`` likewise drops ``log φ̄ < −50``);
-- max, anchored, quantile: the window up to the collapse.  With log 0 = −∞
-  the pairs into the collapse have slope −∞ and never set a max, so Eq. 21
-  and the anchored max are their values on those lags exactly; the quantile
-  is taken over the pairs of those lags too, since counting −∞ slopes would
-  let the collapse's length (set by the float format, not by the decay) pull
-  it down.  Leaving the collapse out can only raise β̂, and with it Ê(K).
-  A zero mean followed by a positive one (a restart from zero) satisfies
-  ``E φ_{k+1} ≤ β E φ_k`` for no β and cannot come from underflow: these
-  estimators refuse it (InputError: choose a τ past it, or the regression).
-
-When the mean is zero at every lag past τ the norm has vanished and the fit
-is exact: β̂ = 0 with the interval [0, 0].  The authors' code instead adds
-1e-100 before the log, so a run of zero means is a flat line at ≈ −230: a
-slope of 0 (β̂ = 1) between two zero lags, and slopes into the zeros set by
-the 1e-100, not by the decay; biaskit does not reproduce that.
-
-``tau=None`` is the paper's ``τ = ⌊0.9 R⌋``.  ``tau="auto"`` scans τ upward over
-at most 50 candidates and takes the first whose window ``[τ, R)`` is
-log-linear: a Wald test of a quadratic term in the same clustered regression
-is not rejected at ``alpha`` (a curvature below √ε of the table's dtype
-counts as rounding), or the norm has vanished past τ.  The test runs on the
-window up to a collapse (at least three lags); a window whose zero means are
-followed by a positive one is rejected.  If no candidate passes, the paper's
-default is used and ``tau_rule`` says so.
+The estimators in full, the intervals, their measured coverage, heavy tails,
+zero means and the choice of τ: ``docs/decay.md``.
 """
 from __future__ import annotations
 
@@ -176,9 +66,7 @@ def norm_table(ds: xr.Dataset, norm: str) -> np.ndarray:
     if norm not in NORMS:
         raise InputError(f"unknown norm {norm!r}: use one of {', '.join(NORMS)}")
     if norm not in ds:
-        hint = {"psi": " (decompose(..., psi=True) computes it)",
-                "phi_mahalanobis": " (decompose(..., metric=False) leaves it out)"}.get(norm, "")
-        raise InputError(f"the Dataset has no {norm!r} variable{hint}")
+        raise InputError(f"the Dataset has no {norm!r} variable{NORMS[norm].missing()}")
     table = ds[norm].transpose("sample", "lag").values.astype(np.float64)
     if table.shape[0] < 2 or table.shape[1] < 2:
         raise InputError(f"{norm} needs at least 2 samples and 2 lags, got shape {table.shape}")

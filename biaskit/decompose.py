@@ -18,7 +18,9 @@ per-group product of |θ| entries is formed a step. Any other cell goes
 through ``torch.func.vjp`` batched with ``vmap`` over steps; a cell that
 torch.func cannot follow (an old-style autograd Function, parameters it
 cannot substitute, gradient hooks on them) through ``torch.autograd``
-against the module's own tensors (``pullback``), with a warning. Denormal floats are flushed to
+against the module's own tensors (``pullback``), with a warning. Each way is a
+path (``fastpath.FastPath``, ``GenericPath``, ``AutogradPath``) that ``decompose``
+picks and runs; what they share is in ``sweep``. Denormal floats are flushed to
 zero on every CPU thread while it runs (``denormals``).
 
 The windows are cut into ``groups`` contiguous groups and the tails are kept
@@ -31,7 +33,6 @@ Memory is O(R·state + groups·|θ|) plus a chunk's products (``CHUNK_ELEMENTS``
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -42,15 +43,12 @@ import torch
 import xarray as xr
 from torch.func import vjp, vmap
 
-from . import bands, denormals, distributed, fastpath, hooks, limits, norms, pullback
+from . import bands, cotangents, denormals, distributed, fastpath, hooks, limits, pullback
 from .errors import InputError, first_line
 from .recurrent import CustomStep, Params, RecurrentSystem, unreachable, wrap
+from .sweep import CHUNK_ELEMENTS, Sweep, Windows, chunk_steps, group_samples, groups_first, real, unroll
 from .tails import Tails, held
 
-#: Elements of a chunk's parameter products (and the fast path's square Gram matrices) held at once.
-CHUNK_ELEMENTS = 2**23
-#: Most steps in one chunk of the parameter pass.
-CHUNK_STEPS = 16
 #: Window groups whose tails are kept apart for the jackknife (fewer when there are fewer windows).
 DEFAULT_GROUPS = 8
 #: Tensors the unrolled graph keeps per state element and step (states, gates, activations),
@@ -79,45 +77,6 @@ def _check_targets(targets, batch):
     if not torch.is_tensor(targets) or targets.dim() == 0 or targets.shape[0] != batch:
         got = tuple(targets.shape) if torch.is_tensor(targets) else type(targets).__name__
         raise InputError(f"targets must have one entry per window ({batch},...), got {got}")
-
-
-def real(t: torch.Tensor, lead: int) -> torch.Tensor:
-    """``t`` as real numbers, flattened after its first ``lead`` dimensions (a complex entry is two)."""
-    t = torch.view_as_real(t) if t.is_complex() else t
-    return t.reshape(*t.shape[:lead], -1)
-
-
-def group_samples(per: dict, masks: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """Per-sample products ``{name: (c, B, ...)}`` summed into groups, ``{name: (G, c, n)}`` (real),
-    and each sample's squared norm over every name, (c, B)."""
-    per = {n: real(g, 2) for n, g in per.items()}
-    sq = sum(g.pow(2).sum(-1) for g in per.values())
-    return {n: torch.einsum("gb,cbn->gcn", masks.to(g.dtype), g).contiguous() for n, g in per.items()}, sq
-
-
-def groups_first(grouped: dict) -> dict:
-    """Per-step group products ``{name: (c, G, ...)}`` as ``{name: (G, c, n)}`` (real)."""
-    return {n: real(g, 2).transpose(0, 1).contiguous() for n, g in grouped.items()}
-
-
-def _unroll(system, params, x, state, detach_before=None, nodes=False, outputs=False):
-    """States after each step of ``x`` (batch, time, F) and the last step's output (None when
-    the readout reads the state), or with ``outputs`` every step's; optionally detach the state
-    entering one step. ``nodes``: every state and output a graph node, even one that depends on
-    nothing that requires grad (a step that ignores its incoming state), so its gradient can be
-    asked for."""
-    states, outs = [state], []
-    for t in range(x.shape[1]):
-        if t == detach_before:
-            state = state.detach()
-        state, out = system.step(params, state, x[:, t])
-        if nodes and not state.requires_grad:
-            state = state.detach().requires_grad_()
-        if nodes and out is not None and not out.requires_grad:
-            out = out.detach().requires_grad_()
-        states.append(state)
-        outs.append(out)
-    return states, (outs if outputs else outs[-1])
 
 
 def _prepare(system, inputs, targets, start, every: bool = False):
@@ -173,7 +132,7 @@ def truncated_gradient(system: RecurrentSystem | torch.nn.Module, inputs: torch.
     for s in range(R) if every else [R - 1]:
         with torch.enable_grad():
             detach = None if K is None or K >= s else s - K
-            states, out = _unroll(system, params, x[:, :s + 1], system.initial_state(start, x.shape[0]), detach)
+            states, out = unroll(system, params, x[:, :s + 1], system.initial_state(start, x.shape[0]), detach)
             loss = system.loss(system.readout_params(), system.read(states[-1], out),
                                targets[:, s] if every else targets).mean()
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
@@ -182,34 +141,104 @@ def truncated_gradient(system: RecurrentSystem | torch.nn.Module, inputs: torch.
     return {n: t / (R if every else 1) for n, t in zip(names, total)}
 
 
-# --- the sweep: forward, then one backward pass -----------------------------------------------
+# --- the paths: the sweep, then the parameter pass in chunks of steps -------------------------------
 
 
 @dataclass
-class Sweep:
-    """What one forward and one backward pass over the windows leave for the parameter pass."""
+class GenericPath:
+    """The path any cell can take: the sweep by torch.autograd through the unrolled window, each
+    chunk's parameter products by ``torch.func.vjp`` batched with ``vmap`` over steps.
+    ``fastpath.FastPath`` has the same methods but ``band`` (losses at every step go this way)."""
 
-    b: torch.Tensor             # (R, B, D) per-sample ∂L_s/∂h_t, t = 1..R
-    losses: torch.Tensor        # (B,)
-    output: torch.Tensor        # (B, ...) the last step's output, detached
-    h_prev: torch.Tensor        # (R, B, D) the state entering each step
-    x: torch.Tensor             # (R, B, ...) each step's input
-    out_cotangent: torch.Tensor | None = None  # (B, ...) ∂L_s/∂o for steps that return an output
-    fast: fastpath.Sweep | None = None  # the gates' cotangents, on the fast path
+    steps: int | None = None  # steps per chunk (None: ``CHUNK_ELEMENTS`` decide; tests force several chunks)
+
+    def applies(self, system: RecurrentSystem, every: bool) -> bool:
+        """Any cell, with a loss at the last step or at every step."""
+        return True
+
+    def sweep(self, system: RecurrentSystem, params, readout, x: torch.Tensor, start, targets) -> Sweep:
+        """The unrolled window with its graph, and one backward pass for every state's cotangent."""
+        R = x.shape[1]
+        with torch.enable_grad():
+            state = system.initial_state(start, x.shape[0]).detach().requires_grad_()  # where gradients start
+            states, out = unroll(system, params, x, state, nodes=True)
+            output = system.read(states[-1], out)  # a step's own output: its cotangent enters the last product
+            losses = system.loss(readout, output, targets)
+            wrt = [*states[1:]] + ([output] if system.step_output else [])
+            grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
+        b = torch.stack([torch.zeros_like(s) if g is None else g for g, s in zip(grads[:R], states[1:])])
+        return Sweep(b, losses.detach(), output.detach(), torch.stack(states[:-1]).detach(), x.transpose(0, 1),
+                     grads[R] if system.step_output else None)
+
+    def chunks(self, system: RecurrentSystem, params, windows: Windows, psi: bool) -> int:
+        """Steps per chunk: a step's products per group, and per window for ψ, within ``CHUNK_ELEMENTS``."""
+        G, B = windows.masks.shape
+        n_params = sum(real(p, 0).numel() for p in params.values())
+        return self.steps or chunk_steps(n_params * (G + (B if psi else 0)))
+
+    def blocks(self, system: RecurrentSystem, params, sweep: Sweep, sl: slice, windows: Windows, psi: bool):
+        """The steps ``sl`` as blocks for ``Tails.add``, their products per group whole, and per-window
+        squared norms ``(c, B)`` with ``psi``."""
+        products, psi_sq = _generic_products(system, params, sweep, sl, windows.masks, psi)
+        return held(products, windows.process_group), psi_sq
+
+    def band(self, system: RecurrentSystem, params, fwd: bands.Forward, cotangent, out_cotangent,
+             windows: Windows, psi: bool) -> bands.Band:
+        """Losses at every step: the band of the steps ``cotangent`` covers (``bands.band``)."""
+        return bands.band(system, params, fwd, cotangent, out_cotangent, windows.members, psi)
+
+    def metric(self, system: RecurrentSystem, params, sweep, probes: int, rows: int,
+               generator: torch.Generator) -> torch.Tensor:
+        """The metric's estimate (``cotangents.estimate_metric``), its probes through ``torch.func.jvp``."""
+        return cotangents.estimate_metric(system, params, sweep.h_prev, sweep.x, probes, rows, generator)
+
+    def fallback(self, system: RecurrentSystem, err: RuntimeError) -> GenericPath | None:
+        """The path to take when this one's parameter pass raised ``err``: the same products by
+        torch.autograd, unless memory ran out."""
+        if isinstance(err, torch.OutOfMemoryError):
+            return None
+        return AutogradPath(steps=self.steps, own=system.params(),
+                            why="torch.func cannot follow the step: " + first_line(err).split(". ")[0][:160])
+
+    def describe(self, system: RecurrentSystem, every: bool) -> str:
+        """The Dataset's ``path``."""
+        return "generic, bands" if every else "generic"
 
 
-def _generic_sweep(system, params, readout, x, start, targets) -> Sweep:
-    R = x.shape[1]
-    with torch.enable_grad():
-        state = system.initial_state(start, x.shape[0]).detach().requires_grad_()  # where gradients start
-        states, out = _unroll(system, params, x, state, nodes=True)
-        output = system.read(states[-1], out)  # a step's own output: its cotangent enters the last product
-        losses = system.loss(readout, output, targets)
-        wrt = [*states[1:]] + ([output] if system.step_output else [])
-        grads = torch.autograd.grad(losses.sum(), wrt, allow_unused=True)
-    b = torch.stack([torch.zeros_like(s) if g is None else g for g, s in zip(grads[:R], states[1:])])
-    return Sweep(b, losses.detach(), output.detach(), torch.stack(states[:-1]).detach(), x.transpose(0, 1),
-                 grads[R] if system.step_output else None)
+@dataclass(kw_only=True)
+class AutogradPath(GenericPath):
+    """The generic path for a cell torch.func cannot follow: every parameter product by torch.autograd
+    against the module's own tensors (``pullback``), a backward pass per step and group of windows
+    (per window for ψ)."""
+
+    own: Params  # the module's own parameter tensors
+    why: str     # what stands in the way of torch.func
+
+    def blocks(self, system: RecurrentSystem, params, sweep: Sweep, sl: slice, windows: Windows, psi: bool):
+        products, psi_sq = _autograd_products(system, self.own, sweep, sl, windows.members, psi)
+        return held(products, windows.process_group), psi_sq
+
+    def band(self, system: RecurrentSystem, params, fwd: bands.Forward, cotangent, out_cotangent,
+             windows: Windows, psi: bool) -> bands.Band:
+        return bands.band(system, params, fwd, cotangent, out_cotangent, windows.members, psi, self.own)
+
+    def metric(self, system: RecurrentSystem, params, sweep, probes: int, rows: int,
+               generator: torch.Generator) -> torch.Tensor:
+        return cotangents.estimate_metric(system, self.own, sweep.h_prev, sweep.x, probes, rows, generator, own=True)
+
+    def fallback(self, system: RecurrentSystem, err: RuntimeError) -> None:
+        return None
+
+    def describe(self, system: RecurrentSystem, every: bool) -> str:
+        return f"{super().describe(system, every)}, autograd ({self.why})"
+
+
+def _pick(system: RecurrentSystem, every: bool, autograd_why: str | None) -> GenericPath | fastpath.FastPath:
+    """The path a decomposition takes: by torch.autograd when ``autograd_why`` says what stands in
+    torch.func's way, else the first that applies of the fast path and the generic one."""
+    if autograd_why is not None:
+        return AutogradPath(own=system.params(), why=autograd_why)
+    return next(path for path in (fastpath.FastPath(), GenericPath()) if path.applies(system, every))
 
 
 # --- the parameter pass -------------------------------------------------------------------------
@@ -272,11 +301,6 @@ def _autograd_products(system, own: Params, sweep: Sweep, sl: slice, members: li
     return products, torch.stack(sq) if per_sample else None
 
 
-def _members(masks: torch.Tensor) -> list[slice]:
-    """Each group's windows (contiguous) as a slice."""
-    return [slice(int(r[0]), int(r[-1]) + 1) for r in (torch.nonzero(m).flatten() for m in masks)]
-
-
 def _positive_int(value, name: str, what: str):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise InputError(f"{name} must be a positive whole number of {what}, got {value!r}")
@@ -311,16 +335,6 @@ def _direct(system, readout: Params, outputs: torch.Tensor, targets, masks: torc
                      for m in masks]
     return {n: real(torch.stack([torch.zeros_like(p) if g[i] is None else g[i] for g in per_group]), 1)
             for i, (n, p) in enumerate(readout.items())}
-
-
-def _chunk_steps(width: int, rows: int = 0, most: float = CHUNK_STEPS) -> int:
-    """Steps per chunk: as many as ``CHUNK_ELEMENTS`` hold at ``width`` elements a step and, on the
-    fast path, square matrices of ``rows`` rows a step (their size grows as the chunk's square), at
-    most ``most`` and ``CHUNK_STEPS`` (the Gram matrices' cost grows with the chunk)."""
-    steps = CHUNK_ELEMENTS // max(1, width)
-    if rows:
-        steps = min(steps, math.isqrt(CHUNK_ELEMENTS) // rows)
-    return max(1, min(CHUNK_STEPS, most, steps))
 
 
 @dataclass
@@ -359,6 +373,7 @@ def decompose(
     seed: int = 0,
     process_group: Any = None,
     loss_at: str = "last",
+    _path: GenericPath | fastpath.FastPath | None = None,
 ) -> xr.Dataset:
     """Per-lag gradient norms and the exact bias of TBPTT for every K in 0..R-1.
 
@@ -375,7 +390,7 @@ def decompose(
     ``metric`` is the (D, D)
     Mahalanobis metric; by default it is estimated from ``metric_rows`` random
     (step, sample) pairs of these windows with ``probes`` random probes each (see
-    ``norms.estimate_metric``); ``metric=False`` leaves the Mahalanobis norm out
+    ``cotangents.estimate_metric``); ``metric=False`` leaves the Mahalanobis norm out
     (the exact controller does: it needs no metric). ``psi=False`` skips the
     per-sample parameter-space norms. ``groups``: how many groups of windows the jackknife of
     ``exact_kappa`` resamples (at most one per window; under ``process_group``
@@ -383,7 +398,8 @@ def decompose(
     ``process_group`` (torch.distributed): the windows are this rank's share;
     sums, norms and biases are those of every rank's windows together, and
     per-window variables (φ, ψ, loss) are gathered, so every rank holds the
-    same Dataset (see ``biaskit.distributed``).
+    same Dataset (see ``biaskit.distributed``). ``_path``, for tests: the path to take
+    (``GenericPath``, ``fastpath.FastPath``) instead of the one ``_pick`` finds.
     """
     every = bands.check_loss_at(loss_at)
     system, x = _prepare(system, inputs, targets, start, every)
@@ -398,42 +414,39 @@ def decompose(
         _positive_int(probes, "probes", "random probes")
         _positive_int(metric_rows, "metric_rows", "(step, sample) rows")
     readout = {n: p.detach() for n, p in system.readout_params().items()}
-    masks = _groups(groups, B, x.device)
-    fast = not every and autograd_why is None and fastpath.applies(system)
-    own = None if autograd_why is None else system.params()
+    windows = Windows(_groups(groups, B, x.device), process_group)
+    path = _path or _pick(system, every, autograd_why)
     sweep = bands.forward(system, params, readout, x, start, targets) if every else \
-        (fastpath.sweep if fast else _generic_sweep)(system, params, readout, x, start, targets)
+        path.sweep(system, params, readout, x, start, targets)
     if not torch.isfinite(sweep.b).all() or not torch.isfinite(sweep.losses).all():
         raise InputError("the gradient has NaN or infinite entries: check the model and inputs")
-    n_params = sum(real(p, 0).numel() for p in params.values())
-    metric, estimator = _metric(system, params if own is None else own, sweep, metric, probes, metric_rows, seed,
-                                process_group, own is not None)
+    metric, estimator = _metric(system, params, sweep, metric, probes, metric_rows, seed, process_group, path)
 
-    def parameter_pass(own):
+    def parameter_pass(path):
         if every:
-            return _every_step(system, params, sweep, masks, psi, metric, n_params, process_group, own)
-        return _last_step(system, params, sweep, masks, psi, metric, n_params, fast, process_group, own)
+            return _every_step(system, params, sweep, windows, psi, metric, path)
+        return _last_step(system, params, sweep, windows, psi, metric, path)
 
-    if own is not None:
-        _warn_autograd(system, autograd_why)
+    if isinstance(path, AutogradPath):
+        _warn_autograd(system, path.why)
     try:
-        lags = parameter_pass(own)
+        lags = parameter_pass(path)
     except RuntimeError as err:  # torch.func cannot follow the step: the same products by torch.autograd
-        if own is not None or fast or isinstance(err, torch.OutOfMemoryError):
+        instead = path.fallback(system, err)
+        if instead is None:
             raise
-        autograd_why = "torch.func cannot follow the step: " + first_line(err).split(". ")[0][:160]
-        _warn_autograd(system, autograd_why)
-        own = system.params()
+        path = instead
+        _warn_autograd(system, path.why)
         if estimator.startswith("rademacher"):  # its batches mixed steps, which such a step may not allow
-            metric, estimator = _metric(system, own, sweep, None, probes, metric_rows, seed, process_group, True)
-        lags = parameter_pass(own)
-    path = ("fast: " + system.kind) if fast else "generic, bands" if every else "generic"
-    if own is not None:
-        path += f", autograd ({autograd_why})"
-    direct = _direct(system, readout, sweep.outputs if every else sweep.output, targets, masks, every)
-    ds = _dataset(system, params, readout, lags, direct, masks, metric, estimator, n_params, path, process_group)
-    ds.attrs["loss_at"] = loss_at
-    return ds
+            metric, estimator = _metric(system, params, sweep, None, probes, metric_rows, seed, process_group, path)
+        lags = parameter_pass(path)
+    keys = _readout_keys(system)
+    direct = _direct(system, readout, sweep.outputs if every else sweep.output, targets, windows.masks, every)
+    n_params = sum(real(p, 0).numel() for p in params.values()) + \
+        sum(real(p, 0).numel() for n, p in readout.items() if keys[n] not in params)  # a tied one is in θ
+    return _dataset(system, lags, _finish(lags, direct, keys, windows), metric,
+                    {"n_params": n_params, "metric_estimator": estimator, "path": path.describe(system, every),
+                     "processes": distributed.world(process_group), "loss_at": loss_at})
 
 
 def _warn_autograd(system, why: str):
@@ -442,35 +455,22 @@ def _warn_autograd(system, why: str):
                   "than batched", stacklevel=4)
 
 
-def _last_step(system, params, sweep: Sweep, masks, psi: bool, metric, n_params: int, fast: bool, process_group,
-               own: Params | None) -> Lags:
-    """The parameter pass of a last-step loss, oldest step first: T_K is the running sum before step R-K.
-    ``own``: the module's own tensors, to take the products by torch.autograd (``pullback``)."""
-    B, R = sweep.b.shape[1], sweep.b.shape[0]
-    G = masks.shape[0]
-    if fast:
-        world_batch = distributed.total(B, process_group)
-        rows = fastpath.by_rows(system, params, B, world_batch, G)
-        chunk = _chunk_steps(*fastpath.chunk_limits(system, params, G, B, world_batch, psi, rows))
-        offset = distributed.offset(B, process_group)
-    else:
-        chunk = _chunk_steps(n_params * (G + (B if psi else 0)))
-    tails, psi_rows, members = Tails(), [], _members(masks)
+def _last_step(system, params, sweep: Sweep, windows: Windows, psi: bool, metric,
+               path: GenericPath | fastpath.FastPath) -> Lags:
+    """The parameter pass of a last-step loss, oldest step first, in the path's chunks of steps: T_K is
+    the running sum before step R-K."""
+    R, G, process_group = sweep.b.shape[0], windows.masks.shape[0], windows.process_group
+    chunk = path.chunks(system, params, windows, psi)
+    tails, psi_rows = Tails(), []
     for first in range(0, R, chunk):
-        sl = slice(first, min(R, first + chunk))
-        if fast:
-            blocks, psi_sq = fastpath.blocks(system, params, sweep, sl, masks, psi, process_group, offset, rows)
-        else:
-            products, psi_sq = _generic_products(system, params, sweep, sl, masks, psi) if own is None else \
-                _autograd_products(system, own, sweep, sl, members, psi)
-            blocks = held(products, process_group)
+        blocks, psi_sq = path.blocks(system, params, sweep, slice(first, min(R, first + chunk)), windows, psi)
         tails.add(blocks, G)
         if psi:
             psi_rows.append(psi_sq)
     group_full, total_full = tails.carries()
     phi, phi_state, losses = _lag_norms(sweep, process_group)
     b_lag = sweep.b.flip(0).transpose(0, 1)
-    maha = None if metric is None else distributed.gather_samples(norms.mahalanobis(b_lag, metric.to(b_lag)),
+    maha = None if metric is None else distributed.gather_samples(cotangents.mahalanobis(b_lag, metric.to(b_lag)),
                                                                   process_group)
     psi_table = None if not psi else \
         distributed.gather_samples(torch.cat(psi_rows).clamp_min(0).sqrt().flip(0).T, process_group)
@@ -480,29 +480,27 @@ def _last_step(system, params, sweep: Sweep, masks, psi: bool, metric, n_params:
                 phi, phi_state, losses, maha, psi_table)
 
 
-def _every_step(system, params, fwd: bands.Forward, masks, psi: bool, metric, n_params: int, process_group,
-                own: Params | None) -> Lags:
-    """The parameter pass of losses at every step, by lag bands (``bands``): the tails start at the
-    full gradient F and each band k is subtracted, so the tail before band k+1 is T_k. ``own``: the
-    module's own tensors, to take the products by torch.autograd (``pullback``)."""
+def _every_step(system, params, fwd: bands.Forward, windows: Windows, psi: bool, metric, path: GenericPath) -> Lags:
+    """The parameter pass of losses at every step, by lag bands (``bands``, through the path's
+    ``band``): the tails start at the full gradient F and each band k is subtracted, so the tail
+    before band k+1 is T_k."""
     R, B, D = fwd.b.shape
-    G = masks.shape[0]
-    members = _members(masks)
+    G, process_group = windows.masks.shape[0], windows.process_group
     tails = Tails()
 
     def add(products: list[dict]):
         tails.add(held({n: torch.stack([real(p[n], 1) for p in products], 1) for n in params}, process_group), G)
 
     with torch.enable_grad():
-        add([bands.band(system, params, fwd, fwd.b, fwd.out_cotangent, members, False, own).products])
+        add([path.band(system, params, fwd, fwd.b, fwd.out_cotangent, windows, False).products])
     group_full, total_full = ({n: c.clone() for n, c in carries.items()} for carries in tails.carries())
-    chunk = _chunk_steps(n_params * G)
+    chunk = path.chunks(system, params, windows, False)  # bands a chunk: ψ comes a band at a time
     lag_norms = bands.LagNorms.empty(B, R, D, fwd.b, metric)
     psi_sum, pending, e = fwd.b.new_zeros(B, R), [], fwd.direct
     for k in range(R):
         lag_norms.add(k, e, metric)
         with torch.enable_grad():
-            band = bands.band(system, params, fwd, e, fwd.out_cotangent if k == 0 else None, members, psi, own)
+            band = path.band(system, params, fwd, e, fwd.out_cotangent if k == 0 else None, windows, psi)
         pending.append({n: -g for n, g in band.products.items()})
         if psi:
             psi_sum[:, k] = band.psi
@@ -539,11 +537,8 @@ def state_gradient_norms(system: RecurrentSystem | torch.nn.Module, inputs: torc
         unreachable(system, system.initial_state(start, x.shape[0]), x[:, 0])  # refuses a step that mixes windows
     params = {n: p.detach() for n, p in system.params().items()}
     readout = {n: p.detach() for n, p in system.readout_params().items()}
-    if every:
-        sweep = bands.forward(system, params, readout, x, start, targets)
-    else:
-        sweep = (fastpath.sweep if fastpath.applies(system) else _generic_sweep)(system, params, readout, x, start,
-                                                                                targets)
+    sweep = bands.forward(system, params, readout, x, start, targets) if every else \
+        _pick(system, False, None).sweep(system, params, readout, x, start, targets)
     if not torch.isfinite(sweep.b).all() or not torch.isfinite(sweep.losses).all():
         raise InputError("the gradient has NaN or infinite entries: check the model and inputs")
     if every:
@@ -567,7 +562,7 @@ def state_gradient_norms(system: RecurrentSystem | torch.nn.Module, inputs: torc
 def _lag_norms(sweep: Sweep, process_group):
     """φ per window and lag, the mean |∂L/∂h| per lag and state element, and the losses, over every rank."""
     b_lag = sweep.b.flip(0).transpose(0, 1)  # (B, R, D) by lag: lag k is the state after step R-k
-    phi = distributed.gather_samples(norms.euclidean(b_lag), process_group)
+    phi = distributed.gather_samples(cotangents.euclidean(b_lag), process_group)
     phi_state = distributed.gather_samples(b_lag.abs(), process_group).mean(0)
     return phi, phi_state, distributed.gather_samples(sweep.losses, process_group)
 
@@ -576,9 +571,9 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().double().cpu().numpy()
 
 
-def _metric(system, params, sweep, metric, probes, rows, seed, process_group, own: bool):
-    """The Mahalanobis metric given, estimated (``own``: ``params`` are the module's own tensors, taken
-    by torch.autograd), or None, and how it was had."""
+def _metric(system, params, sweep, metric, probes, rows, seed, process_group, path: GenericPath | fastpath.FastPath):
+    """The Mahalanobis metric given, estimated (the path's way, over every rank), or None, and how it
+    was had."""
     D = system.layout.size
     if metric is False:
         return None, "none (metric=False)"
@@ -588,21 +583,38 @@ def _metric(system, params, sweep, metric, probes, rows, seed, process_group, ow
             raise InputError(f"metric must be ({D}, {D}), got {got}")
         return metric.to(sweep.b), "given"
     gen = torch.Generator(device=sweep.b.device).manual_seed(seed)
-    pushes = partial(fastpath.pushes, system, params) if getattr(sweep, "fast", None) is not None and \
-        fastpath.metric_applies(system, params) else None
-    estimate = norms.estimate_metric(system, params, sweep.h_prev, sweep.x, probes, rows, gen, pushes, own)
-    estimate = distributed.mean(estimate, process_group)
+    estimate = distributed.mean(path.metric(system, params, sweep, probes, rows, gen), process_group)
     return estimate, f"rademacher probes={probes}, rows={rows}, seed={seed}"
 
 
-def _dataset(system, params, readout, lags: Lags, direct, masks, metric, estimator, n_params, path,
-             process_group) -> xr.Dataset:
-    R, B = lags.total_sq.shape[0], masks.shape[1]
-    scale = distributed.total(B, process_group) * lags.positions  # the objective is the mean over these losses
-    # The full gradient: every lag's products plus the readout's (a tied readout weight added to
-    # its coordinate in θ rather than counted apart), per group and over every window.
+def _readout_keys(system) -> dict[str, str]:
+    """Each readout parameter's coordinate in the full gradient: the θ entry it is tied to, else its own."""
     theta_ids = {id(p): n for n, p in system.params().items()}
-    keys = {n: theta_ids.get(id(p), "readout." + n) for n, p in system.readout_params().items()}
+    return {n: theta_ids.get(id(p), "readout." + n) for n, p in system.readout_params().items()}
+
+
+@dataclass
+class Totals:
+    """The tails and the full gradient over every rank's windows and groups, divided by the count of
+    losses the objective averages: what the Dataset holds besides ``Lags``' per-window norms."""
+
+    abs_bias: torch.Tensor            # (R,) ||T_K||
+    grad_norm: torch.Tensor           # () ||g||
+    lag_contribution: torch.Tensor    # (R,)
+    group_contribution: torch.Tensor  # (G_all, R) over each group's windows
+    group_tail_sq: torch.Tensor       # (R, G_all)
+    group_tail_dot: torch.Tensor      # (R, G_all)
+    group_grad_sq: torch.Tensor       # (G_all,)
+    group_grad_dot: torch.Tensor      # (G_all,)
+    group_size: torch.Tensor          # (G_all,)
+
+
+def _finish(lags: Lags, direct: dict, keys: dict, windows: Windows) -> Totals:
+    """The distributed finish of the parameter pass: the full gradient, every lag's products plus the
+    readout's ``direct`` (a tied readout weight added to its coordinate in θ, ``keys``, rather than
+    counted apart), per group and over every window; every rank's groups gathered."""
+    process_group = windows.process_group
+    scale = windows.total * lags.positions  # the objective is the mean over these losses
     group_full, total_full = dict(lags.group_full), dict(lags.total_full)
     direct_total = distributed.all_reduce_sum({n: g.sum(0) for n, g in direct.items()}, process_group)
     for name, g in direct.items():
@@ -612,31 +624,40 @@ def _dataset(system, params, readout, lags: Lags, direct, masks, metric, estimat
     grad_sq = sum(v.pow(2).sum() for v in total_full.values())
     group_grad_sq = sum(v.pow(2).sum(-1) for v in group_full.values())
     group_grad_dot = sum(v @ total_full[n] for n, v in group_full.items())
-    grad_norm = grad_sq.sqrt() / scale
-    abs_bias = lags.total_sq.clamp_min(0).sqrt() / scale
-    group_sizes = distributed.gather_groups(masks.sum(1), process_group)
-    phi = lags.phi
-    np_ = _numpy
+    group_sizes = distributed.gather_groups(windows.masks.sum(1), process_group)
 
     def by_group(t):  # (R, G) this process's groups → every rank's
         return distributed.gather_groups(t.T, process_group).T
 
+    return Totals(abs_bias=lags.total_sq.clamp_min(0).sqrt() / scale, grad_norm=grad_sq.sqrt() / scale,
+                  lag_contribution=lags.lag_sq.clamp_min(0).sqrt() / scale,
+                  group_contribution=by_group(lags.lag_group_sq.clamp_min(0).sqrt()).T
+                  / (group_sizes[:, None].to(lags.phi) * lags.positions),
+                  group_tail_sq=by_group(lags.group_sq) / scale**2, group_tail_dot=by_group(lags.group_dot) / scale**2,
+                  group_grad_sq=distributed.gather_groups(group_grad_sq, process_group) / scale**2,
+                  group_grad_dot=distributed.gather_groups(group_grad_dot, process_group) / scale**2,
+                  group_size=group_sizes)
+
+
+def _dataset(system, lags: Lags, totals: Totals, metric, attrs: dict) -> xr.Dataset:
+    """The decomposition as a Dataset: ``lags``' per-window norms and the ``totals``, named and
+    described; ``attrs`` after the run's own."""
+    R, phi, np_ = lags.total_sq.shape[0], lags.phi, _numpy
     layout, lag_index = system.layout, np.arange(R)
-    group_count = int(group_sizes.numel())
+    group_count = int(totals.group_size.numel())
     ds = xr.Dataset(
         {
             "phi": (("sample", "lag"), np_(phi)),
             "phi_state": (("lag", "state"), np_(lags.phi_state)),
-            "abs_bias": (("K",), np_(abs_bias)),
-            "rel_bias": (("K",), np_(abs_bias / grad_norm)),
-            "lag_contribution": (("lag",), np_(lags.lag_sq.clamp_min(0).sqrt() / scale)),
-            "group_contribution": (("group", "lag"), np_(by_group(lags.lag_group_sq.clamp_min(0).sqrt()).T
-                                                         / (group_sizes[:, None].to(phi) * lags.positions))),
-            "group_tail_sq": (("K", "group"), np_(by_group(lags.group_sq) / scale**2)),
-            "group_tail_dot": (("K", "group"), np_(by_group(lags.group_dot) / scale**2)),
-            "group_grad_sq": (("group",), np_(distributed.gather_groups(group_grad_sq, process_group) / scale**2)),
-            "group_grad_dot": (("group",), np_(distributed.gather_groups(group_grad_dot, process_group) / scale**2)),
-            "group_size": (("group",), np_(group_sizes).astype(np.int64)),
+            "abs_bias": (("K",), np_(totals.abs_bias)),
+            "rel_bias": (("K",), np_(totals.abs_bias / totals.grad_norm)),
+            "lag_contribution": (("lag",), np_(totals.lag_contribution)),
+            "group_contribution": (("group", "lag"), np_(totals.group_contribution)),
+            "group_tail_sq": (("K", "group"), np_(totals.group_tail_sq)),
+            "group_tail_dot": (("K", "group"), np_(totals.group_tail_dot)),
+            "group_grad_sq": (("group",), np_(totals.group_grad_sq)),
+            "group_grad_dot": (("group",), np_(totals.group_grad_dot)),
+            "group_size": (("group",), np_(totals.group_size).astype(np.int64)),
             "loss": (("sample",), np_(lags.losses)),
         },
         coords={
@@ -656,11 +677,8 @@ def _dataset(system, params, readout, lags: Lags, direct, masks, metric, estimat
             "groups": group_count,
             "dtype": str(lags.total_sq.dtype).removeprefix("torch."),
             "device": str(lags.total_sq.device),
-            "grad_norm": float(grad_norm),
-            "n_params": n_params + sum(real(p, 0).numel() for n, p in readout.items() if keys[n] not in params),
-            "metric_estimator": estimator,
-            "path": path,
-            "processes": distributed.world(process_group),
+            "grad_norm": float(totals.grad_norm),
+            **attrs,
         },
     )
     if lags.phi_mahalanobis is not None:

@@ -1,17 +1,12 @@
 """Denormal floats flushed to zero on every CPU thread while biaskit computes.
 
-At long lags an RNN's cotangents vanish below float32's smallest normal number
-(1.2e-38), where x86 CPUs work about 100x slower; a tail that small is zero at
-float32's precision anyway. ``torch.set_flush_denormal`` sets the flag of the
-calling thread alone, while the OpenMP threads that run most of torch's CPU
-work keep the flags they started with: in a process that had already run a
-parallel operation, flushing helped only the calling thread's share (the
-language controller's update took 135 s on two threads, 13 s with every thread
-flushing). So after setting the flag, ``set_flush`` ends the calling thread's
-OpenMP workers (OpenMP 5.0's ``omp_pause_resource_all``, which leaves other
-threads' workers alone), and the next parallel operation starts new ones,
-which inherit it. Where no OpenMP runtime with that routine is loaded, the
-calling thread alone flushes: slower, the same numbers.
+At long lags an RNN's cotangents vanish below float32's smallest normal number,
+where x86 CPUs are far slower, and a tail that small is zero at float32's
+precision anyway. ``torch.set_flush_denormal`` sets the calling thread's flag
+alone, so ``set_flush`` then ends that thread's OpenMP workers
+(``omp_pause_resource_all``) and the next parallel operation starts new ones,
+which inherit it; without that routine the calling thread alone flushes: slower,
+the same numbers. How much slower, and why: ``docs/denormals.md``.
 """
 from __future__ import annotations
 

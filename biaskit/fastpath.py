@@ -23,18 +23,20 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from torch.func import vjp, vmap
 
-from . import distributed
+from . import cotangents, distributed
 from .recurrent import RecurrentSystem, TorchRecurrent, _linear
+from .sweep import Sweep, Windows, chunk_steps, group_samples, groups_first
 from .tails import Chunk, carry_products, held
 
 
 @dataclass
-class Sweep:
+class Gates:
     """Per layer: the gates' cotangents and the tensors they multiply, for every step."""
 
     delta_i: list      # per layer (R, B, gates·H): cotangent of the input pre-activations
@@ -44,12 +46,134 @@ class Sweep:
     encoded_cotangent: torch.Tensor | None  # (R, B, F) the cotangent of the encoder's output, if any
 
 
-def applies(system: RecurrentSystem) -> bool:
-    """Whether the fast path serves ``system``: a built-in cell whose weights are distinct tensors."""
-    if not isinstance(system, TorchRecurrent):
-        return False
-    mine = [p for _, p in system.module.named_parameters(remove_duplicate=False)]
-    return len({id(p) for p in mine}) == len(mine) and not any(p.is_complex() for p in mine)
+@dataclass
+class FastPath:
+    """The decomposition's path for the built-in cells (the module's docstring): the sweep by the
+    fused kernels and the cells' backward recurrences, the tails from the gates' cotangents."""
+
+    rows: bool | None = None   # keep the weights' products as rows (None: ``by_rows`` decides; tests force it)
+    steps: int | None = None   # steps per chunk (None: ``chunk_limits`` decide; tests force several chunks)
+
+    def applies(self, system: RecurrentSystem, every: bool) -> bool:
+        """Whether this path serves ``system``: a loss at the last step, and a built-in cell whose weights
+        are distinct real tensors."""
+        if every or not isinstance(system, TorchRecurrent):
+            return False
+        mine = [p for _, p in system.module.named_parameters(remove_duplicate=False)]
+        return len({id(p) for p in mine}) == len(mine) and not any(p.is_complex() for p in mine)
+
+    def sweep(self, system: TorchRecurrent, params, readout, x: torch.Tensor, start, targets) -> Sweep:
+        """Forward layer by layer without a graph, then the cells' backward recurrences by hand, from the
+        top layer down: per step one product with ``W_hh`` and a few elementwise operations."""
+        p = {**system.frozen, **params}
+        B, R = x.shape[:2]
+        x_t = x.transpose(0, 1)
+        layers = []
+        with torch.no_grad():
+            inp = x_t if system.encoder is None else \
+                system.encode(params, x_t.reshape(R * B, *x_t.shape[2:])).reshape(R, B, -1)
+            for layer, hs in enumerate(system.split(system.initial_state(start, B).detach())):
+                w = _layer_weights(system, p, layer)
+                h = _fused(system, w, inp, hs)
+                entering = [torch.cat([hs[0][None], h[:-1]])]
+                gates = None
+                if system.base == "LSTM":
+                    gates, c_prev = _lstm_gates(w, inp, entering[0], hs[1])
+                    entering.append(c_prev)
+                layers.append(_Layer(w, inp, entering, h, gates))
+                inp = h
+        with torch.enable_grad():
+            output = layers[-1].h[-1].clone().requires_grad_()  # what the readout reads: the top h at the end
+            losses = system.loss(readout, output, targets)
+            (output_grad,) = torch.autograd.grad(losses.sum(), [output])
+        deltas, b_parts, above = [None] * len(layers), [None] * len(layers), None
+        with torch.no_grad():
+            for layer in reversed(range(len(layers))):
+                arriving = above  # what reaches each step's h from the layer above
+                if arriving is None:
+                    arriving = torch.zeros_like(layers[layer].h)
+                    arriving[-1] = output_grad
+                *deltas[layer], b_parts[layer] = BACKWARD[system.base](system, layers[layer], arriving)
+                if layer or system.encoder is not None:
+                    above = (deltas[layer][0].flatten(0, 1) @ layers[layer].weights["weight_ih"]).reshape(R, B, -1)
+        b_parts[-1][0][-1] = output_grad  # the last step's state is read by the readout alone: its top h
+        b = torch.cat([part for parts in b_parts for part in parts], dim=-1)
+        h_prev = torch.cat([part for layer in layers for part in layer.entering], dim=-1)  # (R, B, D)
+        fast = Gates([d[0] for d in deltas], [d[1] for d in deltas], [layer.inputs for layer in layers],
+                     [layer.entering[0] for layer in layers], None if system.encoder is None else above)
+        return Sweep(b, losses.detach(), output.detach(), h_prev, x_t, None, fast)
+
+    def chunks(self, system: TorchRecurrent, params, windows: Windows, psi: bool) -> int:
+        """Steps per chunk of the parameter pass (``chunk_limits``)."""
+        G, B = windows.masks.shape
+        rows = self._rows(system, params, windows)
+        return self.steps or chunk_steps(*chunk_limits(system, params, G, B, windows.total, psi, rows))
+
+    def blocks(self, system: TorchRecurrent, params, sweep: Sweep, sl: slice, windows: Windows, per_sample: bool):
+        """The steps ``sl`` as blocks for ``Tails.add``: by rows, each layer's weights as rows
+        (``Outer``) and one Gram of every row pair (``RowGram``), else each weight's products per group
+        whole; an embedding's gathered by token (``Lookup``), any other encoder's whole; and per-window
+        squared norms ``(c, B)`` when ``per_sample`` (``||δ aᵀ|| = ||δ||·||a||``)."""
+        fast, index, process_group = sweep.fast, _members(windows.masks), windows.process_group
+        rows = self._rows(system, params, windows)
+        masks = windows.masks.to(sweep.b.dtype)
+        everyone = {}  # every rank's rows of a tensor, gathered once per chunk
+
+        def all_rows(t):
+            if id(t) not in everyone:
+                everyone[id(t)] = distributed.gather_rows(t.transpose(0, 1), process_group).transpose(0, 1)
+            return everyone[id(t)]
+
+        out, whole, sq, K = [], {}, 0.0, 0.0
+        for layer in range(system.num_layers):
+            shared = {}  # the layer's weights by the δ they multiply: one for LSTM and RNN, two for GRU
+            for name, delta, by in _weights(system, params, fast, layer, sl):
+                shared.setdefault(id(delta), (delta, []))[1].append((name, by))
+            for delta, members in shared.values():
+                by = torch.cat([part for _, part in members], dim=-1)  # [x, h, 1, 1]: one block for them all
+                if per_sample:
+                    sq = sq + delta.pow(2).sum(-1) * by.pow(2).sum(-1)
+                if not rows:
+                    for name, part in members:
+                        whole[name] = (_grouped(delta, index).transpose(-1, -2) @ _grouped(part, index)).flatten(2)
+                    continue
+                T = torch.bmm(all_rows(delta).transpose(1, 2), all_rows(by)).flatten(1)
+                out.append(Outer(tuple((name, part.shape[-1]) for name, part in members), delta, by, index, masks, T))
+                K = K + (delta.flatten(0, 1) @ all_rows(delta).flatten(0, 1).T) * (by.flatten(0, 1) @
+                                                                                    all_rows(by).flatten(0, 1).T)
+        if rows:
+            c, B = delta.shape[:2]
+            out.append(RowGram(K.reshape(c, B, c, -1), masks, windows.offset))
+        encoder = {n: p for n, p in params.items() if n.startswith("encoder.")}
+        if encoder and lookup(system, params):
+            out.append(_lookup_block(system, sweep, sl, masks, process_group))
+            if per_sample:
+                sq = sq + out[-1].cot.pow(2).sum(-1)
+        elif encoder:
+            x, cot = sweep.x[sl], fast.encoded_cotangent[sl]
+            grouped, enc_sq = _encoder_products(system, encoder, x, cot, masks, per_sample)
+            whole.update(grouped)
+            sq = sq + enc_sq if per_sample else sq
+        return out + held(whole, process_group), (sq if per_sample else None)
+
+    def metric(self, system: TorchRecurrent, params, sweep: Sweep, probes: int, rows: int,
+               generator: torch.Generator) -> torch.Tensor:
+        """The metric's estimate (``cotangents.estimate_metric``), its probes pushed through each cell's
+        forward-mode product written out (``pushes``) where ``metric_applies``."""
+        pushed = partial(pushes, system, params) if metric_applies(system, params) else None
+        return cotangents.estimate_metric(system, params, sweep.h_prev, sweep.x, probes, rows, generator, pushed)
+
+    def fallback(self, system: TorchRecurrent, err: RuntimeError) -> None:
+        """None: an error on this path stands (no other takes its products)."""
+        return None
+
+    def describe(self, system: TorchRecurrent, every: bool) -> str:
+        """The Dataset's ``path``."""
+        return "fast: " + system.kind
+
+    def _rows(self, system: TorchRecurrent, params, windows: Windows) -> bool:
+        G, B = windows.masks.shape
+        return by_rows(system, params, B, windows.total, G) if self.rows is None else self.rows
 
 
 @dataclass
@@ -61,50 +185,6 @@ class _Layer:
     entering: list         # (R, B, H) each part of the state (h, c) entering each step
     h: torch.Tensor        # (R, B, H) h after each step
     gates: torch.Tensor | None = None  # (R, B, 4H) an LSTM's activated gates (``_lstm_gates``)
-
-
-def sweep(system: TorchRecurrent, params, readout, x: torch.Tensor, start, targets):
-    """Forward layer by layer without a graph, then the cells' backward recurrences by hand, from the
-    top layer down: per step one product with ``W_hh`` and a few elementwise operations."""
-    from .decompose import Sweep as Full  # the generic sweep's record, which this one extends
-
-    p = {**system.frozen, **params}
-    B, R = x.shape[:2]
-    x_t = x.transpose(0, 1)
-    layers = []
-    with torch.no_grad():
-        inp = x_t if system.encoder is None else \
-            system.encode(params, x_t.reshape(R * B, *x_t.shape[2:])).reshape(R, B, -1)
-        for layer, hs in enumerate(system.split(system.initial_state(start, B).detach())):
-            w = _layer_weights(system, p, layer)
-            h = _fused(system, w, inp, hs)
-            entering = [torch.cat([hs[0][None], h[:-1]])]
-            gates = None
-            if system.base == "LSTM":
-                gates, c_prev = _lstm_gates(w, inp, entering[0], hs[1])
-                entering.append(c_prev)
-            layers.append(_Layer(w, inp, entering, h, gates))
-            inp = h
-    with torch.enable_grad():
-        output = layers[-1].h[-1].clone().requires_grad_()  # what the readout reads: the top h at the end
-        losses = system.loss(readout, output, targets)
-        (output_grad,) = torch.autograd.grad(losses.sum(), [output])
-    deltas, b_parts, above = [None] * len(layers), [None] * len(layers), None
-    with torch.no_grad():
-        for layer in reversed(range(len(layers))):
-            arriving = above  # what reaches each step's h from the layer above
-            if arriving is None:
-                arriving = torch.zeros_like(layers[layer].h)
-                arriving[-1] = output_grad
-            *deltas[layer], b_parts[layer] = BACKWARD[system.base](system, layers[layer], arriving)
-            if layer or system.encoder is not None:
-                above = (deltas[layer][0].flatten(0, 1) @ layers[layer].weights["weight_ih"]).reshape(R, B, -1)
-    b_parts[-1][0][-1] = output_grad  # the last step's state is read by the readout alone: its top h
-    b = torch.cat([part for parts in b_parts for part in parts], dim=-1)
-    h_prev = torch.cat([part for layer in layers for part in layer.entering], dim=-1)  # (R, B, D)
-    fast = Sweep([d[0] for d in deltas], [d[1] for d in deltas], [layer.inputs for layer in layers],
-                 [layer.entering[0] for layer in layers], None if system.encoder is None else above)
-    return Full(b, losses.detach(), output.detach(), h_prev, x_t, None, fast)
 
 
 def _fused(system: TorchRecurrent, w: dict, inp: torch.Tensor, hs) -> torch.Tensor:
@@ -487,7 +567,7 @@ def by_rows(system: TorchRecurrent, params, batch: int, world_batch: int, groups
 
 def chunk_limits(system: TorchRecurrent, params, groups: int, batch: int, world_batch: int, per_sample: bool,
                  rows: bool) -> tuple[int, int, float]:
-    """What bounds a chunk of steps (``decompose._chunk_steps``): the elements one step's products
+    """What bounds a chunk of steps (``sweep.chunk_steps``): the elements one step's products
     hold at once, the rows a step adds to the chunk's square Gram matrices (0: none), and the most
     steps worth taking. On rows the carries are read once a chunk (~ G·|θ|) while the chunk's Gram
     matrices grow as its square (~ c²·B·B_all·widths), so ``c = BALANCE·√(G·|θ| / (B·B_all·widths))``
@@ -508,58 +588,8 @@ def chunk_limits(system: TorchRecurrent, params, groups: int, batch: int, world_
     return width, square, most
 
 
-def blocks(system: TorchRecurrent, params, sweep, sl: slice, masks: torch.Tensor, per_sample: bool,
-           process_group, offset: int, rows: bool):
-    """The steps ``sl`` as blocks for ``Tails.add``: with ``rows``, each layer's weights as rows
-    (``Outer``) and one Gram of every row pair (``RowGram``), else each weight's products per group
-    whole; an embedding's gathered by token (``Lookup``), any other encoder's whole; and per-window
-    squared norms ``(c, B)`` when ``per_sample`` (``||δ aᵀ|| = ||δ||·||a||``)."""
-    fast, index = sweep.fast, _members(masks)
-    masks = masks.to(sweep.b.dtype)
-    everyone = {}  # every rank's rows of a tensor, gathered once per chunk
-
-    def all_rows(t):
-        if id(t) not in everyone:
-            everyone[id(t)] = distributed.gather_rows(t.transpose(0, 1), process_group).transpose(0, 1)
-        return everyone[id(t)]
-
-    out, whole, sq, K = [], {}, 0.0, 0.0
-    for layer in range(system.num_layers):
-        shared = {}  # the layer's weights by the δ they multiply: one for LSTM and RNN, two for GRU
-        for name, delta, by in _weights(system, params, fast, layer, sl):
-            shared.setdefault(id(delta), (delta, []))[1].append((name, by))
-        for delta, members in shared.values():
-            by = torch.cat([part for _, part in members], dim=-1)  # [x, h, 1, 1]: one block for them all
-            if per_sample:
-                sq = sq + delta.pow(2).sum(-1) * by.pow(2).sum(-1)
-            if not rows:
-                for name, part in members:
-                    whole[name] = (_grouped(delta, index).transpose(-1, -2) @ _grouped(part, index)).flatten(2)
-                continue
-            T = torch.bmm(all_rows(delta).transpose(1, 2), all_rows(by)).flatten(1)
-            out.append(Outer(tuple((name, part.shape[-1]) for name, part in members), delta, by, index, masks, T))
-            K = K + (delta.flatten(0, 1) @ all_rows(delta).flatten(0, 1).T) * (by.flatten(0, 1) @
-                                                                                all_rows(by).flatten(0, 1).T)
-    if rows:
-        c, B = delta.shape[:2]
-        out.append(RowGram(K.reshape(c, B, c, -1), masks, offset))
-    encoder = {n: p for n, p in params.items() if n.startswith("encoder.")}
-    if encoder and lookup(system, params):
-        out.append(_lookup_block(system, sweep, sl, masks, process_group))
-        if per_sample:
-            sq = sq + out[-1].cot.pow(2).sum(-1)
-    elif encoder:
-        x, cot = sweep.x[sl], fast.encoded_cotangent[sl]
-        grouped, enc_sq = _encoder_products(system, encoder, x, cot, masks, per_sample)
-        whole.update(grouped)
-        sq = sq + enc_sq if per_sample else sq
-    return out + held(whole, process_group), (sq if per_sample else None)
-
-
 def _encoder_products(system, encoder, x, cot, masks, per_sample):
     """The encoder's immediate products, through torch.func (an encoder is any per-step module)."""
-    from .decompose import group_samples, groups_first
-
     def pullback(xt):
         return vjp(lambda p: system.encode(p, xt), encoder)[1]
 

@@ -3,7 +3,7 @@
 A system is a step ``H(h, x; θ)`` on a *flat* state ``h`` of shape (batch, D),
 real (a complex part counts twice, real and imaginary), an output the readout
 reads, a readout and a per-sample loss. Everything downstream (decompose,
-norms, the trainers' diagnostics) sees only this protocol; the system owns the
+cotangents, the trainers' diagnostics) sees only this protocol; the system owns the
 flat layout (``flatten``/``unflatten`` to and from the module's own state).
 
 θ is the *trainable* parameters of the module and of the optional ``encoder``

@@ -17,23 +17,22 @@ def both(rank: int, world: int, port: int, decomposed: str, config: dict, out: s
     from test_distributed import every_step_problem, problem, token_problem
 
     import biaskit
-    from biaskit import fastpath, report
+    from biaskit import report
+    from biaskit.fastpath import FastPath
     from trainers.loop import Run
 
     os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    by_rows = fastpath.by_rows
     dist.init_process_group("gloo")
     warnings.simplefilter("ignore")  # the hooked problem's note that it goes by torch.autograd
     system, x, y, metric = problem()
     mine = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
     for rows in (False, True):  # the fast path's two ways: products whole per group, or kept as rows
-        fastpath.by_rows = lambda *a, rows=rows: rows
-        ds = biaskit.decompose(system, x[mine], y[mine], metric=metric, groups=2, process_group=dist.group.WORLD)
+        ds = biaskit.decompose(system, x[mine], y[mine], metric=metric, groups=2, process_group=dist.group.WORLD,
+                               _path=FastPath(rows=rows))
         if rank == 0:
             report.save(ds, decomposed.replace(".nc", ".rows.nc" if rows else ".nc"))
-    fastpath.by_rows = by_rows
     system, tokens, y = token_problem()  # an embedding encoder: its products gathered by token
     ds = biaskit.decompose(system, tokens[mine], y[mine], metric=False, groups=2, process_group=dist.group.WORLD)
     if rank == 0:

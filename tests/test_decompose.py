@@ -12,6 +12,8 @@ from torch import nn
 
 import biaskit
 from biaskit import denormals, report
+from biaskit.decompose import GenericPath
+from biaskit.fastpath import FastPath
 
 ADAPTERS = [
     dict(kind="LSTM", layers=2, batch_first=True, bias=True),
@@ -249,18 +251,16 @@ def test_non_finite_gradients_are_refused_clearly():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rows", [True, False], ids=["rows", "whole"])
 @pytest.mark.parametrize("embedding", [False, True], ids=["inputs", "tokens"])
-def test_cuda_matches_cpu(rows, embedding, monkeypatch):
-    from biaskit import fastpath
-
-    monkeypatch.setattr(fastpath, "by_rows", lambda *a: rows)
+def test_cuda_matches_cpu(rows, embedding):
     module, head, loss_fn, x, inputs, y = setup(dict(kind="LSTM", layers=2, batch_first=True))
     encoder = nn.Embedding(7, F).double() if embedding else None
     if embedding:
         inputs = torch.randint(0, 7, (B, R))
-    cpu = biaskit.decompose(biaskit.wrap(module, head, loss_fn, encoder=encoder), inputs, y, psi=True)
+    cpu = biaskit.decompose(biaskit.wrap(module, head, loss_fn, encoder=encoder), inputs, y, psi=True,
+                            _path=FastPath(rows=rows))
     gpu = biaskit.decompose(biaskit.wrap(module.cuda(), head.cuda(), loss_fn,
                                          encoder=encoder.cuda() if embedding else None),
-                            inputs.cuda(), y.cuda(), psi=True)
+                            inputs.cuda(), y.cuda(), psi=True, _path=FastPath(rows=rows))
     assert gpu.attrs["device"].startswith("cuda")
     for name in ("phi", "psi", "rel_bias", "abs_bias", "group_tail_sq", "group_tail_dot"):
         np.testing.assert_allclose(gpu[name].values, cpu[name].values, rtol=1e-6, atol=1e-10)
@@ -268,7 +268,7 @@ def test_cuda_matches_cpu(rows, embedding, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_float32_fast_path_is_full_float32(monkeypatch):
+def test_cuda_float32_fast_path_is_full_float32():
     """cuDNN's default TF32 would put the fused forward's h ~1e-3 off: the fast path must match the
     generic one (float32 matmuls step by step) as closely as on the CPU (2e-7 there)."""
     torch.manual_seed(0)
@@ -276,8 +276,7 @@ def test_cuda_float32_fast_path_is_full_float32(monkeypatch):
     x, y = torch.randn(8, 50, 16, device="cuda"), torch.randint(0, 5, (8,), device="cuda")
     system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"))
     fast = biaskit.decompose(system, x, y, metric=False, groups=4)
-    generic(monkeypatch)
-    slow = biaskit.decompose(system, x, y, metric=False, groups=4)
+    slow = biaskit.decompose(system, x, y, metric=False, groups=4, _path=GenericPath())
     for name in ("phi", "psi", "rel_bias"):
         assert np.abs(fast[name].values - slow[name].values).max() <= 2e-6 * np.abs(slow[name].values).max()
 
@@ -306,34 +305,25 @@ def test_cudnn_runs_the_fused_forward_in_full_float32_and_gets_its_setting_back(
 # --- the fast path, several chunks, the window groups -------------------------------------------------
 
 
-def generic(monkeypatch):
-    from biaskit import fastpath
-    monkeypatch.setattr(fastpath, "applies", lambda system: False)
-
-
 @pytest.mark.parametrize("rows", [True, False], ids=["rows", "whole"])
 @pytest.mark.parametrize("spec", ADAPTERS[:9], ids=IDS[:9])
-def test_the_fast_path_gives_the_generic_paths_numbers(spec, rows, monkeypatch):
+def test_the_fast_path_gives_the_generic_paths_numbers(spec, rows):
     """Both ways of the fast path (products kept as rows, or whole per group), uneven groups."""
-    from biaskit import fastpath
-
     module, head, loss_fn, x, inputs, y = setup(spec)
     system = biaskit.wrap(module, head, loss_fn)
     metric = torch.eye(system.layout.size, dtype=torch.float64)
-    monkeypatch.setattr(fastpath, "by_rows", lambda *a: rows)
-    fast = biaskit.decompose(system, inputs, y, metric=metric, groups=3)
+    fast = biaskit.decompose(system, inputs, y, metric=metric, groups=3, _path=FastPath(rows=rows))
     assert fast.attrs["path"] == f"fast: {spec['kind']}"
-    generic(monkeypatch)
-    slow = biaskit.decompose(system, inputs, y, metric=metric, groups=3)
+    slow = biaskit.decompose(system, inputs, y, metric=metric, groups=3, _path=GenericPath())
     assert slow.attrs["path"] == "generic"
     for name in fast.data_vars:
         np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
-    est_fast = biaskit.decompose(system, inputs, y, psi=False, seed=3)["metric"]
+    est_fast = biaskit.decompose(system, inputs, y, psi=False, seed=3, _path=GenericPath())["metric"]
     np.testing.assert_allclose(est_fast.values, slow.assign(metric=est_fast)["metric"].values)
 
 
 @pytest.mark.parametrize("spec", ADAPTERS[:9], ids=IDS[:9])
-def test_the_fast_path_starts_from_the_given_state(spec, monkeypatch):
+def test_the_fast_path_starts_from_the_given_state(spec):
     """The fused kernels run from ``start`` (every layer's h and an LSTM's c): a random one, against
     the generic path that steps the cell itself."""
     module, head, loss_fn, x, inputs, y = setup(spec)
@@ -342,16 +332,16 @@ def test_the_fast_path_starts_from_the_given_state(spec, monkeypatch):
     kw = dict(start=start, metric=torch.eye(system.layout.size, dtype=torch.float64), groups=3)
     fast = biaskit.decompose(system, inputs, y, **kw)
     assert fast.attrs["path"].startswith("fast")
-    generic(monkeypatch)
-    slow = biaskit.decompose(system, inputs, y, **kw)
+    slow = biaskit.decompose(system, inputs, y, **kw, _path=GenericPath())
     for name in fast.data_vars:
         np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
-    assert not np.allclose(fast["phi"].values, biaskit.decompose(system, inputs, y, **{**kw, "start": None})["phi"])
+    from_zeros = biaskit.decompose(system, inputs, y, **{**kw, "start": None}, _path=GenericPath())
+    assert not np.allclose(fast["phi"].values, from_zeros["phi"])
 
 
 @pytest.mark.parametrize("spec", ADAPTERS[:9] + [dict(kind="LSTM", layers=2, frozen="weight_hh_l0")],
                          ids=IDS[:9] + ["LSTM-2-frozen-W_hh"])
-def test_the_fast_path_estimates_the_generic_paths_metric(spec, monkeypatch):
+def test_the_fast_path_estimates_the_generic_paths_metric(spec):
     """The metric's probes pushed through each cell's forward-mode product written out, against
     torch.func.jvp through the step: the same draws, so the same estimate (from a random state)."""
     spec = dict(spec)
@@ -363,15 +353,14 @@ def test_the_fast_path_estimates_the_generic_paths_metric(spec, monkeypatch):
     start = system.unflatten(torch.randn(B, system.layout.size, dtype=torch.float64))
     kw = dict(start=start, metric_rows=20, probes=3, seed=5)
     fast = biaskit.decompose(system, inputs, y, **kw)
-    generic(monkeypatch)
-    slow = biaskit.decompose(system, inputs, y, **kw)
+    slow = biaskit.decompose(system, inputs, y, **kw, _path=GenericPath())
     assert fast.attrs["path"].startswith("fast") and slow.attrs["path"] == "generic"
     for name in ("metric", "phi_mahalanobis"):
         np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-12, atol=1e-14, err_msg=name)
 
 
 @pytest.mark.parametrize("encoder", ["embedding", "embedding-padding", "embedding-frozen", "linear", "linear-frozen"])
-def test_the_metric_through_an_encoder_on_the_fast_path(encoder, monkeypatch):
+def test_the_metric_through_an_encoder_on_the_fast_path(encoder):
     """An embedding's probe moves its tokens' rows, a padding row's too (written out); any other
     trained encoder goes through torch.func; a frozen one only shapes the input."""
     torch.manual_seed(0)
@@ -384,8 +373,7 @@ def test_the_metric_through_an_encoder_on_the_fast_path(encoder, monkeypatch):
     y = torch.randint(0, C, (B,))
     kw = dict(metric_rows=20, probes=3)
     fast = biaskit.decompose(system, inputs, y, **kw)
-    generic(monkeypatch)
-    slow = biaskit.decompose(system, inputs, y, **kw)
+    slow = biaskit.decompose(system, inputs, y, **kw, _path=GenericPath())
     np.testing.assert_allclose(fast["metric"].values, slow["metric"].values, rtol=1e-12, atol=1e-14)
 
 
@@ -394,14 +382,14 @@ def test_the_fast_path_never_calls_torch_func(encoder, monkeypatch):
     """torch.func's first pullback or forward-mode product imports torch._dynamo, ~2 s of a ``biaskit
     analyze`` (``benchmarks/bench_first_call.py`` shows it): the fast path's readout gradients and
     metric probes do without it, with an estimated metric and through an embedding."""
-    from biaskit import fastpath, norms
+    from biaskit import cotangents, fastpath
 
     dec = importlib.import_module("biaskit.decompose")
 
     def refused(*args, **kwargs):
         raise AssertionError("torch.func called on the fast path")
 
-    for module in (dec, norms, fastpath):
+    for module in (dec, cotangents, fastpath):
         for name in ("vjp", "jvp", "vmap"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, refused)
@@ -417,25 +405,21 @@ def test_the_fast_path_never_calls_torch_func(encoder, monkeypatch):
 @pytest.mark.parametrize("embedding", [{}, {"padding_idx": 0}, {"scale_grad_by_freq": True}],
                          ids=["lookup", "lookup-padding", "through-vjp"])
 @pytest.mark.parametrize("steps", [None, 2], ids=["one-chunk", "chunks-of-2"])
-def test_an_encoder_takes_the_fast_path_too(embedding, steps, monkeypatch):
+def test_an_encoder_takes_the_fast_path_too(embedding, steps):
     """An nn.Embedding encoder's products are gathered from the rows its tokens touch (any other
     encoder goes through torch.func); both against the generic path, with uneven groups, repeated
     tokens within a chunk, and several chunks."""
     from biaskit import fastpath
 
-    dec = importlib.import_module("biaskit.decompose")
     torch.manual_seed(0)
     emb = nn.Embedding(7, 3, **embedding).double()
     lstm, head = nn.LSTM(3, 5, 2, batch_first=True).double(), nn.Linear(5, C).double()
     system = biaskit.wrap(lstm, head, nn.CrossEntropyLoss(reduction="none"), encoder=emb)
     tokens, y = torch.randint(0, 4, (B + 3, R)), torch.randint(0, C, (B + 3,))
-    if steps:
-        monkeypatch.setattr(dec, "_chunk_steps", lambda *a: steps)
     assert fastpath.lookup(system, system.params()) == ("scale_grad_by_freq" not in embedding)
     kw = dict(metric=torch.eye(20, dtype=torch.float64), groups=3)
-    fast = biaskit.decompose(system, tokens, y, **kw)
-    generic(monkeypatch)
-    slow = biaskit.decompose(system, tokens, y, **kw)
+    fast = biaskit.decompose(system, tokens, y, **kw, _path=FastPath(steps=steps))
+    slow = biaskit.decompose(system, tokens, y, **kw, _path=GenericPath(steps=steps))
     for name in fast.data_vars:
         np.testing.assert_allclose(fast[name].values, slow[name].values, rtol=1e-10, atol=1e-14, err_msg=name)
 
@@ -443,25 +427,19 @@ def test_an_encoder_takes_the_fast_path_too(embedding, steps, monkeypatch):
 @pytest.mark.parametrize("psi", [True, False])
 @pytest.mark.parametrize("path", ["fast", "fast-whole", "generic"])
 @pytest.mark.parametrize("spec", ADAPTERS, ids=IDS)
-def test_several_chunks_give_the_naive_bias(spec, path, psi, monkeypatch):
+def test_several_chunks_give_the_naive_bias(spec, path, psi):
     """Real models run in many chunks of steps: force chunks of 2-3 steps and check every K."""
-    from biaskit import fastpath
-
-    dec = importlib.import_module("biaskit.decompose")  # the module, not the function biaskit exports
-
-    if path == "generic":
-        generic(monkeypatch)
-    monkeypatch.setattr(fastpath, "by_rows", lambda *a: path == "fast")
-    monkeypatch.setattr(dec, "_chunk_steps", lambda *a: 3 if psi else 2)
     module, head, loss_fn, x, inputs, y = setup(spec)
-    ds = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y, psi=psi)
+    system, steps = biaskit.wrap(module, head, loss_fn), 3 if psi else 2
+    fast = path != "generic" and FastPath().applies(system, False)  # a cell it does not serve goes the generic way
+    chosen = FastPath(rows=path == "fast", steps=steps) if fast else GenericPath(steps=steps)
+    ds = biaskit.decompose(system, inputs, y, psi=psi, _path=chosen)
     full = naive_gradient(module, head, loss_fn, x, y)
     for K in range(R):
         exact = distance(naive_gradient(module, head, loss_fn, x, y, K), full) / flat_norm(full.values())
         assert ds["rel_bias"].sel(K=K).item() == pytest.approx(exact, rel=1e-8, abs=1e-12)
     if psi:
-        unchunked = biaskit.decompose(biaskit.wrap(module, head, loss_fn), inputs, y)
-        monkeypatch.undo()
+        unchunked = biaskit.decompose(system, inputs, y)
         np.testing.assert_allclose(ds["psi"].values, unchunked["psi"].values, rtol=1e-10)
 
 

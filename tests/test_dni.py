@@ -271,13 +271,15 @@ def test_warm_restarts_follow_torchs_scheduler(base):
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=base, T_mult=2)
     for epoch in [0, 0.5, 1, 1.25, 2.5, 3, 5.5, 7, 9.75, 15, 20]:
         sched.step(epoch)
-        assert schedule.lr_factor(f"restarts:{base}", 30, epoch) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
+        factor = schedule.Schedule.parse(f"restarts:{base}").lr_factor(30, epoch)
+        assert factor == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
 
 
 def test_alternating_uses_real_gradients_first_then_synthetic_after_each_restart():
-    phases = [schedule.synthetic_phase("restarts:1", True, p) for p in (0, 0.9, 1, 2.9, 3, 6.9, 7, 14.9, 15)]
+    restarts = schedule.Schedule.parse("restarts:1")
+    phases = [restarts.synthetic_phase(True, p) for p in (0, 0.9, 1, 2.9, 3, 6.9, 7, 14.9, 15)]
     assert phases == [False, False, True, True, False, False, True, True, False]
-    assert schedule.synthetic_phase("restarts:1", False, 0.5)
+    assert restarts.synthetic_phase(False, 0.5)
 
 
 # --- runs, checkpoints and the command line -----------------------------------------------

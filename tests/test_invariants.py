@@ -4,8 +4,6 @@ or a statistic recomputed from its definition on per-window gradients. Nothing h
 hard-coded result."""
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -17,6 +15,8 @@ from torch import nn
 
 import biaskit
 from biaskit.decay import default_tau, fit_decay
+from biaskit.decompose import GenericPath
+from biaskit.fastpath import FastPath
 from biaskit.synthetic import warm_up
 from trainers.adaptive import Controller
 from trainers.tasks.token_model import TokenLSTM
@@ -24,10 +24,9 @@ from trainers.tasks.token_model import TokenLSTM
 pytestmark = pytest.mark.filterwarnings("ignore::biaskit.decay.UnreliableFitWarning")
 
 
-def chunks_of(monkeypatch, steps: int):
-    """Force the parameter pass into chunks of ``steps`` steps (real windows run in many)."""
-    dec = importlib.import_module("biaskit.decompose")  # the module, not the function biaskit exports
-    monkeypatch.setattr(dec, "_chunk_steps", lambda *a: steps)
+def chunks_of(steps: int, fast: bool = False):
+    """The path (fast or generic) forced into chunks of ``steps`` steps (real windows run in many)."""
+    return FastPath(steps=steps) if fast else GenericPath(steps=steps)
 
 
 def flat(grads: dict, names) -> torch.Tensor:
@@ -38,7 +37,7 @@ def flat(grads: dict, names) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "LeakyCell"], ids=["fast", "generic"])
-def test_tails_group_pieces_and_lag_contributions_over_several_chunks_match_naive_truncation(kind, monkeypatch):
+def test_tails_group_pieces_and_lag_contributions_over_several_chunks_match_naive_truncation(kind):
     """Chunks of two steps, so every tail carries earlier chunks: the total tail, each group's tail and
     its dot product with the total, each group's full gradient, and each lag's mean contribution
     against sums of detach-based truncated gradients of each group's windows."""
@@ -47,10 +46,10 @@ def test_tails_group_pieces_and_lag_contributions_over_several_chunks_match_naiv
     module = make_module(kind, input_size=3, hidden=5, layers=2).double()
     head, loss_fn = nn.Linear(5, 3).double(), nn.CrossEntropyLoss(reduction="none")
     x, y = torch.randn(B, R, 3, dtype=torch.float64), torch.randint(0, 3, (B,))
-    chunks_of(monkeypatch, 2)
     system = biaskit.wrap(module, head, loss_fn)
     ds = biaskit.decompose(system, x, y, groups=groups, psi=False,
-                           metric=torch.eye(system.layout.size, dtype=torch.float64))
+                           metric=torch.eye(system.layout.size, dtype=torch.float64),
+                           _path=chunks_of(2, fast=kind == "LSTM"))
     members = [m.tolist() for m in torch.arange(B).tensor_split(groups)]
     names = list(naive_gradient(module, head, loss_fn, x, y))
     module_names = [n for n, _ in module.named_parameters()]
@@ -99,7 +98,7 @@ class Emitting(nn.Module):
         return torch.tanh(torch.cat([h, x], dim=1) @ self.V.T), torch.tanh(h @ self.W.T + x @ self.U.T)
 
 
-def test_an_output_step_over_several_chunks_counts_its_output_at_the_last_step(monkeypatch):
+def test_an_output_step_over_several_chunks_counts_its_output_at_the_last_step():
     """The output's cotangent belongs to the last step, in the last chunk: every K against the cell run
     by hand with the state entering step R−1−K detached."""
     torch.manual_seed(0)
@@ -118,9 +117,8 @@ def test_an_output_step_over_several_chunks_counts_its_output_at_the_last_step(m
         grads = torch.autograd.grad(loss, params, allow_unused=True)  # K = 0: the output alone reads W, U not
         return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
 
-    chunks_of(monkeypatch, 2)
     ds = biaskit.decompose(biaskit.wrap(cell, head, lambda o, t: (o - t).pow(2).sum(1)), x, y, psi=False,
-                           metric=torch.eye(4, dtype=torch.float64))
+                           metric=torch.eye(4, dtype=torch.float64), _path=chunks_of(2))
     full = gradient()
     assert ds.attrs["grad_norm"] == pytest.approx(float(full.norm()), rel=1e-10)
     for K in range(R):

@@ -50,6 +50,7 @@ import torch
 import biaskit
 from biaskit.decay import UnreliableFitWarning
 from biaskit.errors import InputError
+from biaskit.norms import NORMS, options
 from biaskit.probe import probing
 
 from .ddp import ONE, Ranks, share
@@ -103,16 +104,16 @@ class Controller:
         every = self.loss_at == "every"
         with probing(model, inputs, targets, length=self.window, count=self.windows, generator=generator,
                      part=part, every_step=every) as probe:
+            measure = options([self.norm])  # the paper controller's norm, and no other
             if exact_needed:
-                ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
-                                       metric=None if self.norm == "phi_mahalanobis" else False,
+                ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, **measure,
                                        groups=max(1, self.groups // self.ranks.world), process_group=self.ranks.group,
                                        loss_at=self.loss_at)
-            elif self.norm == "phi":
+            elif not NORMS[self.norm].parameter_pass:  # φ alone: the state sweep
                 ds = biaskit.state_gradient_norms(probe.system, probe.inputs, probe.targets, start=probe.start,
                                                   process_group=self.ranks.group, loss_at=self.loss_at)
-            else:  # the Mahalanobis norm needs the metric, which needs the parameter pass
-                ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, psi=False,
+            else:
+                ds = biaskit.decompose(probe.system, probe.inputs, probe.targets, start=probe.start, **measure,
                                        groups=1, process_group=self.ranks.group, loss_at=self.loss_at)
         delta = self.delta if self.delta is not None else 0.5
         span = (min(self.K_min, K), max(self.K_max, K))

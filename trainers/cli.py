@@ -146,7 +146,8 @@ TRAIN_OPTIONS = [
 
 DNI_OPTIONS = [
     click.option("--estimator", type=click.Choice(["tbptt", "dni"]),
-                 help="tbptt, or dni: synthetic gradients at the ends of BPTT(K, K) chunks."),
+                 help="tbptt, or dni: synthetic gradients at the ends of BPTT(K, K) chunks (train them with "
+                      "--optimizer Adam: under SGD at the copy task's step every DNI diverged or learned nothing)."),
     click.option("--dni", "dni", type=click.Choice(list(configs.DNI_SHAPES)),
                  help="The DNI's shape: one shared cell per neuron, one MLP for the whole state (layer), or one "
                       "linear map of it (linear)."),

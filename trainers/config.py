@@ -163,7 +163,7 @@ def _check_dni(cfg: dict):
                          "leave out --delta, --K1 and --K2")
     if not (isinstance(cfg["dni_discount"], numbers.Real) and 0 <= cfg["dni_discount"] <= 1):
         raise InputError(f"--dni-discount must be in [0, 1], got {cfg['dni_discount']}")
-    kind, _ = schedule.parse(cfg["schedule"])
+    kind = schedule.Schedule.parse(cfg["schedule"]).kind
     if cfg["alternate"] and (cfg["estimator"] != "dni" or kind != "restarts"):
         raise InputError("--alternate needs --estimator dni and the warm-restart schedule (--restart-base)")
 

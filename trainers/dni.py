@@ -30,7 +30,7 @@ from biaskit.recurrent import RecurrentSystem
 from biaskit.synthetic import synthetic_bias, warm_up
 
 from . import ddp
-from .schedule import synthetic_phase
+from .schedule import Schedule
 from .tbptt import Stream, core, detach
 
 
@@ -156,7 +156,8 @@ class SyntheticGradients:
         self.shape, self.config = cfg["dni"], {"size": self.system.layout.size, "hidden": cfg["dni_hidden"]}
         self.module = SHAPES[self.shape](self.config).to(device)
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=cfg["dni_lr"])
-        self.discount, self.schedule, self.alternate = cfg["dni_discount"], cfg["schedule"], cfg["alternate"]
+        self.discount, self.alternate = cfg["dni_discount"], cfg["alternate"]
+        self.schedule = Schedule.parse(cfg["schedule"])
         self._reset()
 
     def _reset(self):
@@ -169,7 +170,7 @@ class SyntheticGradients:
     def backward(self, stream: SyntheticStream, model: nn.Module, K1: int, K2: int, progress: float):
         """One BPTT(K, K) chunk into the model's ``.grad`` (with the DNI's term in synthetic phases),
         and one Adam step of the DNI on its target. Returns (mean loss, positions)."""
-        synthetic = synthetic_phase(self.schedule, self.alternate, progress)
+        synthetic = self.schedule.synthetic_phase(self.alternate, progress)
         loss, n, dni_loss = stream.chunk_backward(model, K2, synthetic)
         if dni_loss is not None:
             self.optimizer.zero_grad(set_to_none=True)

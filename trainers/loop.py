@@ -133,6 +133,7 @@ class Run:
         self.generator = torch.Generator().manual_seed(cfg["seed"])
         self.epoch, self.K, self.best, self.lines = 0, cfg["K"], math.inf, []
         self.updates = UpdateSchedule(cfg["update_every"], cfg["update_every_max"], cfg["delta"] is not None)
+        self.schedule = schedule.Schedule.parse(cfg["schedule"])
         self.history, self.record = [], {}
         self.start_loss, self.diverging = None, 0  # the first step's loss; epochs in a row far above it
         self.out = Path(out)
@@ -240,7 +241,7 @@ class Run:
             if stream.pos > 0 and self.updates.due(progress, epoch_end=False):
                 self._measure(progress, total / positions)
             K1, K2 = configs.truncation(cfg, self.K)
-            lr = cfg["lr"] * schedule.lr_factor(cfg["schedule"], cfg["epochs"], progress)
+            lr = cfg["lr"] * self.schedule.lr_factor(cfg["epochs"], progress)
             lr *= math.sqrt(K2) if cfg["scale_lr"] else 1.0
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
