@@ -61,12 +61,12 @@ class Mutant:
 
 
 D, F, N, TA = "biaskit/decompose.py", "biaskit/fastpath.py", "biaskit/cotangents.py", "biaskit/tails.py"
-B, Y, REC = "biaskit/bias.py", "biaskit/decay.py", "biaskit/recurrent.py"
+B, Y, REC, CK = "biaskit/bias.py", "biaskit/decay.py", "biaskit/recurrent.py", "biaskit/cells.py"
 SYN, TB, AD = "biaskit/synthetic.py", "trainers/tbptt.py", "trainers/adaptive.py"
 T_DEC, T_BIAS, T_DECAY = "tests/test_decompose.py", "tests/test_bias.py", "tests/test_decay.py"
 T_CELLS, T_AD, T_TB = "tests/test_cells.py", "tests/test_adaptive.py", "tests/test_tbptt.py"
 T_DNI, T_DIST, T_INV = "tests/test_dni.py", "tests/test_distributed.py", "tests/test_invariants.py"
-T_EVERY = "tests/test_every_step.py"
+T_EVERY, T_KINDS = "tests/test_every_step.py", "tests/test_cell_kinds.py"
 
 MUTANTS: list[Mutant] = [
     # --- tails.py: the running tails and their Gram expansions ---------------------------------------------
@@ -112,10 +112,10 @@ MUTANTS: list[Mutant] = [
     Mutant("fused-from-zeros", F, "hx = tuple(part[None].contiguous() for part in hs)",
            "hx = tuple(torch.zeros_like(part[None]) for part in hs)",
            "the fused forward ignores the starting state", (T_DEC,)),
-    Mutant("metric-push-forget-gate", F, "dc = f * (1 - f) * df * hs[1] + ", "dc = ",
-           "the fast metric's LSTM probes miss the forget gate's move", (T_DEC,)),
-    Mutant("metric-push-reset-gate", F, "(di_n + dr * h_n + r * dh_n)", "(di_n + r * dh_n)",
-           "the fast metric's GRU probes miss the reset gate's move", (T_DEC,)),
+    Mutant("metric-push-forget-gate", CK, "dc = f * (1 - f) * df * hs[1] + ", "dc = ",
+           "the fast metric's LSTM probes miss the forget gate's move", (T_KINDS, T_DEC)),
+    Mutant("metric-push-reset-gate", CK, "(di_n + dr * h_n + r * dh_n)", "(di_n + r * dh_n)",
+           "the fast metric's GRU probes miss the reset gate's move", (T_KINDS, T_DEC)),
     Mutant("metric-push-biases", F, "moved += v[:, None] if by is None else", "moved += 0 if by is None else",
            "the fast metric's probes leave the biases still", (T_DEC,)),
     Mutant("metric-push-embedding", F, 'dx = tangents["encoder.weight"][:, inputs] if', "dx = None if",
@@ -132,8 +132,8 @@ MUTANTS: list[Mutant] = [
            (T_DEC,)),
     Mutant("cudnn-tf32-kept", F, 'setattr(flags, name, off)', 'setattr(flags, name, before)',
            "cuDNN runs the fused float32 forward in TF32 on a GPU", (T_DEC,)),
-    Mutant("cell-scan-from-start", F, "f[t - 1], c_prev[t - 1], out=c_prev[t])", "f[t - 1], c_prev[0], out=c_prev[t])",
-           "LSTM: each step's cell state is scanned from the window's first, not the step before", (T_DEC,)),
+    Mutant("cell-scan-from-start", CK, "f[t - 1], c_prev[t - 1], out=c_prev[t])", "f[t - 1], c_prev[0], out=c_prev[t])",
+           "LSTM: each step's cell state is scanned from the window's first, not the step before", (T_KINDS, T_DEC)),
     Mutant("fast-psi-abs", F, "sq = sq + delta.pow(2).sum(-1) * by.pow(2).sum(-1)",
            "sq = sq + delta.pow(2).sum(-1) * by.abs().sum(-1)", "ψ: ||δ aᵀ||² taken as ||δ||²·||a||₁", (T_DEC,)),
     Mutant("fast-chunk-first-hidden", F, "fast.hidden[layer][sl]", "fast.hidden[layer][:sl.stop - sl.start]",
@@ -214,11 +214,18 @@ MUTANTS: list[Mutant] = [
     Mutant("slope-se-root-n", Y, "self.slope_se = np.sqrt((spread**2).sum(axis=0)) / (n * span)",
            "self.slope_se = np.sqrt((spread**2).sum(axis=0)) / (np.sqrt(n) * span)",
            "max-type slopes' standard errors √n too large", (T_DECAY,)),
+    # --- cells.py: each kind's step, backward and tangent -----------------------------------------------------------
+    Mutant("gru-reset-outside", CK, "n = torch.tanh(i_n + r * h_n)\n        return ((1 - z) * n + z * h,)",
+           "n = torch.tanh(r * (i_n + h_n))\n        return ((1 - z) * n + z * h,)",
+           "GRU candidate: reset gate applied to the input gates too", (T_KINDS, T_DEC)),
+    Mutant("lstm-gate-order", CK, "i, f, g, o = (gi + gh).chunk(4, dim=1)", "f, i, g, o = (gi + gh).chunk(4, dim=1)",
+           "LSTM input and forget gates swapped", (T_KINDS, T_DEC)),
+    Mutant("gru-backward-direct-path", CK, "torch.addcmul(delta_h[t] @ W_hh, dh, z[t], out=b_h[t - 1])",
+           "torch.mm(delta_h[t], W_hh, out=b_h[t - 1])",
+           "GRU backward: the state cotangent misses h's direct path through the update gate", (T_KINDS, T_DEC)),
+    Mutant("lstm-backward-c-from-h", CK, "torch.mul(dc, f[t], out=b_c[t - 1])", "torch.mul(dh, f[t], out=b_c[t - 1])",
+           "LSTM backward: the cell state's cotangent carried from dh, not dc", (T_KINDS, T_DEC)),
     # --- recurrent.py ---------------------------------------------------------------------------------------------
-    Mutant("gru-reset-outside", REC, "n = torch.tanh(i_n + r * h_n)", "n = torch.tanh(r * (i_n + h_n))",
-           "GRU candidate: reset gate applied to the input gates too", (T_DEC,)),
-    Mutant("lstm-gate-order", REC, "i, f, g, o = (gi + gh).chunk(4, dim=1)", "f, i, g, o = (gi + gh).chunk(4, dim=1)",
-           "LSTM input and forget gates swapped", (T_DEC,)),
     Mutant("flatten-part-major", REC,
            "torch.cat([part[layer] for layer in range(self.num_layers) for part in parts], dim=1)",
            "torch.cat([part[layer] for part in parts for layer in range(self.num_layers)], dim=1)",

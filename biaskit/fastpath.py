@@ -5,7 +5,7 @@ immediate parameter product with a cotangent is a sum of outer products: for
 layer l at step t, ``∂/∂W_ih = δ_iᵀ x``, ``∂/∂W_hh = δ_hᵀ h_{t−1}``, the biases
 the summed δ, with δ the cotangents of the gates' pre-activations. The sweep
 runs each layer forward by PyTorch's fused kernel, without a graph, and then
-the cells' backward recurrences, written out per cell (one product with
+the cells' backward recurrences, written out per cell kind (``cells``; one product with
 ``W_hh`` a step), which yield every δ and the state cotangents φ needs: no
 autograd graph is built. The per-window norm ψ needs no per-window product at all:
 ``||δ aᵀ|| = ||δ||·||a||``, and the tails need no per-group product of |θ|
@@ -30,7 +30,8 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from . import cotangents, distributed
-from .recurrent import RecurrentSystem, TorchRecurrent, _linear
+from .cells import Layer, linear
+from .recurrent import RecurrentSystem, TorchRecurrent
 from .sweep import Sweep, Windows, chunk_steps, group_samples, groups_first
 from .tails import Chunk, carry_products, held
 
@@ -76,11 +77,9 @@ class FastPath:
                 w = _layer_weights(system, p, layer)
                 h = _fused(system, w, inp, hs)
                 entering = [torch.cat([hs[0][None], h[:-1]])]
-                gates = None
-                if system.base == "LSTM":
-                    gates, c_prev = _lstm_gates(w, inp, entering[0], hs[1])
-                    entering.append(c_prev)
-                layers.append(_Layer(w, inp, entering, h, gates))
+                gates, kept = system.cell.kept(w, inp, entering[0], hs)  # an LSTM's gates and c
+                entering += kept
+                layers.append(Layer(w, inp, entering, h, gates))
                 inp = h
         with torch.enable_grad():
             output = layers[-1].h[-1].clone().requires_grad_()  # what the readout reads: the top h at the end
@@ -93,7 +92,7 @@ class FastPath:
                 if arriving is None:
                     arriving = torch.zeros_like(layers[layer].h)
                     arriving[-1] = output_grad
-                *deltas[layer], b_parts[layer] = BACKWARD[system.base](system, layers[layer], arriving)
+                *deltas[layer], b_parts[layer] = system.cell.backward(layers[layer], arriving, system.nonlinearity)
                 if layer or system.encoder is not None:
                     above = (deltas[layer][0].flatten(0, 1) @ layers[layer].weights["weight_ih"]).reshape(R, B, -1)
         b_parts[-1][0][-1] = output_grad  # the last step's state is read by the readout alone: its top h
@@ -176,28 +175,14 @@ class FastPath:
         return by_rows(system, params, B, windows.total, G) if self.rows is None else self.rows
 
 
-@dataclass
-class _Layer:
-    """One layer's forward run over the window."""
-
-    weights: dict          # weight_ih, weight_hh, bias_ih, bias_hh (None when absent)
-    inputs: torch.Tensor   # (R, B, F_l) what W_ih multiplies
-    entering: list         # (R, B, H) each part of the state (h, c) entering each step
-    h: torch.Tensor        # (R, B, H) h after each step
-    gates: torch.Tensor | None = None  # (R, B, 4H) an LSTM's activated gates (``_lstm_gates``)
-
-
 def _fused(system: TorchRecurrent, w: dict, inp: torch.Tensor, hs) -> torch.Tensor:
-    """One layer's h after each step (R, B, H), by PyTorch's fused kernel (oneDNN, cuDNN): the same
-    cell as ``recurrent.CELLS``, ~3x faster than stepping it from Python."""
+    """One layer's h after each step (R, B, H), by PyTorch's fused kernel (oneDNN, cuDNN) for its kind
+    (``CellKind.fused``): the same cell as ``CellKind.step``, ~3x faster than stepping it from Python."""
     weights = [w[k] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if w[k] is not None]
     hx = tuple(part[None].contiguous() for part in hs)
-    run = {"LSTM": torch.lstm, "GRU": torch.gru,
-           "RNN": torch.rnn_tanh if system.nonlinearity == "tanh" else torch.rnn_relu}[system.base]
     with warnings.catch_warnings(), no_tf32(inp):  # cuDNN copies weights not in one flat buffer, as wanted here
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-        return run(inp, hx if system.base == "LSTM" else hx[0], weights, len(weights) == 4, 1, 0.0, False,
-                   False, False)[0]
+        return system.cell.fused(inp, hx, weights, system.nonlinearity)
 
 
 @contextmanager
@@ -219,112 +204,9 @@ def no_tf32(t: torch.Tensor):
         setattr(flags, name, before)
 
 
-def _lstm_gates(w: dict, inp: torch.Tensor, h_prev: torch.Tensor, c0: torch.Tensor):
-    """An LSTM layer's activated gates ``[σ(i), σ(f), tanh(g), σ(o)]`` (R, B, 4H) and the cell state
-    entering each step (R, B, H), which the fused kernel keeps to itself: ``c = f c' + i g``, a scan
-    of one elementwise operation a step. The backward recurrence reuses the gates."""
-    gates, gh = _pre_activations(w, inp, h_prev)
-    gates += gh
-    del gh
-    i, f, g, o = gates.chunk(4, dim=-1)
-    for gate in (i, f, o):
-        gate.sigmoid_()
-    g.tanh_()
-    ig = i * g
-    c_prev = torch.empty_like(ig)
-    c_prev[0] = c0
-    for t in range(1, c_prev.shape[0]):
-        torch.addcmul(ig[t - 1], f[t - 1], c_prev[t - 1], out=c_prev[t])
-    return gates, c_prev
-
-
 def _layer_weights(system: TorchRecurrent, p, layer: int) -> dict:
     suffix = system.suffix(layer)
     return {name: p.get(name + suffix) for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-
-
-def _pre_activations(w: dict, inputs: torch.Tensor, h_prev: torch.Tensor):
-    """Every step's input and hidden pre-activations at once, (R, B, gates·H) each: two matmuls over
-    the window, after the fused kernel, which keeps its own to itself."""
-    gi = _linear(inputs.flatten(0, 1), w["weight_ih"], w["bias_ih"])
-    gh = _linear(h_prev.flatten(0, 1), w["weight_hh"], w["bias_hh"])
-    return gi.reshape(*h_prev.shape[:2], -1), gh.reshape(*h_prev.shape[:2], -1)
-
-
-def _lstm_backward(system, layer: _Layer, arriving):
-    """δ = ∂L/∂(gates' pre-activations) and the recurrent state cotangents ``(b_h, b_c)``, stepping back:
-    with ``c = f c' + i g`` and ``h = o tanh(c)``, ``dc = b_c + dh·o·(1 − tanh²c)``,
-    ``δ = [dc·g·σ'(i), dc·c'·σ'(f), dc·i·(1 − g²), dh·tanh(c)·σ'(o)]``, then ``b_h' = δ W_hh``, ``b_c' = dc·f``."""
-    w, (h_prev, c_prev), gates = layer.weights, layer.entering, layer.gates
-    layer.gates = None  # spent here: its storage holds δ
-    i, f, g, o = gates.chunk(4, dim=-1)
-    tanh_c = (f * c_prev).addcmul_(i, g).tanh_()
-    through_c = o * (1 - tanh_c**2)                                             # dh → dc
-    per_dc = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g**2)], dim=2)  # (R, B, 3, H)
-    per_dh = tanh_c * o * (1 - o)
-    del tanh_c
-    f = f.clone()
-    delta = gates
-    R = delta.shape[0]
-    b_h, b_c = torch.zeros_like(h_prev), torch.zeros_like(c_prev)
-    W_hh = w["weight_hh"]
-    for t in reversed(range(R)):
-        dh = b_h[t] + arriving[t]
-        dc = torch.addcmul(b_c[t], dh, through_c[t])
-        step = delta[t].view(dh.shape[0], 4, -1)
-        torch.mul(dc[:, None], per_dc[t], out=step[:, :3])
-        torch.mul(dh, per_dh[t], out=step[:, 3])
-        if t:
-            torch.mm(delta[t], W_hh, out=b_h[t - 1])
-            torch.mul(dc, f[t], out=b_c[t - 1])
-    return delta, delta, [b_h, b_c]
-
-
-def _gru_backward(system, layer: _Layer, arriving):
-    """With ``n = tanh(i_n + r·h_n)`` and ``h = (1 − z) n + z h'``, every δ is ``dh`` times a coefficient:
-    ``δ_n = dh (1 − z)(1 − n²)``, ``δ_z = dh (h' − n) σ'(z)``, ``δ_r = δ_n h_n σ'(r)``, and the hidden
-    pre-activation's ``δ_hn = δ_n r``; then ``b_h' = δ_h W_hh + dh·z``."""
-    w, (h_prev,) = layer.weights, layer.entering
-    gi, gh = _pre_activations(w, layer.inputs, h_prev)
-    i_r, i_z, i_n = gi.chunk(3, dim=-1)
-    h_r, h_z, h_n = gh.chunk(3, dim=-1)
-    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    d_n = (1 - z) * (1 - n**2)
-    d_r, d_z = d_n * h_n * r * (1 - r), (h_prev - n) * z * (1 - z)
-    per_dh_i = torch.stack([d_r, d_z, d_n], dim=2)      # (R, B, 3, H): δ_i / dh
-    per_dh_h = torch.stack([d_r, d_z, d_n * r], dim=2)  # δ_h / dh
-    R = gi.shape[0]
-    dh_all, b_h = torch.empty_like(h_prev), torch.zeros_like(h_prev)
-    delta_h = torch.empty_like(gh)
-    W_hh = w["weight_hh"]
-    for t in reversed(range(R)):
-        dh = torch.add(b_h[t], arriving[t], out=dh_all[t])
-        torch.mul(dh[:, None], per_dh_h[t], out=delta_h[t].view(dh.shape[0], 3, -1))
-        if t:
-            torch.addcmul(delta_h[t] @ W_hh, dh, z[t], out=b_h[t - 1])
-    delta_i = (dh_all[:, :, None] * per_dh_i).flatten(2)
-    return delta_i, delta_h, [b_h]
-
-
-def _rnn_backward(system, layer: _Layer, arriving):
-    """``h = act(gi + gh)``: ``δ = dh·act'`` (``1 − h²`` for tanh, ``h > 0`` for relu), ``b_h' = δ W_hh``."""
-    w, h_out = layer.weights, layer.h
-    slope = 1 - h_out**2 if system.nonlinearity == "tanh" else (h_out > 0).to(h_out.dtype)
-    R = h_out.shape[0]
-    delta, b_h = torch.empty(*h_out.shape[:2], w["weight_hh"].shape[0], dtype=h_out.dtype, device=h_out.device), \
-        torch.zeros_like(h_out)
-    W_hh = w["weight_hh"]
-    for t in reversed(range(R)):
-        torch.mul(b_h[t] + arriving[t], slope[t], out=delta[t])
-        if t:
-            torch.mm(delta[t], W_hh, out=b_h[t - 1])
-    return delta, delta, [b_h]
-
-
-#: Each cell's backward recurrence: (layer, what reaches each step's h from above) -> δ_i, δ_h and the
-#: cotangents of the state parts after each step as the next step reads them.
-BACKWARD = {"LSTM": _lstm_backward, "GRU": _gru_backward, "RNN": _rnn_backward}
 
 
 def metric_applies(system: TorchRecurrent, params) -> bool:
@@ -345,7 +227,7 @@ def pushes(system: TorchRecurrent, params, states: torch.Tensor, inputs: torch.T
     out = []
     for layer, hs in enumerate(system.split(states)):
         w = _layer_weights(system, p, layer)
-        gi, gh = _linear(x, w["weight_ih"], w["bias_ih"]), _linear(hs[0], w["weight_hh"], w["bias_hh"])
+        gi, gh = linear(x, w["weight_ih"], w["bias_ih"]), linear(hs[0], w["weight_hh"], w["bias_hh"])
         dgi, dgh = gi.new_zeros(probes, *gi.shape), gh.new_zeros(probes, *gh.shape)
         for name, moved, by in (("weight_ih", dgi, x), ("weight_hh", dgh, hs[0]), ("bias_ih", dgi, None),
                                 ("bias_hh", dgh, None)):
@@ -354,46 +236,10 @@ def pushes(system: TorchRecurrent, params, states: torch.Tensor, inputs: torch.T
                 moved += v[:, None] if by is None else by @ v.transpose(1, 2)
         if dx is not None:
             dgi += dx @ w["weight_ih"].T
-        x, moved = CELL_TANGENTS[system.base](system, gi, gh, hs, dgi, dgh)
+        x, moved = system.cell.tangent(gi, gh, hs, dgi, dgh, system.nonlinearity)
         out += moved
         dx = moved[0]
     return torch.cat(out, dim=-1)
-
-
-def _rnn_tangent(system, gi, gh, hs, dgi, dgh):
-    """``h' = act(gi + gh)``: ``dh' = act'·(dgi + dgh)``."""
-    h = torch.tanh(gi + gh) if system.nonlinearity == "tanh" else torch.relu(gi + gh)
-    slope = 1 - h**2 if system.nonlinearity == "tanh" else (h > 0).to(h.dtype)
-    return h, [slope * (dgi + dgh)]
-
-
-def _lstm_tangent(system, gi, gh, hs, dgi, dgh):
-    """``c' = σ(f) c + σ(i) tanh(g)``, ``h' = σ(o) tanh(c')``: ``dc' = σ'(f) df c + σ'(i) di tanh g +
-    σ(i) tanh'(g) dg``, ``dh' = σ'(o) do tanh c' + σ(o) tanh'(c') dc'``."""
-    i, f, g, o = (gi + gh).chunk(4, dim=-1)
-    di, df, dg, do = (dgi + dgh).chunk(4, dim=-1)
-    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-    tc = (f * hs[1] + i * g).tanh()
-    dc = f * (1 - f) * df * hs[1] + i * (1 - i) * di * g + i * (1 - g**2) * dg
-    return o * tc, [o * (1 - o) * do * tc + o * (1 - tc**2) * dc, dc]
-
-
-def _gru_tangent(system, gi, gh, hs, dgi, dgh):
-    """``r, z = σ(i_r + h_r), σ(i_z + h_z)``, ``n = tanh(i_n + r h_n)``, ``h' = (1 − z) n + z h``:
-    ``dh' = dz (h − n) + (1 − z) dn`` with ``dn = tanh'(·)(di_n + dr h_n + r dh_n)``."""
-    (h,) = hs
-    (i_r, i_z, i_n), (h_r, h_z, h_n) = gi.chunk(3, dim=-1), gh.chunk(3, dim=-1)
-    (di_r, di_z, di_n), (dh_r, dh_z, dh_n) = dgi.chunk(3, dim=-1), dgh.chunk(3, dim=-1)
-    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    dr, dz = r * (1 - r) * (di_r + dh_r), z * (1 - z) * (di_z + dh_z)
-    dn = (1 - n**2) * (di_n + dr * h_n + r * dh_n)
-    return (1 - z) * n + z * h, [dz * (h - n) + (1 - z) * dn]
-
-
-#: Each cell's forward-mode product: (its pre-activations, the entering state, their tangents) ->
-#: the new h and the tangents of the new state's parts.
-CELL_TANGENTS = {"LSTM": _lstm_tangent, "GRU": _gru_tangent, "RNN": _rnn_tangent}
 
 
 def _grouped(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -545,9 +391,9 @@ def _sizes(system: TorchRecurrent, params) -> tuple[int, int]:
     """|θ| of the recurrent weights, and the widths a pair of their rows costs in a Gram matrix: the
     columns of every a (``[x, h, 1, 1]``) and of every δ."""
     weights = [p for n, p in params.items() if not n.startswith("encoder.")]
-    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[system.base] * system.hidden
+    gates = system.cell.gates * system.hidden
     width = sum(p.shape[1] if p.dim() > 1 else 1 for p in weights) + \
-        system.num_layers * gates * (2 if system.base == "GRU" else 1)
+        system.num_layers * gates * system.cell.deltas
     return sum(p.numel() for p in weights), width
 
 

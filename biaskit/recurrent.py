@@ -14,8 +14,8 @@ with ``requires_grad=False`` and buffers are constants everywhere.
 Adapters:
 
 - ``nn.RNN``, ``nn.GRU``, ``nn.LSTM`` (any layers, ``batch_first`` either way)
-  and their ``*Cell`` modules, written here as plain tensor operations with
-  PyTorch's parameter names and layouts (the fused kernels have no ``vmap``
+  and their ``*Cell`` modules, stepped by their kind (``cells``) as plain tensor
+  operations with PyTorch's parameter names and layouts (the fused kernels have no ``vmap``
   rule, and decompose takes per-step, per-sample products). Their state is
   laid out layer by layer, h then c.
 - Any module with ``initial_state(batch_size)`` and ``forward(x_t, state)``.
@@ -36,7 +36,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
-from . import hooks
+from . import cells, hooks
+from .cells import linear
 from .errors import InputError
 
 ACCEPTED = (
@@ -47,41 +48,11 @@ ACCEPTED = (
 Params = dict[str, torch.Tensor]
 
 
-def _linear(x, weight, bias):
-    return x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
-
-
 def _gates(p: Params, x, h, suffix: str):
     """Input and hidden pre-activations of one layer, with PyTorch's names."""
-    gi = _linear(x, p["weight_ih" + suffix], p.get("bias_ih" + suffix))
-    gh = _linear(h, p["weight_hh" + suffix], p.get("bias_hh" + suffix))
+    gi = linear(x, p["weight_ih" + suffix], p.get("bias_ih" + suffix))
+    gh = linear(h, p["weight_hh" + suffix], p.get("bias_hh" + suffix))
     return gi, gh
-
-
-def rnn_cell(gi, gh, hs, nonlinearity):
-    """Elman: h' = act(gi + gh)."""
-    act = torch.tanh if nonlinearity == "tanh" else torch.relu
-    return (act(gi + gh),)
-
-
-def gru_cell(gi, gh, hs, nonlinearity=None):
-    (h,) = hs
-    i_r, i_z, i_n = gi.chunk(3, dim=1)
-    h_r, h_z, h_n = gh.chunk(3, dim=1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return ((1 - z) * n + z * h,)
-
-
-def lstm_cell(gi, gh, hs, nonlinearity=None):
-    h, c = hs
-    i, f, g, o = (gi + gh).chunk(4, dim=1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
-
-
-CELLS = {"RNN": rnn_cell, "GRU": gru_cell, "LSTM": lstm_cell}
 
 
 @dataclass
@@ -260,14 +231,13 @@ class TorchRecurrent(RecurrentSystem):
         name = type(module).__name__
         self.is_cell = isinstance(module, nn.RNNCellBase)
         self.kind = name
-        self.base = name.removesuffix("Cell")
-        self.cell = CELLS[self.base]
+        self.cell = cells.kind_of(module)  # its parts, gates, step, and the fast path's pieces
         self.nonlinearity = getattr(module, "nonlinearity", "tanh")
         self.num_layers = 1 if self.is_cell else module.num_layers
         self.hidden = module.hidden_size
         self.input_size = module.input_size
         self.time_major = not self.is_cell and not module.batch_first
-        self.components = ("h", "c") if self.base == "LSTM" else ("h",)
+        self.components = self.cell.parts
         if not self.is_cell:
             if module.bidirectional:
                 raise InputError(f"bidirectional {name} is not a causal recurrence; use one direction")
@@ -304,7 +274,7 @@ class TorchRecurrent(RecurrentSystem):
         params.update({n: params[f] for n, f in self.aliases.items()})
         for layer, hs in enumerate(self.split(state)):
             gi, gh = _gates(params, inp, hs[0], self.suffix(layer))
-            hs = self.cell(gi, gh, hs, self.nonlinearity)
+            hs = self.cell.step(gi, gh, hs, self.nonlinearity)
             new += hs
             inp = hs[0]
         return torch.cat(new, dim=1), None
@@ -497,7 +467,7 @@ def wrap(module: nn.Module, readout: nn.Module | None = None, loss_fn: Callable 
     """
     if isinstance(module, RecurrentSystem):
         return module
-    if isinstance(module, (nn.RNN, nn.GRU, nn.LSTM, nn.RNNCell, nn.GRUCell, nn.LSTMCell)):
+    if cells.kind_of(module) is not None:
         if step_output:
             raise InputError(f"step_output applies to custom cells; {type(module).__name__}'s output is its state")
         return TorchRecurrent(module, readout, loss_fn, encoder)
