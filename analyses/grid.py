@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from trainers import loop, runs
+from trainers.adaptive import UpdateRecord
 
 
 def label(setting: dict) -> str:
@@ -35,11 +36,16 @@ def run(jobs: list[tuple[Path, dict]], processes: int):
         pool.map(_train, jobs, chunksize=1)
 
 
+def exact_biases(lines: list[dict]) -> list[float | None]:
+    """Each epoch's out-of-sample exact relative bias at the K in use (None where none was measured)."""
+    return [UpdateRecord.from_line(line).rel_bias_exact for line in lines]
+
+
 def held(lines: list[dict], delta: float | None) -> str:
     """The share of updates after the first whose out-of-sample exact bias at the K in use was ≤ δ."""
     if delta is None:
         return "–"
-    measured = [line["rel_bias_exact"] for line in lines[1:] if line.get("rel_bias_exact") is not None]
+    measured = [v for v in exact_biases(lines[1:]) if v is not None]
     return f"{sum(v <= delta for v in measured)}/{len(measured)}" if measured else "–"
 
 
@@ -61,7 +67,7 @@ def table(rows: list[tuple[str, str, dict, Path]], metric: str, paper: dict | No
             continue
         best = min(lines, key=lambda line: line["valid_loss"])
         Ks = [line["K"] for line in lines]
-        bias = [line["rel_bias_exact"] for line in lines if line.get("rel_bias_exact") is not None]
+        bias = [v for v in exact_biases(lines) if v is not None]
         cells = [group, name, str(len(lines)), f"{best[f'valid_{metric}']:.3f}", f"{best[f'test_{metric}']:.3f}",
                  *(f"{best[e]:.3f}" for e in extra), f"{Ks[0]} → {Ks[-1]}; {min(Ks)}–{max(Ks)}",
                  f"{statistics.median(bias):.3g}" if bias else "–", held(lines, setting.get("delta")),

@@ -64,7 +64,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     controller.measure(model, xs, ys, args.K, gen)  # warm-up
     update = statistics.median(
-        controller.measure(model, xs, ys, args.K, gen)["update_seconds"] for _ in range(args.rounds))
+        controller.measure(model, xs, ys, args.K, gen).update_seconds for _ in range(args.rounds))
 
     print(f"device={device} threads={torch.get_num_threads()} copy task, {tokens} tokens/epoch, "
           f"BPTT({2 * args.K}, {args.K}), batch 64")

@@ -10,7 +10,7 @@ from helpers import LinearCell, flat_norm, naive_gradient
 from torch import nn
 
 import biaskit
-from trainers.adaptive import Controller
+from trainers.adaptive import Controller, UpdateRecord
 
 
 class LinearModel(nn.Module):
@@ -54,18 +54,18 @@ def test_the_paper_controller_picks_the_closed_form_kappa(beta, delta):
     record = controller.measure(model, inputs, targets, K=5, generator=torch.Generator().manual_seed(0))
     want = math.floor(math.log(delta / (1 + 2 * delta)) / math.log(beta) - 1) + 1
     assert want < 36  # below τ = 0.9 W
-    assert record["beta"] == pytest.approx(beta, rel=1e-9)
-    assert record["K_target"] == want and record["kappa_reached"] == 1 and record["K_rule"] == "estimated"
-    assert record["K"] == min(want, 10)  # at most twice the K in use
-    K = record["K"]
-    assert record["rel_bias_bound"] == pytest.approx(beta ** (K + 1) / (1 - 2 * beta ** (K + 1)), rel=1e-8)
+    assert record.beta == pytest.approx(beta, rel=1e-9)
+    assert record.K_target == want and record.kappa_reached == 1 and record.K_rule == "estimated"
+    assert record.K == min(want, 10)  # at most twice the K in use
+    K = record.K
+    assert record.rel_bias_bound == pytest.approx(beta ** (K + 1) / (1 - 2 * beta ** (K + 1)), rel=1e-8)
 
 
 def test_the_paper_controller_responds_to_slower_decay_with_a_longer_truncation():
     torch.manual_seed(0)
     inputs, targets = torch.randn(2000, 2, dtype=torch.float64), torch.randn(2000, dtype=torch.float64)
     controller = Controller(delta=0.1, window=40, windows=16, K_min=2, K_max=100, controller="paper", groups=4)
-    Ks = [controller.measure(LinearModel(beta), inputs, targets, 5, torch.Generator().manual_seed(0))["K_target"]
+    Ks = [controller.measure(LinearModel(beta), inputs, targets, 5, torch.Generator().manual_seed(0)).K_target
           for beta in (0.3, 0.6, 0.9)]
     assert Ks[0] < Ks[1] < Ks[2]
     assert Ks[0] == 2  # clipped to K_min
@@ -91,7 +91,7 @@ def naive_rel_bias(model, windows, targets, start, K):
 def test_the_exact_controller_picks_the_smallest_K_whose_exact_bias_is_below_delta(delta):
     model = ConstantModel()
     inputs, targets = torch.ones(400, 1, dtype=torch.float64), torch.full((400,), 3.0, dtype=torch.float64)
-    shorter = {"K_rule": "certified", "K_in_use": 5, "K_target": 1}  # the last update certified a shorter K too
+    shorter = UpdateRecord(K_rule="certified", K_in_use=5, K_target=1)  # the last update certified a shorter K too
     record = Controller(delta=delta, window=40, windows=24, K_min=1, K_max=60, groups=4, max_change=math.inf).measure(
         model, inputs, targets, K=5, generator=torch.Generator().manual_seed(0), previous=shorter)
     burn = torch.ones(24, 40, 1, dtype=torch.float64)
@@ -100,9 +100,9 @@ def test_the_exact_controller_picks_the_smallest_K_whose_exact_bias_is_below_del
     windows, last = torch.ones(24, 40, 1, dtype=torch.float64), torch.full((24,), 3.0, dtype=torch.float64)
     exact = [naive_rel_bias(model, windows, last, start, K) for K in range(1, 40)]
     want = 1 + next(i for i, value in enumerate(exact) if value < delta)
-    assert record["K"] == want and record["kappa_reached"] == 1 and record["gradient_resolved"] == 1
-    assert record["rel_bias_upper"] == pytest.approx(exact[want - 1], rel=1e-4)  # plus the tail past the window
-    assert record["rel_bias_exact"] == pytest.approx(exact[4], rel=1e-9)  # K = 5, the one in use
+    assert record.K == want and record.kappa_reached == 1 and record.gradient_resolved == 1
+    assert record.rel_bias_upper == pytest.approx(exact[want - 1], rel=1e-4)  # plus the tail past the window
+    assert record.rel_bias_exact == pytest.approx(exact[4], rel=1e-9)  # K = 5, the one in use
 
 
 def test_the_logged_exact_bias_is_the_K_in_use_from_the_burn_in_state():
@@ -118,9 +118,9 @@ def test_the_logged_exact_bias_is_the_K_in_use_from_the_burn_in_state():
     drawn = sample_windows(inputs, targets, 40, 8, torch.Generator().manual_seed(3))
     with torch.no_grad():
         _, start = model(drawn.burn)
-    assert record["K"] == 7
+    assert record.K == 7
     want = naive_rel_bias(model, drawn.inputs, drawn.targets[:, -1], start, 7)
-    assert record["rel_bias_exact"] == pytest.approx(want, rel=1e-9)
+    assert record.rel_bias_exact == pytest.approx(want, rel=1e-9)
     from_zero = naive_rel_bias(model, drawn.inputs, drawn.targets[:, -1], None, 7)
     assert abs(from_zero - want) > 1e-3 * want  # the burn-in's state is not a detail here
 
@@ -142,10 +142,10 @@ def test_the_every_step_controller_logs_the_every_step_bias_of_the_K_in_use():
     args = (model.cell, model.head, model.squared_error, drawn.inputs, drawn.targets)
     full, trunc = naive_every(*args, h0=start), naive_every(*args, 3, h0=start)
     want = flat_norm([trunc[n] - full[n] for n in full]) / flat_norm(full.values())
-    assert record["rel_bias_exact"] == pytest.approx(want, rel=1e-9)
+    assert record.rel_bias_exact == pytest.approx(want, rel=1e-9)
     last = Controller(delta=None, window=12, windows=6, groups=3).measure(
         model, inputs, targets, 3, torch.Generator().manual_seed(5))
-    assert abs(last["rel_bias_exact"] - want) > 1e-3 * want  # a different gradient, a different bias
+    assert abs(last.rel_bias_exact - want) > 1e-3 * want  # a different gradient, a different bias
 
 
 def test_too_short_a_stream_is_refused():
@@ -203,4 +203,4 @@ def test_the_lower_limit_is_below_the_batch_value_and_the_upper_limit():
     inputs, targets = torch.randn(3000, 2, dtype=torch.float64), 2 + torch.randn(3000, dtype=torch.float64)
     record = Controller(delta=None, window=30, windows=64, groups=8, level=0.9).measure(
         model, inputs, targets, 3, torch.Generator().manual_seed(0))
-    assert 0 <= record["rel_bias_exact_lower"] <= record["rel_bias_exact"] <= record["rel_bias_exact_upper"]
+    assert 0 <= record.rel_bias_exact_lower <= record.rel_bias_exact <= record.rel_bias_exact_upper

@@ -10,7 +10,15 @@ from test_adaptive import LinearModel
 import biaskit
 from biaskit.bias import not_reached
 from biaskit.probe import probing
-from trainers.adaptive import Controller, UpdateSchedule, choose_K, limit_change, next_interval, paper_rule
+from trainers.adaptive import (
+    Controller,
+    UpdateRecord,
+    UpdateSchedule,
+    choose_K,
+    limit_change,
+    next_interval,
+    paper_rule,
+)
 
 
 @pytest.mark.parametrize("K, target, want", [
@@ -51,9 +59,9 @@ def test_the_exact_controller_shortens_only_after_two_certifications_in_a_row():
     inputs, targets = torch.ones(400, 1, dtype=torch.float64), torch.full((400,), 3.0, dtype=torch.float64)
     controller = Controller(delta=0.5, window=40, windows=24, K_min=1, K_max=60, groups=4)
     first = controller.measure(model, inputs, targets, 8, torch.Generator().manual_seed(0))
-    assert (first["K_rule"], first["K_target"], first["K"]) == ("certified", 1, 8)
+    assert (first.K_rule, first.K_target, first.K) == ("certified", 1, 8)
     second = controller.measure(model, inputs, targets, 8, torch.Generator().manual_seed(1), previous=first)
-    assert (second["K_rule"], second["K"]) == ("certified", 4)
+    assert (second.K_rule, second.K) == ("certified", 4)
 
 
 def test_unresolved_takes_the_papers_kappa_hat_when_it_is_longer():
@@ -101,8 +109,8 @@ def test_the_paper_controller_never_says_certified():
     for beta, delta in ((0.5, 0.1), (0.999, 0.01)):
         record = Controller(delta=delta, window=40, windows=16, K_min=1, K_max=100, controller="paper",
                             groups=4).measure(LinearModel(beta), inputs, targets, 5, torch.Generator().manual_seed(0))
-        assert record["K_rule"] in ("estimated", "none below delta")
-        assert record["K"] <= 10
+        assert record.K_rule in ("estimated", "none below delta")
+        assert record.K <= 10
 
 
 def test_the_paper_controller_reads_phi_alone_between_audits():
@@ -114,8 +122,8 @@ def test_the_paper_controller_reads_phi_alone_between_audits():
                             audit_every=2)
     audited = controller.measure(LinearModel(0.8), inputs, targets, 5, torch.Generator().manual_seed(0), count=0)
     light = controller.measure(LinearModel(0.8), inputs, targets, 5, torch.Generator().manual_seed(0), count=1)
-    assert "rel_bias_exact" in audited and "rel_bias_exact" not in light
-    assert light["kappa_hat"] == audited["kappa_hat"] and light["beta"] == pytest.approx(audited["beta"], rel=1e-12)
+    assert audited.rel_bias_exact is not None and light.rel_bias_exact is None
+    assert light.kappa_hat == audited.kappa_hat and light.beta == pytest.approx(audited.beta, rel=1e-12)
 
 
 def test_state_gradient_norms_are_decomposes_phi():
@@ -140,11 +148,11 @@ def test_state_gradient_norms_are_decomposes_phi():
 
 
 def test_the_interval_doubles_while_K_is_settled():
-    settled = {"K": 10, "K_in_use": 10, "K_target": 10}
+    settled = UpdateRecord(K=10, K_in_use=10, K_target=10)
     assert next_interval(settled, 1.0, 1.0, 4.0) == 2.0
     assert next_interval(settled, 4.0, 1.0, 4.0) == 4.0
-    assert next_interval({"K": 10, "K_in_use": 10, "K_target": 3}, 4.0, 1.0, 4.0) == 1.0  # a change pending
-    assert next_interval({"K": 20, "K_in_use": 10, "K_target": 20}, 2.0, 1.0, 4.0) == 1.0
+    assert next_interval(UpdateRecord(K=10, K_in_use=10, K_target=3), 4.0, 1.0, 4.0) == 1.0  # a change pending
+    assert next_interval(UpdateRecord(K=20, K_in_use=10, K_target=20), 2.0, 1.0, 4.0) == 1.0
 
 
 def _exact(model, inputs, targets, windows, window, level=0.9, K_range=None, groups=8, seed=0):
@@ -193,9 +201,9 @@ def test_the_update_schedule_is_asked_in_one_place():
     settled and back to ``base`` on a change; fixed K: at each epoch's end only."""
     adaptive = UpdateSchedule(1.0, 4.0, adaptive=True)
     assert not adaptive.due(0.99, epoch_end=False) and adaptive.due(1.0, epoch_end=False)
-    settled, moving = {"K": 10, "K_in_use": 10, "K_target": 10}, {"K": 20, "K_in_use": 10, "K_target": 20}
-    assert adaptive.advance(settled, {}) == 2.0 and adaptive.next == 3.0
-    assert adaptive.advance(settled, {"interval": 2.0}) == 4.0 and adaptive.next == 7.0
-    assert adaptive.advance(moving, {"interval": 4.0}) == 1.0 and adaptive.next == 8.0
+    settled, moving = UpdateRecord(K=10, K_in_use=10, K_target=10), UpdateRecord(K=20, K_in_use=10, K_target=20)
+    assert adaptive.advance(settled, None) == 2.0 and adaptive.next == 3.0
+    assert adaptive.advance(settled, UpdateRecord(interval=2.0)) == 4.0 and adaptive.next == 7.0
+    assert adaptive.advance(moving, UpdateRecord(interval=4.0)) == 1.0 and adaptive.next == 8.0
     fixed = UpdateSchedule(1.0, 4.0, adaptive=False)
     assert fixed.due(0.5, epoch_end=True) and not fixed.due(5.0, epoch_end=False)

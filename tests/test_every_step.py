@@ -11,7 +11,7 @@ from helpers import flat_norm, make_module, naive_every, naive_gradient
 from torch import nn
 
 import biaskit
-from biaskit import limits
+from biaskit import limits, probe
 from biaskit.decompose import GenericPath
 
 SPECS = [
@@ -240,7 +240,6 @@ class NoAdvance(nn.Module):
 
 
 def test_a_burn_in_whose_outputs_cannot_fit_is_refused_before_it_runs(monkeypatch):
-    from biaskit import probe
 
     model, stream = NoAdvance(), torch.randint(0, 50, (400,))
     free = 8 * 2 * 20 * 16 + 100  # the windows fit; 8 windows x 20 steps x 50 logits x 4 bytes do not
@@ -287,3 +286,33 @@ def test_bptt_k1_below_k2_or_beside_a_dni_is_refused():
         biaskit.synthetic_bias(system, x, y, 3, K1=2)
     with pytest.raises(biaskit.InputError, match="equal to it with a DNI"):
         biaskit.synthetic_bias(system, x, y, 2, lambda h, m: (h, m), K1=4)
+
+
+@pytest.mark.parametrize("K1, K2", [(6, 3), (4, 4)])
+def test_the_loop_logs_the_bias_of_its_own_bptt_k1_k2_on_fresh_windows(K1, K2):
+    """``Truncation.measure`` (each update's ``rel_bias_trained``) against trainers.tbptt.Stream walking
+    the same windows from their burn-in states, and full BPTT of every loss, in float64."""
+    from trainers.tasks.token_model import TokenLSTM
+    from trainers.tbptt import Stream, Truncation
+
+    torch.manual_seed(0)
+    model = TokenLSTM(vocab=5, embedding=3, hidden=4, layers=2).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 5, (300,), generator=gen), torch.randint(0, 5, (300,), generator=gen)
+    got = Truncation().measure(model, x, y, K1, K2, 11, 6, torch.Generator().manual_seed(2))
+    drawn = probe.sample_windows(x, y, 11, 6, torch.Generator().manual_seed(2))
+    model.eval()
+    params = list(model.parameters())
+    with torch.no_grad():
+        start = model(drawn.burn)[1]
+    full = torch.autograd.grad(model.loss(model(drawn.inputs, start)[0], drawn.targets).mean(), params)
+    stream, chunked = Stream(drawn.inputs, drawn.targets), [torch.zeros_like(p) for p in params]
+    stream.carry = start
+    while not stream.done:
+        loss, n = stream.window_loss(model, K1, K2)
+        for total, g in zip(chunked, torch.autograd.grad(loss * n / 11, params)):
+            total += g
+    want = flat_norm([c - f for c, f in zip(chunked, full)]) / flat_norm(full)
+    assert want > 1e-3
+    assert got["rel_bias_trained"] == pytest.approx(float(want), rel=1e-9)
+    assert Truncation().measure(model, x, y, 30, 12, 11, 6, torch.Generator()) == {}  # no whole backward fits

@@ -352,8 +352,8 @@ def test_the_exact_controller_keeps_K_while_the_mean_gradient_is_unresolved():
     targets = 1000 * torch.randn(600, dtype=torch.float64, generator=gen)
     controller = Controller(delta=0.1, window=12, windows=16, K_min=1, K_max=40, groups=4, level=0.9)
     record = controller.measure(LinearModel(0.5, n=3), inputs, targets, 5, torch.Generator().manual_seed(1))
-    assert record["gradient_resolved"] == 0 and record["kappa_reached"] == 0  # the premise
-    assert record["K"] == 5
+    assert record.gradient_resolved == 0 and record.kappa_reached == 0  # the premise
+    assert record.K == 5
 
 
 # --- decay: the regression's fitted curve ---------------------------------------------------------------------

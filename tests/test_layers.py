@@ -79,3 +79,14 @@ def test_ruff_finds_nothing():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_commands_tasks_are_the_registered_ones():
+    """``biaskit train TASK`` reads a task's module (its options and defaults); a run builds it through
+    the ``biaskit.tasks`` entry point a checkpoint names: both must be the same module's ``build``."""
+    from biaskit import checkpoint
+    from trainers.cli import TASKS
+
+    registered = checkpoint.registered(checkpoint.TASKS)
+    assert {name: registered[name].value for name in TASKS} == \
+        {name: f"{module.__name__}:build" for name, module in TASKS.items()}

@@ -131,8 +131,8 @@ def test_the_controller_fits_a_model_whose_norm_collapses_inside_the_window(meth
     slopes = pair_slopes(log_norm, np.array([5, 6, 7]))
     want = {"max": slopes.max(), "quantile": np.quantile(slopes, 0.95),
             "regression": np.polyfit([5, 6, 7], log_norm, 1)[0]}[method]
-    assert record["K_rule"] != "no fit" and record["kappa_hat"] is not None
-    assert record["beta"] == pytest.approx(math.exp(want), rel=1e-9)
+    assert record.K_rule != "no fit" and record.kappa_hat is not None
+    assert record.beta == pytest.approx(math.exp(want), rel=1e-9)
 
 
 def sparse_tail(ds):
@@ -168,5 +168,5 @@ def test_the_exact_controller_survives_a_tail_too_sparse_to_fit(monkeypatch):
     monkeypatch.setattr(biaskit, "decompose", lambda *args, **kwargs: sparse_tail(decompose(*args, **kwargs)))
     record = Controller(delta=0.5, window=10, windows=16, K_min=1, K_max=9, groups=4).measure(
         model, inputs, targets, 3, torch.Generator().manual_seed(0))
-    assert math.isinf(record["rel_bias_exact_upper"]) and record["gradient_resolved"] == 1
-    assert record["K"] == 6 and record["K_rule"] == "none below delta"  # grows by the rate limit, 2×
+    assert math.isinf(record.rel_bias_exact_upper) and record.gradient_resolved == 1
+    assert record.K == 6 and record.K_rule == "none below delta"  # grows by the rate limit, 2×

@@ -43,7 +43,7 @@ def test_run_directory_holds_config_metrics_and_self_describing_checkpoints(tmp_
     assert json.loads((tmp_path / "config.json").read_text()) == cfg
     for key in ("train_loss", "valid_ppl", "test_ppl", "K", "next_K", "tokens_per_s", "seconds"):
         assert key in lines[-1]
-    for key in ("beta", "rel_bias_exact", "rel_bias_bound", "K_rule", "K_target", "K_in_use"):
+    for key in ("beta", "rel_bias_exact", "rel_bias_bound", "K_rule", "K_target", "K_in_use", "rel_bias_trained"):
         assert key in lines[0]  # the epoch that ended with an update
     ckpt = checkpoint.load(tmp_path / "checkpoint-last.pt")
     assert ckpt["task"] == "copy" and ckpt["trainer"]["epoch"] == 2
@@ -77,6 +77,15 @@ def test_cli_trains_and_resume_alone_continues_with_the_runs_options(run_cli, tm
     assert len(runs.read_metrics(tmp_path / "r")) == 2
     resumed = checkpoint.load(tmp_path / "r" / "checkpoint-last.pt")["trainer"]["config"]
     assert resumed == {**config, "train": {**config["train"], "epochs": 2}}
+
+
+def test_the_epoch_line_shows_the_trained_bptt_bias_and_the_next_K(run_cli, tmp_path):
+    res = run_cli("train", "copy", "--K", "4", "--delta", "0.5", "--K-min", "2", "--epochs", "1",
+                  "--out", str(tmp_path / "r"), *TINY_ARGS[:-1])
+    assert res.code == 0, res.err
+    line = runs.read_metrics(tmp_path / "r")[0]
+    shown = f"BPTT(8, 4) {line['rel_bias_trained']:.3g}  "
+    assert shown in res.out and f"→ K {line['next_K']} ({line['K_rule']})" in res.out
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -59,6 +59,60 @@ CONTROLLERS = ("exact", "paper")
 BETA_METHODS = ("regression", "max", "quantile")
 #: Rules after which the run goes on as planned; any other is shown as a warning line.
 QUIET_RULES = ("certified", "held", "estimated", "point estimate", "measured only")
+
+
+def _logged(section: str, default=None):
+    """A field of the update record, with its TensorBoard section (``board.RECORD_SECTIONS``)."""
+    return field(default=default, metadata={"section": section})
+
+
+@dataclass
+class UpdateRecord:
+    """One update of the controller, as the run logs it: each field is a key of the epoch's line in
+    ``metrics.jsonl`` (those left None are left out), of ``K_history`` in the checkpoint and a
+    TensorBoard scalar in its section; the loop, the schedule and the board read it by attribute."""
+
+    K: int = _logged("K")  # the K set for what follows
+    K_target: int = _logged("K")  # the rule's target, before the rate limit
+    K_rule: str = _logged("K")  # certified, held, estimated, raised, none below delta, ...
+    K_in_use: int = _logged("K")  # the K the update found in use
+    kappa_reached: int = _logged("K", 0)  # whether the target reached δ
+    kappa_hat: int | None = _logged("K")  # the paper's κ̂ (Eq. 25); None where no decay was fitted
+    kappa_hat_reached: int = _logged("K", 0)
+    beta: float | None = _logged("decay")  # the fitted decay rate and its confidence interval
+    beta_low: float | None = _logged("decay")
+    beta_high: float | None = _logged("decay")
+    beta_reliable: int = _logged("decay", 0)
+    tau: int | None = _logged("decay")
+    rel_bias_exact: float | None = _logged("bias")  # the exact relative bias of the K in use, out of sample
+    rel_bias_exact_upper: float | None = _logged("bias")
+    rel_bias_exact_lower: float | None = _logged("bias")
+    gradient_resolved: int | None = _logged("bias")  # whether the windows' mean gradient stood out of its noise
+    rel_bias_upper: float | None = _logged("bias")  # the upper limit at the K set
+    extrapolated: int | None = _logged("bias")  # whether that limit leaned on the tail past the window
+    rel_bias_bound: float | None = _logged("bias")  # the paper's bound Δ̂ at the K set
+    rel_bias_trained: float | None = _logged("bias")  # the trainer's own BPTT(K1, K2) at the K in use
+    rel_bias_truncated: float | None = _logged("bias")  # a DNI run: BPTT(K, K) without and with the DNI
+    rel_bias_synthetic: float | None = _logged("bias")
+    synthetic_error: float | None = _logged("bias")  # the DNI's median relative error
+    update_seconds: float | None = _logged("time")
+    progress: float | None = _logged("K")  # epochs trained when it ran
+    interval: float | None = _logged("K")  # epochs to the next update
+
+    def line(self) -> dict:
+        """The fields measured, for the log (``runs.clean`` turns a NaN into None after)."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_line(cls, line: dict | None) -> UpdateRecord | None:
+        """The record a logged line holds, None for none: a record's own line, or an epoch's line of
+        ``metrics.jsonl`` (whose ``K`` is the K it trained with and ``next_K`` the K set; keys of
+        other kinds ignored, fields it lacks None)."""
+        if not line:
+            return None
+        names = {f.name for f in fields(cls)}
+        kept = {k: v for k, v in line.items() if k in names}
+        return cls(**{**kept, "K": line["next_K"]} if "next_K" in line else kept)
 
 
 @dataclass
@@ -86,8 +140,8 @@ class Controller:
         """The controller a run's training options describe (each field under its own name)."""
         return cls(**{name: cfg[name] for name in CONTROLLER_OPTIONS}, ranks=ranks)
 
-    def measure(self, model, inputs, targets, K: int, generator: torch.Generator, previous: dict | None = None,
-                count: int = 0) -> dict:
+    def measure(self, model, inputs, targets, K: int, generator: torch.Generator,
+                previous: UpdateRecord | None = None, count: int = 0) -> UpdateRecord:
         """Measure fresh windows; return the update's record with the next K (``K`` when only measuring).
 
         ``previous``: the last update's record (the exact controller shortens K only when it too
@@ -118,14 +172,13 @@ class Controller:
         delta = self.delta if self.delta is not None else 0.5
         span = (min(self.K_min, K), max(self.K_max, K))
         fit, bound = self._estimate(ds, delta, span)
-        record = {"K_in_use": K, **_fit_fields(fit, bound, K)}
+        record = UpdateRecord(K=K, K_target=K, K_rule="measured only", K_in_use=K, **_fit_fields(fit, bound))
         exact = biaskit.exact_kappa(ds, [delta], alpha=1 - self.level, K_range=span) if exact_needed else None
         if exact is not None:
-            record.update({
-                "rel_bias_exact": float(exact["rel_bias"].sel(K=K)),          # the K in use, on new windows
-                "rel_bias_exact_upper": float(exact["rel_bias_upper"].sel(K=K)),
-                "rel_bias_exact_lower": float(exact["rel_bias_lower"].sel(K=K)),
-                "gradient_resolved": int(exact["gradient_resolved"])})
+            record.rel_bias_exact = float(exact["rel_bias"].sel(K=K))  # the K in use, on new windows
+            record.rel_bias_exact_upper = float(exact["rel_bias_upper"].sel(K=K))
+            record.rel_bias_exact_lower = float(exact["rel_bias_lower"].sel(K=K))
+            record.gradient_resolved = int(exact["gradient_resolved"])
         if self.delta is None:
             target, reached, rule = K, False, "measured only"
         elif self.controller == "exact":
@@ -133,20 +186,20 @@ class Controller:
             points = exact["rel_bias"].sel(K=slice(self.K_min, self.K_max)).values \
                 if self.raise_on_estimate else None
             target, reached, rule = choose_K(curve.K.values, curve.values, self.delta, K, self.K_max,
-                                             bool(exact["gradient_resolved"]), record["rel_bias_exact_lower"],
-                                             record["kappa_hat"], points)
+                                             bool(exact["gradient_resolved"]), record.rel_bias_exact_lower,
+                                             record.kappa_hat, points)
         else:
-            target, reached, rule = paper_rule(record["kappa_hat"], bool(record["kappa_hat_reached"]), K, self.K_max)
+            target, reached, rule = paper_rule(record.kappa_hat, bool(record.kappa_hat_reached), K, self.K_max)
         new_K = limit_change(K, target, self.max_change, self.K_min, self.K_max,
                              shorten=self.controller != "exact" or _certified_shorter(previous),
                              shrink=self.max_shrink)
         if exact is not None:
-            record["rel_bias_upper"] = float(exact["rel_bias_upper"].sel(K=new_K))  # the K chosen
-            record["extrapolated"] = int(exact["extrapolated"].sel(K=max(K, new_K)))
+            record.rel_bias_upper = float(exact["rel_bias_upper"].sel(K=new_K))  # the K chosen
+            record.extrapolated = int(exact["extrapolated"].sel(K=max(K, new_K)))
         if bound is not None:
-            record["rel_bias_bound"] = float(bound["rel_bias_bound"].sel(K=new_K))
-        return {"K": new_K, "K_target": target, "K_rule": rule, "kappa_reached": int(reached), **record,
-                "update_seconds": time.perf_counter() - began}
+            record.rel_bias_bound = float(bound["rel_bias_bound"].sel(K=new_K))
+        return replace(record, K=new_K, K_target=target, K_rule=rule, kappa_reached=int(reached),
+                       update_seconds=time.perf_counter() - began)
 
     def _estimate(self, ds, delta: float, span: tuple[int, int]):
         """The paper's decay fit and bound on ``ds``, or (None, None) where no fit exists (a fit must
@@ -166,19 +219,18 @@ CONTROLLER_DEFAULTS = {f.name: f.default for f in fields(Controller) if f.name !
 CONTROLLER_OPTIONS = tuple(CONTROLLER_DEFAULTS)
 
 
-def _fit_fields(fit, bound, K: int) -> dict:
+def _fit_fields(fit, bound) -> dict:
     if fit is None:
-        return {"kappa_hat": None, "kappa_hat_reached": 0, "beta": None, "beta_reliable": 0}
+        return {}
     low, high = fit.conf_int()
     return {"kappa_hat": int(bound["kappa"].values[0]), "kappa_hat_reached": int(bound["kappa_reached"].values[0]),
             "beta": float(fit.beta), "beta_low": float(low), "beta_high": float(high),
             "beta_reliable": int(fit.reliable), "tau": int(fit.tau)}
 
 
-def _certified_shorter(previous: dict | None) -> bool:
+def _certified_shorter(previous: UpdateRecord | None) -> bool:
     """Whether the last update certified a K shorter than the one it found in use."""
-    return bool(previous) and previous.get("K_rule") == "certified" and \
-        previous.get("K_target", math.inf) < previous.get("K_in_use", -math.inf)
+    return previous is not None and previous.K_rule == "certified" and previous.K_target < previous.K_in_use
 
 
 def choose_K(Ks, limits, delta: float, K: int, K_max: int, resolved: bool, lower_in_use: float,
@@ -252,15 +304,16 @@ class UpdateSchedule:
         """Whether an update is due at ``progress`` epochs (``epoch_end``: an epoch has just ended)."""
         return progress >= self.next - 1e-9 if self.adaptive else epoch_end
 
-    def advance(self, record: dict, previous: dict) -> float:
+    def advance(self, record: UpdateRecord, previous: UpdateRecord | None) -> float:
         """Schedule the update after ``record`` (``previous``: the one before); returns the interval."""
-        interval = next_interval(record, previous.get("interval", self.base), self.base, self.most)
+        last = previous.interval if previous is not None and previous.interval is not None else self.base
+        interval = next_interval(record, last, self.base, self.most)
         self.next += interval
         return interval
 
 
-def next_interval(record: dict, interval: float, base: float, most: float) -> float:
+def next_interval(record: UpdateRecord, interval: float, base: float, most: float) -> float:
     """Epochs to the next update: twice ``interval`` (at most ``most``) while K is settled (the
     update's target is the K in use), else back to ``base``."""
-    settled = record.get("K_target") == record.get("K_in_use") == record.get("K")
+    settled = record.K_target == record.K_in_use == record.K
     return min(2 * interval, most) if settled else base

@@ -11,26 +11,26 @@ the paper's bound: ``biaskit plot``'s) as an image (``bias/figure``). Through
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
 from biaskit.errors import InputError
 
+from .adaptive import UpdateRecord
 from .runs import plot_training
 
 FOLDER = "tensorboard"
-#: The section of each metrics.jsonl key that is not a split's metric.
+#: The section of each metrics.jsonl key that is not a split's metric: the update record's fields
+#: declare theirs (``adaptive.UpdateRecord``): ``RECORD_SECTIONS``.
 SECTIONS = {
     "loss": ("train_loss", "valid_loss", "test_loss"),
-    "K": ("K", "next_K", "K1", "K2", "K_in_use", "K_target", "kappa_reached", "kappa_hat", "kappa_hat_reached",
-          "interval", "progress"),
-    "bias": ("rel_bias_exact", "rel_bias_exact_upper", "rel_bias_exact_lower", "rel_bias_upper", "rel_bias_bound",
-             "rel_bias_truncated", "rel_bias_synthetic", "synthetic_error", "gradient_resolved", "extrapolated"),
-    "decay": ("beta", "beta_low", "beta_high", "beta_reliable", "tau"),
-    "time": ("seconds", "tokens_per_s", "update_seconds"),
+    "K": ("next_K", "K1", "K2"),
+    "time": ("seconds", "tokens_per_s"),
     "training": ("lr", "synthetic_share", "dni_loss"),
 }
+RECORD_SECTIONS = {f.name: f.metadata["section"] for f in fields(UpdateRecord)}
 #: A split's metric (``valid_ppl``, ``test_rmse``) goes under its metric's section, named here or as logged.
 METRIC_SECTIONS = {"ppl": "perplexity"}
 SPLITS = ("train", "valid", "test")
@@ -39,7 +39,7 @@ SPLITS = ("train", "valid", "test")
 def tag(key: str) -> str:
     """The TensorBoard tag of a metrics key, e.g. ``bias/rel_bias_exact``, ``perplexity/valid_ppl``;
     a key no section knows goes under ``other/``."""
-    section = next((name for name, keys in SECTIONS.items() if key in keys), None)
+    section = RECORD_SECTIONS.get(key) or next((name for name, keys in SECTIONS.items() if key in keys), None)
     split, _, metric = key.partition("_")
     if section is None and split in SPLITS and metric:
         section = METRIC_SECTIONS.get(metric, metric)
@@ -66,9 +66,9 @@ class Board:
         for key, value in line.items():
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(tag(key), value, global_step=step)
-        if "K_rule" in line:
-            self.writer.add_text("K/rule", f"K {line['K_in_use']} → {line['next_K']}: {line['K_rule']}",
-                                 global_step=step)
+        record = UpdateRecord.from_line(line)
+        if record.K_rule is not None:
+            self.writer.add_text("K/rule", f"K {record.K_in_use} → {record.K}: {record.K_rule}", global_step=step)
             fig = plot_training([self.run_dir])
             fig.canvas.draw()  # Agg: no pyplot, no window
             image = np.asarray(fig.canvas.buffer_rgba())[..., :3]

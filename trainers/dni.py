@@ -200,11 +200,11 @@ class SyntheticGradients:
         self.module.load_state_dict(entry["state"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def measure(self, model: nn.Module, inputs, targets, K: int, window: int, windows: int,
+    def measure(self, model: nn.Module, inputs, targets, K1: int, K: int, window: int, windows: int,
                 generator: torch.Generator) -> dict:
-        """The chunked bias of this model at K, with and without the DNI, over ``windows`` windows
-        of ``window`` steps (as many again after each for the later losses). Every rank measures the
-        same windows, so all keep one generator state."""
+        """The chunked bias of this model at K (= ``K1``: BPTT(K, K) chunks), with and without the DNI,
+        over ``windows`` windows of ``window`` steps (as many again after each for the later losses).
+        Every rank measures the same windows, so all keep one generator state."""
         with probing(model, inputs, targets, length=window, count=windows, generator=generator,
                      lookahead=window, every_step=True) as probe:
             start, memory = warm_up(probe.system, self.module, probe.burn, K)

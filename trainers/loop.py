@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,11 +26,11 @@ from biaskit.probe import check_model, check_windows, evaluating
 
 from . import config as configs
 from . import ddp, schedule
-from .adaptive import QUIET_RULES, Controller, UpdateSchedule
+from .adaptive import QUIET_RULES, Controller, UpdateRecord, UpdateSchedule
 from .board import Board
 from .dni import SyntheticGradients
 from .runs import BEST, LAST, RunDirectory, clean
-from .tbptt import Stream, Truncation, batchify
+from .tbptt import TRAINED_WINDOWS, Stream, Truncation, batchify
 
 EVAL_CHUNK = 200
 #: An epoch diverges when a loss exceeds the first training step's (the model as initialised, before
@@ -85,7 +86,8 @@ def check_memory(task, cfg: dict, ranks: ddp.Ranks, device: torch.device | str):
     this process's streams and positions, OUTPUT_COPIES of the model's outputs (sized by one position
     run through the model) and the unrolled graph, GRAPH_ELEMENTS_PER_STATE floats per state element
     (decompose's figure); an update decomposes this process's windows (``decompose.memory_estimate``),
-    and with losses at every step keeps their outputs too. The two never coexist: each is checked alone.
+    and with losses at every step keeps their outputs too; the bias of the trained BPTT(K1, K2) unrolls
+    at most TRAINED_WINDOWS windows. These never coexist: each is checked alone.
     """
     model, x = task.model, task.splits["train"][0]
     streams, windows = cfg["batch_size"] // ranks.world, cfg["windows"] // ranks.world
@@ -104,6 +106,12 @@ def check_memory(task, cfg: dict, ranks: ddp.Ranks, device: torch.device | str):
     limits.require({"decomposition": memory_estimate(system, windows, cfg["window"]), "outputs": every},
                    f"a controller update of {windows} windows of {cfg['window']} steps",
                    "use fewer --windows or a shorter --window", device)
+    if cfg["estimator"] == "tbptt":  # each update's rel_bias_trained: one unrolled window set at a time
+        trained = min(cfg["windows"], TRAINED_WINDOWS) * cfg["window"]
+        limits.require({"outputs": OUTPUT_COPIES * row * trained,
+                        "graph": GRAPH_ELEMENTS_PER_STATE * system.layout.size * limits.FLOAT * trained},
+                       f"the bias of the trained BPTT(K1, K2) on {trained // cfg['window']} windows of "
+                       f"{cfg['window']} steps", "use fewer --windows or a shorter --window", device)
 
 
 class Run:
@@ -134,7 +142,7 @@ class Run:
         self.epoch, self.K, self.best, self.lines = 0, cfg["K"], math.inf, []
         self.updates = UpdateSchedule(cfg["update_every"], cfg["update_every_max"], cfg["delta"] is not None)
         self.schedule = schedule.Schedule.parse(cfg["schedule"])
-        self.history, self.record = [], {}
+        self.history, self.record = [], None
         self.start_loss, self.diverging = None, 0  # the first step's loss; epochs in a row far above it
         self.out = Path(out)
         self.dir = ddp.on_main(self.ranks, lambda: RunDirectory(out, resume=resume, config=config))
@@ -178,7 +186,8 @@ class Run:
         if cuda is not None and self.device.type == "cuda":  # each rank's own device's state (cuda:N too)
             torch.cuda.set_rng_state(cuda[self.ranks.rank], self.device)
         self.epoch, self.K, self.best = state["epoch"], ckpt["K"], state["best_valid"]
-        self.updates.next, self.history, self.record = state["next_update"], ckpt["K_history"], state["record"]
+        self.updates.next, self.history = state["next_update"], ckpt["K_history"]
+        self.record = UpdateRecord.from_line(state["record"])
         self.lines = state["metrics"]
         self.start_loss, self.diverging = state.get("start_loss"), state.get("diverging", 0)
         if self.ranks.main:
@@ -195,7 +204,8 @@ class Run:
             return
         trainer = {"config": self.config, "optimizer": self.optimizer.state_dict(),
                    "estimator": self.estimator.state_dict(), "epoch": self.epoch, "best_valid": self.best,
-                   "next_update": self.updates.next, "record": self.record, "metrics": self.lines,
+                   "next_update": self.updates.next, "metrics": self.lines,
+                   "record": self.record.line() if self.record else None,
                    "start_loss": self.start_loss, "diverging": self.diverging,
                    "rng": {"torch": torch_rng if self.ranks.world > 1 else torch_rng[0],
                            "controller": self.generator.get_state(), "cuda": cuda_rng}}
@@ -216,15 +226,14 @@ class Run:
         cfg = self.config["train"]
         x, y = self.task.splits["train"]
         previous = self.record
-        self.record = self.controller.measure(self.model, x, y, self.K, self.generator, previous,
-                                              len(self.history))
-        self.record.update(self.estimator.measure(self.model, x, y, self.K, cfg["window"], cfg["windows"],
-                                                  self.generator))
-        self.record["progress"] = progress
+        record = self.controller.measure(self.model, x, y, self.K, self.generator, previous, len(self.history))
+        record = replace(record, progress=progress, **self.estimator.measure(
+            self.model, x, y, *configs.truncation(cfg, self.K), cfg["window"], cfg["windows"], self.generator))
         if self.adaptive:
-            self.K = self.record["K"]
-            self.record["interval"] = self.updates.advance(self.record, previous)
-            self.history.append({"progress": progress, **clean(self.record)})
+            self.K = record.K
+            record.interval = self.updates.advance(record, previous)
+            self.history.append(clean(record.line()))
+        self.record = record
 
     def _train_epoch(self) -> dict:
         cfg = self.config["train"]
@@ -311,7 +320,8 @@ class Run:
                 **{f"{n}_loss": v for n, v in losses.items()},
                 **{f"{n}_{metric}": self.task.score(v) for n, v in losses.items()},
                 **{f"{n}_{k}": v for n, (_, more) in evaluated.items() for k, v in more.items()},
-                **({k: v for k, v in self.record.items() if k != "K"} if updated else {}), "next_K": self.K}
+                **({k: v for k, v in self.record.line().items() if k != "K"} if updated and self.record else {}),
+                "next_K": self.K}
 
     def fit(self) -> list[dict]:
         """Train to the configured epochs; returns every epoch's metrics line."""
@@ -342,6 +352,8 @@ class Run:
                                f"{shown(line[f'valid_{metric}'], '.4f')}  test {metric} "
                                f"{shown(line[f'test_{metric}'], '.4f')}  "
                                f"K {K_used}  rel.bias {shown(line.get('rel_bias_exact'))}  "
+                               + (f"BPTT({line['K1']}, {line['K2']}) {shown(line['rel_bias_trained'])}  "
+                                  if "rel_bias_trained" in line else "")
                                + (f"chunked {line['rel_bias_truncated']:.3g} → DNI {line['rel_bias_synthetic']:.3g}  "
                                   if "rel_bias_synthetic" in line else "") + f"{line['tokens_per_s']:.0f} tok/s"
                                + (f"  → K {self.K} ({line['K_rule']})" if self.adaptive and updated else ""))

@@ -13,6 +13,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from biaskit.errors import InputError
+from biaskit.probe import probing
+from biaskit.synthetic import synthetic_bias
+
+#: Windows on which the loop measures the bias of its own BPTT(K1, K2) at each update.
+TRAINED_WINDOWS = 32
 
 
 def batchify(stream: torch.Tensor, streams: int) -> torch.Tensor:
@@ -101,5 +106,16 @@ class Truncation:
     def load(self, entry, state: dict):
         pass
 
-    def measure(self, model, inputs, targets, K, window, windows, generator) -> dict:
-        return {}
+    def measure(self, model: nn.Module, inputs, targets, K1: int, K2: int, window: int, windows: int,
+                generator: torch.Generator) -> dict:
+        """``rel_bias_trained``: the relative bias of the gradient this loop computes, BPTT(K1, K2) with
+        a loss at every step, against full BPTT, over ``windows`` fresh windows of ``window`` steps
+        (at most TRAINED_WINDOWS: a point estimate, the exact controller's limits are on its own
+        windows; none when K2 > ``window``: a window then holds no whole backward). Every rank measures
+        the same windows, so all keep one generator state."""
+        if K2 > window:
+            return {}
+        with probing(model, inputs, targets, length=window, count=min(windows, TRAINED_WINDOWS), generator=generator,
+                     every_step=True) as probe:
+            ds = synthetic_bias(probe.system, probe.inputs, probe.targets, K2, start=probe.start, K1=K1)
+        return {"rel_bias_trained": float(ds["rel_bias_truncated"])}
