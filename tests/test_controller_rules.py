@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from test_adaptive import LinearModel
 
 import biaskit
 from biaskit.bias import not_reached
 from biaskit.probe import probing
 from trainers.adaptive import (
+    PLANNED_SHARE,
     Controller,
     UpdateRecord,
     UpdateSchedule,
@@ -18,6 +22,7 @@ from trainers.adaptive import (
     limit_change,
     next_interval,
     paper_rule,
+    windows_needed,
 )
 
 
@@ -207,3 +212,57 @@ def test_the_update_schedule_is_asked_in_one_place():
     assert adaptive.advance(moving, UpdateRecord(interval=4.0)) == 1.0 and adaptive.next == 8.0
     fixed = UpdateSchedule(1.0, 4.0, adaptive=False)
     assert fixed.due(0.5, epoch_end=True) and not fixed.due(5.0, epoch_end=False)
+
+
+def test_an_update_after_a_roomy_certification_measures_fewer_windows():
+    """windows_needed by hand: 256 windows, point 0.05, upper 0.10, δ 0.5: the half-width 0.05 must
+    fall to within half the margin (0.225), which 256·(0.05/0.225)² = 12.6 windows do: the floor."""
+    assert windows_needed(0.05, 0.10, 0.5, 256, 64, 256, 16) == 64
+    assert windows_needed(0.30, 0.45, 0.5, 256, 64, 256, 16) == 256  # 256·(0.15/0.1)² = 576: capped
+    assert windows_needed(0.10, 0.20, 0.5, 256, 16, 256, 16) == 64  # 256·(0.1/0.2)² = 64 exactly
+    assert windows_needed(0.10, 0.21, 0.5, 256, 16, 256, 16) == 80  # 77.4, up to a multiple of 16
+    assert windows_needed(0.45, 0.55, 0.5, 256, 64, 256, 16) == 256  # not certified: all of them
+    assert windows_needed(math.nan, math.nan, 0.5, 64, 64, 256, 16) == 256  # unresolved: all of them
+
+
+@given(st.floats(0, 0.9), st.floats(0, 1), st.floats(0.01, 0.99), st.integers(3, 512), st.integers(1, 64),
+       st.integers(1, 32))
+def test_the_planned_limit_sits_inside_delta_unless_capped(point, width, delta, windows, least, step):
+    most = max(least, 256)
+    upper = point + width
+    n = windows_needed(point, upper, delta, windows, least, most, step)
+    assert least <= n <= most
+    if upper >= delta:
+        assert n == most
+    elif least < n < most:
+        assert n % step == 0
+        assert point + width * math.sqrt(windows / n) <= point + PLANNED_SHARE * (delta - point) + 1e-9
+
+
+def test_the_controller_plans_its_next_windows_and_draws_them(monkeypatch):
+    """The constant stream has no sampling noise: its certification leaves all the room, so the next
+    update draws the fewest windows; a δ no K reaches brings all of them back."""
+    from test_adaptive import ConstantModel
+
+    from trainers import adaptive
+
+    drawn = []
+
+    def counting(*args, count, **kwargs):
+        drawn.append(count)
+        return probing(*args, count=count, **kwargs)
+
+    monkeypatch.setattr(adaptive, "probing", counting)
+    model = ConstantModel()
+    inputs, targets = torch.ones(400, 1, dtype=torch.float64), torch.full((400,), 3.0, dtype=torch.float64)
+    controller = Controller(delta=0.5, window=40, windows=24, windows_min=8, K_min=1, K_max=60, groups=4)
+    first = controller.measure(model, inputs, targets, 8, torch.Generator().manual_seed(0))
+    assert (first.K_rule, first.windows, first.windows_next) == ("certified", 24, 8)
+    second = controller.measure(model, inputs, targets, 8, torch.Generator().manual_seed(1), previous=first)
+    assert second.windows == 8
+    strict = replace(controller, delta=1e-12, K_max=20)
+    third = strict.measure(model, inputs, targets, 8, torch.Generator().manual_seed(2), previous=second)
+    assert (third.windows, third.windows_next) == (8, 24)
+    assert drawn == [24, 8, 8]
+    assert replace(controller, windows_min=24).measure(model, inputs, targets, 8, torch.Generator().manual_seed(0)
+                                                       ).windows_next == 24  # as many as --windows: off

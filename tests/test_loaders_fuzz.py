@@ -7,14 +7,12 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from biaskit import InputError
 from trainers.tasks import language
 from trainers.tasks import point_process as pp
-
-pytest.importorskip("hypothesis")  # not in the test extra yet: skipped, not failed, without it
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 FUZZ = settings(max_examples=100, deadline=None, database=None)  # no example database in the repository
 HEADER = "sequence,time,mark"

@@ -317,3 +317,13 @@ def test_cli_setup_authors_starts_from_their_settings_and_given_options_override
     train = runs.stored_run(tmp_path / "b")[0]["train"]
     assert (train["setup"], train["buffer"], train["clip_per_K"], train["optimizer_options"]) == \
         ("biaskit", "2K-1", True, {})
+
+
+def test_an_adaptive_run_measures_its_own_bias_every_audit_every_th_update(tmp_path):
+    """rel_bias_trained costs most of an epoch on the point process: an adaptive run measures it at
+    updates 0, n, 2n, ... (``--audit-every`` n), a fixed-K run at every update."""
+    lines = loop.Run(config(delta=0.5, K=4, epochs=3, update_every_max=1.0, audit_every=2), tmp_path / "a",
+                     quiet=True).fit()
+    assert ["rel_bias_trained" in line for line in lines] == [True, False, True]
+    fixed = loop.Run(config(K=4, epochs=2), tmp_path / "b", quiet=True).fit()
+    assert all("rel_bias_trained" in line for line in fixed)

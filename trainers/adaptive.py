@@ -35,7 +35,10 @@ the exact upper limit and the paper's estimate, and the exact relative bias of
 the K in use since the last update measured on these new windows: out of
 sample, what tells whether δ held. Updates come every ``update_every`` epochs
 and, while K is settled (the target is the K in use), at twice the last
-interval, up to ``update_every_max`` (``next_interval``).
+interval, up to ``update_every_max`` (``next_interval``). After the exact
+controller certifies the K it sets with room to spare, the next update draws
+only as many windows as keep its limit inside δ, down to ``windows_min``
+(``windows_needed``); anything else brings back ``windows``.
 """
 from __future__ import annotations
 
@@ -96,6 +99,8 @@ class UpdateRecord:
     rel_bias_synthetic: float | None = _logged("bias")
     synthetic_error: float | None = _logged("bias")  # the DNI's median relative error
     update_seconds: float | None = _logged("time")
+    windows: int | None = _logged("time")  # the windows this update measured
+    windows_next: int | None = _logged("time")  # the windows the next one will (``windows_needed``)
     progress: float | None = _logged("K")  # epochs trained when it ran
     interval: float | None = _logged("K")  # epochs to the next update
 
@@ -120,6 +125,7 @@ class Controller:
     delta: float | None = None  # tolerated relative bias; None: measure only, keep K fixed
     window: int = 100  # W, the length of the windows it measures
     windows: int = 256  # windows per update (the paper's is the batch, 64)
+    windows_min: int = 64  # the exact controller's fewest, after a certification with room to spare
     K_min: int = 2  # the bounds on the K it sets
     K_max: int = 100
     norm: str = "phi"  # the paper controller's norm
@@ -153,10 +159,11 @@ class Controller:
         Dataset, the same exact bias and so the same K, as one process holding them all would.
         """
         began = time.perf_counter()
-        part = share(self.windows, self.ranks, "--windows")
+        count_windows = self._windows(previous)
+        part = share(count_windows, self.ranks, "--windows")
         exact_needed = self.controller == "exact" or count % self.audit_every == 0
         every = self.loss_at == "every"
-        with probing(model, inputs, targets, length=self.window, count=self.windows, generator=generator,
+        with probing(model, inputs, targets, length=self.window, count=count_windows, generator=generator,
                      part=part, every_step=every) as probe:
             measure = options([self.norm])  # the paper controller's norm, and no other
             if exact_needed:
@@ -198,8 +205,18 @@ class Controller:
             record.extrapolated = int(exact["extrapolated"].sel(K=max(K, new_K)))
         if bound is not None:
             record.rel_bias_bound = float(bound["rel_bias_bound"].sel(K=new_K))
+        record.windows, record.windows_next = count_windows, self.windows
+        if self.controller == "exact" and self.delta is not None and not record.extrapolated:
+            record.windows_next = windows_needed(float(exact["rel_bias"].sel(K=new_K)), record.rel_bias_upper,
+                                                 self.delta, count_windows, min(self.windows_min, self.windows),
+                                                 self.windows, math.lcm(self.groups, self.ranks.world))
         return replace(record, K=new_K, K_target=target, K_rule=rule, kappa_reached=int(reached),
                        update_seconds=time.perf_counter() - began)
+
+    def _windows(self, previous: UpdateRecord | None) -> int:
+        """This update's windows: as many as the last one planned (``windows_next``), else ``windows``."""
+        planned = previous.windows_next if previous is not None and previous.windows_next else self.windows
+        return min(max(planned, min(self.windows_min, self.windows)), self.windows)
 
     def _estimate(self, ds, delta: float, span: tuple[int, int]):
         """The paper's decay fit and bound on ``ds``, or (None, None) where no fit exists (a fit must
@@ -226,6 +243,24 @@ def _fit_fields(fit, bound) -> dict:
     return {"kappa_hat": int(bound["kappa"].values[0]), "kappa_hat_reached": int(bound["kappa_reached"].values[0]),
             "beta": float(fit.beta), "beta_low": float(low), "beta_high": float(high),
             "beta_reliable": int(fit.reliable), "tau": int(fit.tau)}
+
+
+#: How far inside δ the next update's upper limit is planned: at this share of the margin.
+PLANNED_SHARE = 0.5
+
+
+def windows_needed(point: float, upper: float, delta: float, windows: int, least: int, most: int,
+                   step: int) -> int:
+    """The next update's windows after one over ``windows`` whose upper limit at the K set was
+    ``upper`` (point estimate ``point``): ``most`` unless that limit is below δ; else as many as put
+    the limit, whose half-width falls as 1/√windows, at PLANNED_SHARE of the margin δ − point, in
+    multiples of ``step`` (the groups, the processes), within [``least``, ``most``]. Why: an update
+    measures about as many positions as an epoch trains, and while the bias sits far below δ a
+    quarter of them certify it as well."""
+    if not (math.isfinite(point) and upper < delta):
+        return most
+    needed = windows * ((upper - point) / (PLANNED_SHARE * (delta - point))) ** 2
+    return int(min(max(math.ceil(needed / step) * step, least), most))
 
 
 def _certified_shorter(previous: UpdateRecord | None) -> bool:

@@ -90,6 +90,9 @@ TRAIN_OPTIONS = [
     click.option("--K-max", "K_max", type=click.IntRange(1), help="The longest K the controller may set."),
     click.option("--window", type=click.IntRange(2), help="Controller window length W."),
     click.option("--windows", type=click.IntRange(2), help="Windows per controller update."),
+    click.option("--windows-min", type=click.IntRange(2),
+                 help="The exact controller's fewest windows per update, after it certified the K it set "
+                      "with room to spare (as many as --windows: always --windows)."),
     click.option("--update-every", type=POSITIVE, help="Epochs between K updates (fractions allowed)."),
     click.option("--update-every-max", type=POSITIVE,
                  help="While K is settled the interval doubles, up to this many epochs."),

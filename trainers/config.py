@@ -92,7 +92,7 @@ def check(cfg: dict) -> dict:
 
 def _check_sizes(cfg: dict):
     """Counts and step sizes, and the named choices of the loop."""
-    for key in ("epochs", "batch_size", "K", "K_min", "K_max", "window", "windows", "groups"):
+    for key in ("epochs", "batch_size", "K", "K_min", "K_max", "window", "windows", "windows_min", "groups"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True)
     for key in ("K1", "K2", "dni_hidden"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True, allow_none=True)

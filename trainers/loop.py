@@ -68,6 +68,7 @@ def check_data(task, cfg: dict, ranks: ddp.Ranks = ddp.ONE, device: torch.device
     if ranks.world > 1:
         ddp.share(cfg["batch_size"], ranks, "--batch-size")
         ddp.share(cfg["windows"], ranks, "--windows")
+        ddp.share(min(cfg["windows_min"], cfg["windows"]), ranks, "--windows-min")
         ddp.share(cfg["groups"], ranks, "--groups")  # each rank its share: the limits one process would give
     for name, (inputs, _) in task.splits.items():
         if len(inputs) < 2 * cfg["batch_size"]:
@@ -222,13 +223,16 @@ class Run:
 
     # --- training ---------------------------------------------------------
     def _update(self, progress: float):
-        """Measure the bias (and the DNI's); when adaptive, set K = the controller's choice."""
+        """Measure the bias (and the trainer's own, or the DNI's, every ``audit_every``-th update of an
+        adaptive run); when adaptive, set K = the controller's choice."""
         cfg = self.config["train"]
         x, y = self.task.splits["train"]
-        previous = self.record
-        record = self.controller.measure(self.model, x, y, self.K, self.generator, previous, len(self.history))
+        previous, count = self.record, len(self.history)
+        record = self.controller.measure(self.model, x, y, self.K, self.generator, previous, count)
+        own = not self.adaptive or count % cfg["audit_every"] == 0  # the trainer's own bias, every n-th update
         record = replace(record, progress=progress, **self.estimator.measure(
-            self.model, x, y, *configs.truncation(cfg, self.K), cfg["window"], cfg["windows"], self.generator))
+            self.model, x, y, *configs.truncation(cfg, self.K), cfg["window"], cfg["windows"],
+            self.generator) if own else {})
         if self.adaptive:
             self.K = record.K
             record.interval = self.updates.advance(record, previous)
