@@ -6,7 +6,7 @@ the trained model, the exact controller's and the paper's (its light update on Ï
 alone, and its audited one, which also measures the exact bias, every
 ``audit_every``-th), each the median of ``--rounds``. Printed side by side as seconds
 and as the share of the epoch; ``fewest``: the exact controller's update at
-``--windows-min`` windows, as after a certification with room to spare. Updates
+``--windows-min`` (64) windows, as after a certification with room to spare. Updates
 come every epoch at first and, while K is settled, every 2, then 4 epochs
 (``update_every_max``), so the share per epoch falls to a quarter of the per-update
 figure; both are printed. ``trained``: the loop's own measurement of its BPTT(K1,
@@ -14,6 +14,7 @@ K2)'s bias (``rel_bias_trained``), every ``audit_every``-th update, on top of ei
 controller's.
 
     python benchmarks/bench_update.py [--tasks copy,language,point-process] [--rounds 3] [--threads 2]
+                                      [--windows-min 64]
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def main():
     parser.add_argument("--tasks", default="copy,language,point-process")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows-min", type=int, default=64, help="the windows of the 'fewest' update")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{'task':<14}{'epoch s':>9}{'exact s':>9}{'share':>7}{'fewest s':>10}{'share':>7}{'paper s':>9}{'share':>7}"
@@ -54,7 +56,7 @@ def main():
         epoch = seconds(run._train_epoch, 1)
         x, y = run.task.splits["train"]
         times = {}
-        fewest = replace(run.controller, windows=run.controller.windows_min)
+        fewest = replace(run.controller, windows=args.windows_min)
         for name, controller, count in (("exact", "exact", 0), ("fewest", "exact", 0), ("paper", "paper", 1),
                                         ("audited", "paper", 0)):
             measuring = replace(fewest if name == "fewest" else run.controller, controller=controller)

@@ -264,5 +264,6 @@ def test_the_controller_plans_its_next_windows_and_draws_them(monkeypatch):
     third = strict.measure(model, inputs, targets, 8, torch.Generator().manual_seed(2), previous=second)
     assert (third.windows, third.windows_next) == (8, 24)
     assert drawn == [24, 8, 8]
-    assert replace(controller, windows_min=24).measure(model, inputs, targets, 8, torch.Generator().manual_seed(0)
-                                                       ).windows_next == 24  # as many as --windows: off
+    for off in (24, None):  # as many as --windows, and the default: always --windows
+        assert replace(controller, windows_min=off).measure(model, inputs, targets, 8,
+                                                            torch.Generator().manual_seed(0)).windows_next == 24

@@ -38,7 +38,8 @@ and, while K is settled (the target is the K in use), at twice the last
 interval, up to ``update_every_max`` (``next_interval``). After the exact
 controller certifies the K it sets with room to spare, the next update draws
 only as many windows as keep its limit inside δ, down to ``windows_min``
-(``windows_needed``); anything else brings back ``windows``.
+(``windows_needed``); anything else brings back ``windows``. Off by default:
+on the language model it kept K long and learned slower (window-count.md).
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ class Controller:
     delta: float | None = None  # tolerated relative bias; None: measure only, keep K fixed
     window: int = 100  # W, the length of the windows it measures
     windows: int = 256  # windows per update (the paper's is the batch, 64)
-    windows_min: int = 64  # the exact controller's fewest, after a certification with room to spare
+    windows_min: int | None = None  # the exact controller's fewest, after a roomy certification (None: windows)
     K_min: int = 2  # the bounds on the K it sets
     K_max: int = 100
     norm: str = "phi"  # the paper controller's norm
@@ -208,15 +209,18 @@ class Controller:
         record.windows, record.windows_next = count_windows, self.windows
         if self.controller == "exact" and self.delta is not None and not record.extrapolated:
             record.windows_next = windows_needed(float(exact["rel_bias"].sel(K=new_K)), record.rel_bias_upper,
-                                                 self.delta, count_windows, min(self.windows_min, self.windows),
-                                                 self.windows, math.lcm(self.groups, self.ranks.world))
+                                                 self.delta, count_windows, self._fewest(), self.windows,
+                                                 math.lcm(self.groups, self.ranks.world))
         return replace(record, K=new_K, K_target=target, K_rule=rule, kappa_reached=int(reached),
                        update_seconds=time.perf_counter() - began)
 
     def _windows(self, previous: UpdateRecord | None) -> int:
         """This update's windows: as many as the last one planned (``windows_next``), else ``windows``."""
         planned = previous.windows_next if previous is not None and previous.windows_next else self.windows
-        return min(max(planned, min(self.windows_min, self.windows)), self.windows)
+        return min(max(planned, self._fewest()), self.windows)
+
+    def _fewest(self) -> int:
+        return self.windows if self.windows_min is None else min(self.windows_min, self.windows)
 
     def _estimate(self, ds, delta: float, span: tuple[int, int]):
         """The paper's decay fit and bound on ``ds``, or (None, None) where no fit exists (a fit must

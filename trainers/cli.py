@@ -92,7 +92,7 @@ TRAIN_OPTIONS = [
     click.option("--windows", type=click.IntRange(2), help="Windows per controller update."),
     click.option("--windows-min", type=click.IntRange(2),
                  help="The exact controller's fewest windows per update, after it certified the K it set "
-                      "with room to spare (as many as --windows: always --windows)."),
+                      "with room to spare. [default: always --windows]"),
     click.option("--update-every", type=POSITIVE, help="Epochs between K updates (fractions allowed)."),
     click.option("--update-every-max", type=POSITIVE,
                  help="While K is settled the interval doubles, up to this many epochs."),

@@ -92,9 +92,9 @@ def check(cfg: dict) -> dict:
 
 def _check_sizes(cfg: dict):
     """Counts and step sizes, and the named choices of the loop."""
-    for key in ("epochs", "batch_size", "K", "K_min", "K_max", "window", "windows", "windows_min", "groups"):
+    for key in ("epochs", "batch_size", "K", "K_min", "K_max", "window", "windows", "groups"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True)
-    for key in ("K1", "K2", "dni_hidden"):
+    for key in ("K1", "K2", "dni_hidden", "windows_min"):
         _positive(cfg, key, f"--{key.replace('_', '-')}", integer=True, allow_none=True)
     _positive(cfg, "audit_every", "--audit-every", integer=True)
     for key in ("lr", "update_every", "update_every_max", "dni_lr"):

@@ -68,7 +68,8 @@ def check_data(task, cfg: dict, ranks: ddp.Ranks = ddp.ONE, device: torch.device
     if ranks.world > 1:
         ddp.share(cfg["batch_size"], ranks, "--batch-size")
         ddp.share(cfg["windows"], ranks, "--windows")
-        ddp.share(min(cfg["windows_min"], cfg["windows"]), ranks, "--windows-min")
+        if cfg["windows_min"] is not None:
+            ddp.share(min(cfg["windows_min"], cfg["windows"]), ranks, "--windows-min")
         ddp.share(cfg["groups"], ranks, "--groups")  # each rank its share: the limits one process would give
     for name, (inputs, _) in task.splits.items():
         if len(inputs) < 2 * cfg["batch_size"]:
