@@ -220,6 +220,7 @@ class Controller:
         return min(max(planned, self._fewest()), self.windows)
 
     def _fewest(self) -> int:
+        """The fewest windows an update may draw: ``windows_min``, capped at ``windows``."""
         return self.windows if self.windows_min is None else min(self.windows_min, self.windows)
 
     def _estimate(self, ds, delta: float, span: tuple[int, int]):
