@@ -49,6 +49,19 @@ def held(lines: list[dict], delta: float | None) -> str:
     return f"{sum(v <= delta for v in measured)}/{len(measured)}" if measured else "–"
 
 
+def update_summary(lines: list[dict], delta: float) -> list[str]:
+    """An adaptive run in one row: best valid metric, held δ, K path, windows drawn (mean, min–max),
+    update s / epoch s."""
+    metric = "valid_ppl" if "valid_ppl" in lines[0] else "valid_loss"
+    drawn = [line["windows"] for line in lines if line.get("windows") is not None]
+    updates = sum(line.get("update_seconds") or 0.0 for line in lines)
+    path = [lines[0]["K"]] + [line.get("next_K", line["K"]) for line in lines]
+    steps = "→".join(str(k) for i, k in enumerate(path) if i == 0 or k != path[i - 1])
+    return [f"{min(line[metric] for line in lines):.4g}", held(lines, delta), steps,
+            f"{statistics.mean(drawn):.0f} ({min(drawn)}–{max(drawn)})" if drawn else "–",
+            f"{updates / sum(line['seconds'] for line in lines):.2f}"]
+
+
 def table(rows: list[tuple[str, str, dict, Path]], metric: str, paper: dict | None = None,
           extra: tuple[str, ...] = (), final: tuple[str, ...] = ()) -> str:
     """A markdown table of (group, label, setting, run directory): best valid and its test metric

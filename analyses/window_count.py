@@ -17,7 +17,6 @@ Writes ``analyses/results/window-count.md``.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import grid
@@ -32,18 +31,6 @@ SETUPS = {"copy": ({"variable": False, "m": 10}, 0.5, 20),
           "point-process": ({}, 0.5, 12),
           "language": ({}, 0.1, 5)}
 WINDOWS_MIN = (64, 256)
-
-
-def summary(lines: list[dict], delta: float) -> list[str]:
-    """best valid metric, held δ, K path, windows drawn (mean, min–max), update s / epoch s."""
-    metric = "valid_ppl" if "valid_ppl" in lines[0] else "valid_loss"
-    drawn = [line["windows"] for line in lines if line.get("windows") is not None]
-    updates = sum(line.get("update_seconds") or 0.0 for line in lines)
-    path = [lines[0]["K"]] + [line.get("next_K", line["K"]) for line in lines]
-    steps = "→".join(str(k) for i, k in enumerate(path) if i == 0 or k != path[i - 1])
-    return [f"{min(line[metric] for line in lines):.4g}", grid.held(lines, delta), steps,
-            f"{statistics.mean(drawn):.0f} ({min(drawn)}–{max(drawn)})" if drawn else "–",
-            f"{updates / sum(line['seconds'] for line in lines):.2f}"]
 
 
 def main():
@@ -75,7 +62,8 @@ def main():
     for (task, least, seed), (run_dir, _) in jobs.items():
         _, delta, epochs = SETUPS[task]
         lines = runs.read_metrics(run_dir)
-        out.append(f"| {task} ({delta}, {epochs}) | {least} | {seed} | " + " | ".join(summary(lines, delta)) + " |")
+        out.append(f"| {task} ({delta}, {epochs}) | {least} | {seed} | "
+                   + " | ".join(grid.update_summary(lines, delta)) + " |")
     text = "\n".join(out) + "\n"
     (args.results / "window-count.md").write_text(text)
     print(text)

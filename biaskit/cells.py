@@ -16,6 +16,7 @@ and the generic path.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,25 @@ from torch import nn
 
 def linear(x, weight, bias):
     return x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
+
+
+@contextmanager
+def no_tf32(t: torch.Tensor):
+    """cuDNN runs float32 RNNs in TF32 on Ampere and later GPUs by default (``torch.backends.cudnn.rnn``),
+    with 10-bit mantissas: h would be ~1e-3 off the float32 in which the gates are recomputed and the
+    backward runs, and the decomposition would be no model's exact one. Full float32 while ``t``'s
+    layer runs (torch < 2.9: the legacy ``allow_tf32`` flag)."""
+    if t.device.type != "cuda" or t.dtype != torch.float32:
+        yield
+        return
+    flags, name, off = (torch.backends.cudnn.rnn, "fp32_precision", "ieee") \
+        if hasattr(torch.backends.cudnn.rnn, "fp32_precision") else (torch.backends.cudnn, "allow_tf32", False)
+    before = getattr(flags, name)
+    setattr(flags, name, off)
+    try:
+        yield
+    finally:
+        setattr(flags, name, before)
 
 
 def pre_activations(w: dict, inputs: torch.Tensor, h_prev: torch.Tensor):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,7 +29,7 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from . import cotangents, distributed
-from .cells import Layer, linear
+from .cells import Layer, linear, no_tf32
 from .recurrent import RecurrentSystem, TorchRecurrent
 from .sweep import Sweep, Windows, chunk_steps, group_samples, groups_first
 from .tails import Chunk, carry_products, held
@@ -183,25 +182,6 @@ def _fused(system: TorchRecurrent, w: dict, inp: torch.Tensor, hs) -> torch.Tens
     with warnings.catch_warnings(), no_tf32(inp):  # cuDNN copies weights not in one flat buffer, as wanted here
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
         return system.cell.fused(inp, hx, weights, system.nonlinearity)
-
-
-@contextmanager
-def no_tf32(t: torch.Tensor):
-    """cuDNN runs float32 RNNs in TF32 on Ampere and later GPUs by default (``torch.backends.cudnn.rnn``),
-    with 10-bit mantissas: h would be ~1e-3 off the float32 in which the gates are recomputed and the
-    backward runs, and the decomposition would be no model's exact one. Full float32 while ``t``'s
-    layer runs (torch < 2.9: the legacy ``allow_tf32`` flag)."""
-    if t.device.type != "cuda" or t.dtype != torch.float32:
-        yield
-        return
-    flags, name, off = (torch.backends.cudnn.rnn, "fp32_precision", "ieee") \
-        if hasattr(torch.backends.cudnn.rnn, "fp32_precision") else (torch.backends.cudnn, "allow_tf32", False)
-    before = getattr(flags, name)
-    setattr(flags, name, off)
-    try:
-        yield
-    finally:
-        setattr(flags, name, before)
 
 
 def _layer_weights(system: TorchRecurrent, p, layer: int) -> dict:

@@ -28,6 +28,7 @@ Adapters:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -130,6 +131,15 @@ class RecurrentSystem:
         """One step on the flat state: ``(new state (batch, D), output or None)``; the output is None
         when the readout reads the new state (``output(state)``)."""
         raise NotImplementedError
+
+    def run(self, params: Params, state: torch.Tensor, x: torch.Tensor):
+        """The steps over a chunk ``x`` (batch, T, ...) from the flat state, with their graph: (the flat
+        state after it, what the readout reads after each step, (batch, T, ...))."""
+        reads = []
+        for t in range(x.shape[1]):
+            state, out = self.step(params, state, x[:, t])
+            reads.append(self.read(state, out))
+        return state, torch.stack(reads, dim=1)
 
     def output(self, state: torch.Tensor) -> torch.Tensor:
         """What the readout reads off the flat state (systems whose step returns no output)."""
@@ -278,6 +288,19 @@ class TorchRecurrent(RecurrentSystem):
             new += hs
             inp = hs[0]
         return torch.cat(new, dim=1), None
+
+    def run(self, params, state, x):
+        """A whole module's chunk by its own fused forward (PyTorch's kernel, in full float32 on cuDNN);
+        a cell steps."""
+        if self.is_cell:
+            return super().run(params, state, x)
+        inp = torch.stack([self.encode(params, x[:, t]) for t in range(x.shape[1])], dim=1)
+        own = dict(self.module.named_parameters())
+        with warnings.catch_warnings(), cells.no_tf32(inp):  # weights swapped in are not one flat buffer
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+            out, last = self.call(self.module, own, {n: p for n, p in params.items() if n in own},
+                                  (inp.transpose(0, 1) if self.time_major else inp, self.unflatten(state)))
+        return self.flatten(last), out.transpose(0, 1) if self.time_major else out
 
     def output(self, state):
         return self.split(state)[-1][0]

@@ -52,6 +52,11 @@ def warm_up(system: RecurrentSystem | torch.nn.Module, dni: Callable, burn: torc
     return system.unflatten(state), memory
 
 
+def _loss(system: RecurrentSystem, readout, reads: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The sum of a chunk's losses from what the readout reads after each step, (batch, T, ...)."""
+    return system.loss(readout, reads.flatten(0, 1), targets.flatten(0, 1)).sum()
+
+
 def synthetic_bias(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, K: int,
                    dni: Callable | None = None, *, start: Any = None, memory: Any = None,
                    lookahead: int = 0, K1: int | None = None) -> xr.Dataset:
@@ -95,11 +100,11 @@ def synthetic_bias(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tens
         # Exact: full BPTT; each boundary's continuing state is its own node, so its
         # gradient is the gradient of the later losses alone.
         h, loss, carried = state, 0.0, []
-        for t in range(T):
-            inside = t < W
-            h, out = system.step(params if inside else fixed, h, x[:, t])
-            loss = loss + system.loss(readout if inside else fixed_readout, system.read(h, out), targets[:, t]).sum()
-            if t + 1 in ends:
+        for begin, end in zip([0, *ends], [*ends, T] if lookahead else ends):
+            inside = end <= W
+            h, reads = system.run(params if inside else fixed, h, x[:, begin:end])  # fused where it can be
+            loss = loss + _loss(system, readout if inside else fixed_readout, reads, targets[:, begin:end])
+            if inside:
                 h = h.clone()
                 carried.append(h)
         grads = torch.autograd.grad(loss / (B * W), [*trained, *carried], allow_unused=True)
@@ -114,11 +119,12 @@ def synthetic_bias(system: RecurrentSystem | torch.nn.Module, inputs: torch.Tens
             end = min(pos + K, W)
             split = min(max(carry_pos, end - (K1 - K)), end)
             h = next_carry = carry.detach()
-            for t in range(carry_pos, end):
-                h, out = system.step(params, h, x[:, t])
-                next_carry = h if t + 1 == split else next_carry
-                if t >= pos:
-                    loss = loss + system.loss(readout, system.read(h, out), targets[:, t]).sum()
+            points = sorted({carry_pos, split, pos, end})
+            for begin, stop in zip(points, points[1:]):  # pos and split fall between pieces
+                h, reads = system.run(params, h, x[:, begin:stop])
+                next_carry = h if stop == split else next_carry
+                if begin >= pos:
+                    loss = loss + _loss(system, readout, reads, targets[:, begin:stop])
             if dni is not None:
                 with torch.no_grad():
                     delta, memory = dni(h.detach(), memory)

@@ -117,3 +117,27 @@ def test_the_registry_gives_each_torch_module_its_kind(module, kind):
         system = biaskit.wrap(module)
         assert system.cell is cells.kind_of(module) and system.components == kind.parts
         assert system.layout.size == len(kind.parts) * H * getattr(module, "num_layers", 1)
+
+
+@pytest.mark.parametrize("module", [nn.RNN(F, H, num_layers=2, nonlinearity="relu"),
+                                    nn.GRU(F, H, num_layers=2, batch_first=True),
+                                    nn.LSTM(F, H, num_layers=2, batch_first=True)], ids=["RNN", "GRU", "LSTM"])
+def test_a_modules_chunk_by_its_fused_forward_is_its_steps(module):
+    """``TorchRecurrent.run`` (the module's own forward over a chunk, what ``synthetic_bias`` uses)
+    against ``RecurrentSystem.run`` stepping it: states, reads and their gradients, in float64, with a
+    frozen weight and through an encoder."""
+    from biaskit.recurrent import RecurrentSystem
+
+    torch.manual_seed(0)
+    module, encoder = module.double(), nn.Linear(2, F).double()
+    module.weight_hh_l1.requires_grad_(False)
+    system = biaskit.wrap(module, nn.Linear(H, 3).double(), nn.CrossEntropyLoss(reduction="none"), encoder=encoder)
+    params, x = system.params(), torch.randn(B, R, 2, dtype=torch.float64)
+    state = torch.randn(B, system.layout.size, dtype=torch.float64, requires_grad=True)
+    fused, stepped = system.run(params, state, x), RecurrentSystem.run(system, params, state, x)
+    for got, want in zip(fused, stepped):
+        torch.testing.assert_close(got, want)
+    weights = [state, *params.values()]
+    cotangent = torch.randn_like(fused[1])
+    torch.testing.assert_close(torch.autograd.grad((fused[1] * cotangent).sum() + fused[0].sum(), weights),
+                               torch.autograd.grad((stepped[1] * cotangent).sum() + stepped[0].sum(), weights))

@@ -287,7 +287,7 @@ def test_cudnn_runs_the_fused_forward_in_full_float32_and_gets_its_setting_back(
     caller's after; untouched for other dtypes and devices; torch < 2.9 has only ``allow_tf32``."""
     from types import SimpleNamespace
 
-    from biaskit.fastpath import no_tf32
+    from biaskit.cells import no_tf32
 
     if legacy:
         monkeypatch.setattr(torch.backends.cudnn, "rnn", SimpleNamespace())
