@@ -10,19 +10,24 @@ controller runs), for each window length R:
   per loss position and K (every m-th K timed and scaled), the obvious way to the same numbers.
 
 The median of ``--repeats`` after a warm-up, and the ratios every/last and naive/every.
+Then ψ at every step (what ``analyze`` runs) on ``--psi-windows`` windows: each row's
+product norm from the gates' cotangents (``bands.gate_norms``, the default for the
+built-in cells) against forming each row's product (what other cells take).
 
-    python benchmarks/bench_every_step.py [--lengths 25 50 100] [--hidden 50] [--windows 256]
+    python benchmarks/bench_every_step.py [--lengths 25 50 100] [--hidden 50] [--windows 256] [--psi-windows 32]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 from torch import nn
 
 import biaskit
+from biaskit import bands
 
 VOCAB = 10
 
@@ -51,6 +56,7 @@ def main():
     parser.add_argument("--windows", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-windows", type=int, default=16, help="windows for the naive passes (scaled)")
+    parser.add_argument("--psi-windows", type=int, default=32, help="windows for the ψ comparison")
     args = parser.parse_args()
     print(f"threads {torch.get_num_threads()}, hidden {args.hidden}, {args.windows} windows, 16 groups, psi=False")
     print(f"{'R':>5} {'last s':>8} {'every s':>8} {'every/last':>10} {'naive every s':>14} {'naive/every':>11}")
@@ -66,6 +72,19 @@ def main():
             biaskit.truncated_gradient(system, x[:n], y[:n], K, loss_at="every")
         naive = (time.perf_counter() - began) * stride * (args.windows / n)
         print(f"{R:>5} {last:>8.3f} {every:>8.3f} {every / last:>10.1f} {naive:>14.1f} {naive / every:>11.0f}")
+    print(f"\npsi=True at every step, {args.psi_windows} windows")
+    print(f"{'R':>5} {'no psi s':>9} {'gates s':>8} {'single products s':>18} {'single/gates':>13}")
+    for R in args.lengths:
+        system, x, y = problem(R, args.hidden, args.psi_windows)
+
+        def every(psi):
+            return timed(lambda: biaskit.decompose(system, x, y, loss_at="every", psi=psi, metric=False, groups=16),
+                         args.repeats)
+
+        plain, gates = every(False), every(True)
+        with mock.patch.object(bands, "gate_norms_apply", lambda *a: False):
+            single = every(True)
+        print(f"{R:>5} {plain:>9.3f} {gates:>8.3f} {single:>18.3f} {single / gates:>13.1f}")
 
 
 if __name__ == "__main__":

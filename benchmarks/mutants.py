@@ -62,7 +62,7 @@ class Mutant:
 
 D, F, N, TA = "biaskit/decompose.py", "biaskit/fastpath.py", "biaskit/cotangents.py", "biaskit/tails.py"
 B, Y, REC, CK = "biaskit/bias.py", "biaskit/decay.py", "biaskit/recurrent.py", "biaskit/cells.py"
-SYN, TB, AD = "biaskit/synthetic.py", "trainers/tbptt.py", "trainers/adaptive.py"
+SYN, TB, AD, BA = "biaskit/synthetic.py", "trainers/tbptt.py", "trainers/adaptive.py", "biaskit/bands.py"
 T_DEC, T_BIAS, T_DECAY = "tests/test_decompose.py", "tests/test_bias.py", "tests/test_decay.py"
 T_CELLS, T_AD, T_TB = "tests/test_cells.py", "tests/test_adaptive.py", "tests/test_tbptt.py"
 T_DNI, T_DIST, T_INV = "tests/test_dni.py", "tests/test_distributed.py", "tests/test_invariants.py"
@@ -238,6 +238,16 @@ MUTANTS: list[Mutant] = [
     Mutant("fused-chunk-detached", REC, "(inp.transpose(0, 1) if self.time_major else inp, self.unflatten(state))",
            "(inp.transpose(0, 1) if self.time_major else inp, self.unflatten(state.detach()))",
            "a module's fused chunk cuts the gradient to the state entering it", (T_KINDS, T_DNI)),
+    # --- bands.py -----------------------------------------------------------------------------------------------
+    Mutant("gate-norms-without-bias", BA, 'if f"bias_{kind}{suffix}" in params:\n                sq += size',
+           'if f"bias_{kind}{suffix}" in params:\n                sq += 0 * size',
+           "every-step ψ: a row's bias products left out of its norm", (T_EVERY,)),
+    Mutant("gate-norms-padding-counted", BA, "sq += cots[-1].pow(2).sum(-1) * kept", "sq += cots[-1].pow(2).sum(-1)",
+           "every-step ψ: an embedding's padding row counted as a product", (T_EVERY,)),
+    Mutant("gate-norms-windows-reversed", BA,
+           "return Band(grads, entering, sq.clamp_min(0).sqrt().reshape(n, -1).sum(0))",
+           "return Band(grads, entering, sq.clamp_min(0).sqrt().reshape(n, -1).sum(0).flip(0))",
+           "every-step ψ, all groups in one pull: each window given another's norms", (T_EVERY,)),
     # --- synthetic.py -------------------------------------------------------------------------------------------
     Mutant("warm-up-from-burn-start", SYN, "if (xb.shape[1] - t - 1) % K == 0:", "if (t + 1) % K == 0:",
            "warm_up counts DNI boundaries from the burn-in's start, not aligned to the window", (T_DNI, T_INV)),

@@ -31,12 +31,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.func import vjp, vmap
 
 from . import cotangents, distributed, limits, pullback
 from .errors import InputError
-from .recurrent import Params
-from .sweep import real, unroll
+from .recurrent import Params, TorchRecurrent
+from .sweep import CHUNK_ELEMENTS, real, unroll
 
 #: Where a window's losses are: its last step (the paper's BPTT(R, 1)) or every step.
 LOSS_AT = ("last", "every")
@@ -127,6 +128,46 @@ def check_rows(system, new: torch.Tensor, expected: torch.Tensor):
                          "measured with loss_at='last' only")
 
 
+def gate_norms_apply(system, params: Params, x: torch.Tensor) -> bool:
+    """Whether ``gate_norms`` serves ``system``: a built-in module whose weights are distinct real tensors,
+    under no encoder or an ``nn.Embedding`` of its own that reads one token a row."""
+    if not isinstance(system, TorchRecurrent) or system.aliases or any(p.is_complex() for p in params.values()):
+        return False
+    encoder = system.encoder
+    if encoder is None:
+        return True
+    return (type(encoder) is nn.Embedding and encoder.max_norm is None and not encoder.scale_grad_by_freq
+            and x.dim() == 1 and all(id(p) != id(encoder.weight) for p in system.module.parameters()))
+
+
+def gate_norms(system: TorchRecurrent, params: Params, h: torch.Tensor, x: torch.Tensor,
+               cotangent: torch.Tensor) -> torch.Tensor:
+    """Each row's squared parameter-product norm (N,) without forming the products: a weight's product
+    with one row is ``δ aᵀ``, the cotangent of its pre-activation times what it multiplies, so its
+    squared norm is ``||δ||²·||a||²`` (a bias: ``||δ||²``), and an embedding's is its row's
+    cotangent's (none at ``padding_idx``). The δ come from one batched backward of the step."""
+    with torch.enable_grad():
+        inp = system.encode(params, x).detach().requires_grad_()
+        new, read = system.layers(params, h.detach().requires_grad_(), inp)  # every δ then has a graph
+        pre = [t for gi, gh, _, _ in read for t in (gi, gh)]
+        cots = torch.autograd.grad(new, [*pre, inp], cotangent, allow_unused=True)
+    sq = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
+    for layer, (_, _, layer_in, h_read) in enumerate(read):
+        suffix = system.suffix(layer)
+        for kind, delta, a in (("ih", cots[2 * layer], layer_in), ("hh", cots[2 * layer + 1], h_read)):
+            if delta is None:
+                continue
+            size = delta.pow(2).sum(-1)
+            if f"weight_{kind}{suffix}" in params:
+                sq += size * a.detach().pow(2).sum(-1)
+            if f"bias_{kind}{suffix}" in params:
+                sq += size
+    if "encoder.weight" in params and cots[-1] is not None:
+        kept = torch.ones_like(sq) if system.encoder.padding_idx is None else (x != system.encoder.padding_idx)
+        sq += cots[-1].pow(2).sum(-1) * kept
+    return sq
+
+
 def _pull(system, params, h, x, cotangent, out_cotangent, per_row: bool, expected: torch.Tensor,
           own: Params | None):
     """The step over the rows ``h`` (N, D), ``x`` (N, ...) pulled back from the cotangents on what it
@@ -146,9 +187,9 @@ def _pull(system, params, h, x, cotangent, out_cotangent, per_row: bool, expecte
     cot = (cotangent, out_cotangent) if out_cotangent is not None else cotangent
     primal, pull = vjp(step, params, h)
     check_rows(system, primal[0] if out_cotangent is not None else primal, expected)
-    if not per_row:
+    if not per_row or gate_norms_apply(system, params, x):
         grads, state_cot = pull(cot)
-        return grads, state_cot, None
+        return grads, state_cot, gate_norms(system, params, h, x, cotangent) if per_row else None
 
     def one_row(hr, xr, cr):
         def row_step(p, s):
@@ -157,9 +198,16 @@ def _pull(system, params, h, x, cotangent, out_cotangent, per_row: bool, expecte
         _, pull = vjp(row_step, params, hr[None])
         return pull(tuple(c[None] for c in cr) if isinstance(cr, tuple) else cr[None])
 
-    grads, state_cot = vmap(one_row)(h, x, cot)
-    sq = sum(real(g, 1).pow(2).sum(-1) for g in grads.values())
-    return {n: g.sum(0) for n, g in grads.items()}, state_cot.reshape(h.shape), sq
+    rows = max(1, CHUNK_ELEMENTS // sum(p.numel() for p in params.values()))  # single products held at once
+    totals, entering, sq = {}, [], []
+    for part in range(0, h.shape[0], rows):
+        piece = slice(part, part + rows)
+        grads, state_cot = vmap(one_row)(h[piece], x[piece], tuple(c[piece] for c in cot)
+                                         if isinstance(cot, tuple) else cot[piece])
+        sq.append(sum(real(g, 1).pow(2).sum(-1) for g in grads.values()))
+        totals = {n: g.sum(0) + totals[n] if totals else g.sum(0) for n, g in grads.items()}
+        entering.append(state_cot)
+    return totals, torch.cat(entering).reshape(h.shape), torch.cat(sq)
 
 
 @dataclass
@@ -195,7 +243,8 @@ def band(system, params, fwd: Forward, cotangent, out_cotangent, members: list[s
     n = cotangent.shape[0]
     h_prev, x, after = fwd.h_prev, fwd.x, fwd.after
     sizes = {rows.stop - rows.start for rows in members}
-    if own is None and not per_row and len(sizes) == 1:
+    gates = per_row and own is None and gate_norms_apply(system, params, x[:n].flatten(0, 1))
+    if own is None and (not per_row or gates) and len(sizes) == 1:
         G, m = len(members), sizes.pop()
         B = G * m
 
@@ -205,7 +254,10 @@ def band(system, params, fwd: Forward, cotangent, out_cotangent, members: list[s
             grads, entering = _pull_groups(system, params, grouped(h_prev), grouped(x), grouped(cotangent),
                                            grouped(out_cotangent), grouped(after))
             entering = entering.unflatten(1, (n, m)).transpose(0, 1).flatten(1, 2)
-            return Band(grads, entering, None)
+            if not gates:
+                return Band(grads, entering, None)
+            sq = gate_norms(system, params, *(t[:n].flatten(0, 1) for t in (h_prev, x, cotangent)))
+            return Band(grads, entering, sq.clamp_min(0).sqrt().reshape(n, -1).sum(0))
         except RuntimeError as err:  # a step vmap cannot batch: the groups one at a time
             if "vmap" not in str(err) and "batch" not in str(err).lower():
                 raise

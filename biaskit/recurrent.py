@@ -279,15 +279,21 @@ class TorchRecurrent(RecurrentSystem):
         return [parts[layer * n:(layer + 1) * n] for layer in range(self.num_layers)]
 
     def step(self, params, state, x):
-        new, inp = [], self.encode(params, x)
+        return self.layers(params, state, self.encode(params, x))[0], None
+
+    def layers(self, params, state, inp):
+        """The step from its encoded input ``inp``: the new flat state and, per layer, what its
+        weights multiply: (the input and hidden pre-activations, the layer's input, the h it reads)."""
+        new, read = [], []
         params = {**self.frozen, **params}
         params.update({n: params[f] for n, f in self.aliases.items()})
         for layer, hs in enumerate(self.split(state)):
             gi, gh = _gates(params, inp, hs[0], self.suffix(layer))
+            read.append((gi, gh, inp, hs[0]))
             hs = self.cell.step(gi, gh, hs, self.nonlinearity)
             new += hs
             inp = hs[0]
-        return torch.cat(new, dim=1), None
+        return torch.cat(new, dim=1), read
 
     def run(self, params, state, x):
         """A whole module's chunk by its own fused forward (PyTorch's kernel, in full float32 on cuDNN);

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -316,3 +317,61 @@ def test_the_loop_logs_the_bias_of_its_own_bptt_k1_k2_on_fresh_windows(K1, K2):
     assert want > 1e-3
     assert got["rel_bias_trained"] == pytest.approx(float(want), rel=1e-9)
     assert Truncation().measure(model, x, y, 30, 12, 11, 6, torch.Generator()) == {}  # no whole backward fits
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (nn.LSTM(F, 5, num_layers=2).double(), None),
+    lambda: (nn.GRU(F, 5, num_layers=2, bias=False, batch_first=True).double(), None),
+    lambda: (nn.RNNCell(F, 5).double(), None),
+    lambda: (nn.GRUCell(4, 5).double(), nn.Embedding(7, 4, padding_idx=2).double()),
+], ids=["LSTM", "GRU-no-bias", "RNNCell", "GRUCell-embedding"])
+def test_row_norms_from_the_gates_are_the_single_products_norms(make):
+    """``bands.gate_norms`` (||δ||²·||a||² per weight) against each row's own parameter product by
+    torch.func, with a frozen weight left out; and ψ of decompose with and without it."""
+    from torch.func import vjp, vmap
+
+    from biaskit import bands
+
+    torch.manual_seed(3)
+    module, encoder = make()
+    next(module.parameters()).requires_grad_(False)
+    system = biaskit.wrap(module, nn.Linear(5, C).double(), nn.CrossEntropyLoss(reduction="none"), encoder=encoder)
+    N, params = 9, system.params()
+    h = torch.randn(N, system.layout.size, dtype=torch.float64)
+    x = torch.randint(0, 7, (N,)) if encoder is not None else torch.randn(N, F, dtype=torch.float64)
+    if encoder is not None:
+        x[0] = 2  # the padding row: no product with the embedding
+    cotangent = torch.randn(N, system.layout.size, dtype=torch.float64)
+    assert bands.gate_norms_apply(system, params, x)
+
+    def one_row(hr, xr, cr):
+        _, pull = vjp(lambda p, s: system.step(p, s, xr[None])[0], params, hr[None])
+        return pull(cr[None])[0]
+
+    single = vmap(one_row)(h, x, cotangent)
+    expected = sum(g.flatten(1).pow(2).sum(1) for g in single.values())
+    torch.testing.assert_close(bands.gate_norms(system, params, h, x, cotangent), expected, rtol=1e-12, atol=0)
+
+    tokens = torch.randint(0, 7, (B, R)) if encoder is not None else torch.randn(B, R, F, dtype=torch.float64)
+    inputs = tokens if not isinstance(module, nn.LSTM) else tokens.transpose(0, 1)
+    y = torch.randint(0, C, (B, R))
+    for groups in (2, 3):  # all groups in one pull; unequal groups a pull each
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no fallback to the autograd path
+            ds = biaskit.decompose(system, inputs, y, loss_at="every", groups=groups)
+        assert "autograd" not in ds.attrs["path"]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(bands, "gate_norms_apply", lambda *args: False)
+            single_ds = biaskit.decompose(system, inputs, y, loss_at="every", groups=groups)
+        np.testing.assert_allclose(ds["psi"].values, single_ds["psi"].values, rtol=1e-10)
+
+
+def test_row_norms_from_the_gates_leave_tied_weights_and_other_encoders_to_single_products():
+    from biaskit import bands
+
+    shared = nn.RNNCell(5, 5).double()
+    shared.weight_hh = shared.weight_ih  # one tensor read twice: its single product is a sum of two
+    x = torch.randn(3, 5, dtype=torch.float64)
+    assert not bands.gate_norms_apply(biaskit.wrap(shared, None, None), biaskit.wrap(shared, None, None).params(), x)
+    linear_encoder = biaskit.wrap(nn.GRUCell(4, 5).double(), None, None, encoder=nn.Linear(F, 4).double())
+    assert not bands.gate_norms_apply(linear_encoder, linear_encoder.params(), torch.randn(3, F, dtype=torch.float64))
