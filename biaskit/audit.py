@@ -307,7 +307,7 @@ def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readou
           method: str = "regression", tau: int | str | None = None, seed: int = 0,
           groups: int = DEFAULT_GROUPS, loss_at: str = "last", step_output: bool | None = None,
           dni: Callable | None = None, dni_windows: Windows | None = None, dni_K: int | None = None,
-          level: float | None = None) -> Audit:
+          level: float | None = None, progress: Callable[[int, int], None] | None = None) -> Audit:
     """Decompose one batch of windows (loss at the last step, or with ``loss_at="every"`` at every
     step: targets (batch, time, ...), see ``decompose``); recommend, for every δ, the
     smallest K whose exact relative bias is below δ at confidence 1 − ``alpha`` (0.05 by
@@ -318,7 +318,7 @@ def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readou
     truncation the model trains with, whose exact bias the summary reports;
     ``groups``: the window groups of the confidence limit (``decompose``'s);
     ``step_output``: as in ``wrap``, a custom cell whose forward returns ``(output, state)``;
-    ``level`` = 1 − ``alpha`` is deprecated.
+    ``level`` = 1 − ``alpha`` is deprecated; ``progress``: ``decompose``'s.
 
     ``dni``: a synthetic-gradient module the model trains with (``synthetic_bias``'s protocol),
     whose bias at ``dni_K`` (default ``K``) the audit reports beside the rest, measured on
@@ -331,7 +331,7 @@ def audit(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, readou
         raise InputError("a dni is measured on dni_windows at dni_K (else K): pass both")
     system = wrap(module, readout, loss_fn, encoder, step_output)
     ds = decompose(system, inputs, targets, start=start, seed=seed, groups=groups, loss_at=loss_at,
-                   **norms.options(NORMS))  # every norm, each fitted below
+                   progress=progress, **norms.options(NORMS))  # every norm, each fitted below
     R = ds.attrs["window_length"]
     exact = exact_kappa(ds, deltas, alpha=alpha, K_range=(0, R - 1))
     with warnings.catch_warnings():  # the summary marks an unreliable fit

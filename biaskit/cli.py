@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -158,7 +159,7 @@ def analyze(checkpoint_path, factory, data, windows, window_length, groups, leve
     K = rebuilt.K if K is None else K
     from_run = sorted(name for name, value in given.items() if value is None and name in rebuilt.controller)
     say(f"{windows} windows of {window_length} steps, {settings['groups']} groups, level {settings['level']:g}, "
-        f"losses at the {settings['loss_at']} step{'s' if settings['loss_at'] == 'every' else ''}"
+        f"{'losses at every step' if settings['loss_at'] == 'every' else 'the loss at the last step'}"
         + (f" ({', '.join(from_run)} from the run's controller)" if from_run else ""))
     gen = torch.Generator().manual_seed(seed)
     every = settings["loss_at"] == "every"
@@ -171,9 +172,13 @@ def analyze(checkpoint_path, factory, data, windows, window_length, groups, leve
         check_memory(probe.system, windows, window_length, dev)
         say(f"decomposing {windows} windows of {window_length} steps and fitting every norm" + (
             "" if rebuilt.dni is None else f", then the bias of the run's synthetic gradients at K = {rebuilt.K}"))
-        result = audit(probe.system, probe.inputs, probe.targets, start=probe.start, deltas=deltas, K=K,
-                       seed=seed, groups=settings["groups"], alpha=1 - settings["level"],
-                       loss_at=settings["loss_at"], dni=rebuilt.dni, dni_windows=dni_windows, dni_K=rebuilt.K)
+        label = "lag bands" if every else "steps"
+        with click.progressbar(length=window_length, label=label, file=sys.stderr) if interactive \
+                else nullcontext() as bar:
+            result = audit(probe.system, probe.inputs, probe.targets, start=probe.start, deltas=deltas, K=K,
+                           seed=seed, groups=settings["groups"], alpha=1 - settings["level"],
+                           loss_at=settings["loss_at"], dni=rebuilt.dni, dni_windows=dni_windows, dni_K=rebuilt.K,
+                           progress=None if bar is None else lambda done, total: bar.update(done - bar.pos))
     say(f"writing {out}")
     result.dataset.attrs["checkpoint"] = str(source)
     result.save(out)

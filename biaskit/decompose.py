@@ -36,7 +36,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -373,6 +373,7 @@ def decompose(
     seed: int = 0,
     process_group: Any = None,
     loss_at: str = "last",
+    progress: Callable[[int, int], None] | None = None,
     _path: GenericPath | fastpath.FastPath | None = None,
 ) -> xr.Dataset:
     """Per-lag gradient norms and the exact bias of TBPTT for every K in 0..R-1.
@@ -398,7 +399,9 @@ def decompose(
     ``process_group`` (torch.distributed): the windows are this rank's share;
     sums, norms and biases are those of every rank's windows together, and
     per-window variables (φ, ψ, loss) are gathered, so every rank holds the
-    same Dataset (see ``biaskit.distributed``). ``_path``, for tests: the path to take
+    same Dataset (see ``biaskit.distributed``). ``progress(done, R)`` is called as the parameter
+    pass goes, the long part (steps, or with every step's losses lag bands, done of R; it starts
+    again if a step makes it fall back to torch.autograd). ``_path``, for tests: the path to take
     (``GenericPath``, ``fastpath.FastPath``) instead of the one ``_pick`` finds.
     """
     every = bands.check_loss_at(loss_at)
@@ -424,8 +427,8 @@ def decompose(
 
     def parameter_pass(path):
         if every:
-            return _every_step(system, params, sweep, windows, psi, metric, path)
-        return _last_step(system, params, sweep, windows, psi, metric, path)
+            return _every_step(system, params, sweep, windows, psi, metric, path, progress)
+        return _last_step(system, params, sweep, windows, psi, metric, path, progress)
 
     if isinstance(path, AutogradPath):
         _warn_autograd(system, path.why)
@@ -456,7 +459,7 @@ def _warn_autograd(system, why: str):
 
 
 def _last_step(system, params, sweep: Sweep, windows: Windows, psi: bool, metric,
-               path: GenericPath | fastpath.FastPath) -> Lags:
+               path: GenericPath | fastpath.FastPath, progress=None) -> Lags:
     """The parameter pass of a last-step loss, oldest step first, in the path's chunks of steps: T_K is
     the running sum before step R-K."""
     R, G, process_group = sweep.b.shape[0], windows.masks.shape[0], windows.process_group
@@ -467,6 +470,8 @@ def _last_step(system, params, sweep: Sweep, windows: Windows, psi: bool, metric
         tails.add(blocks, G)
         if psi:
             psi_rows.append(psi_sq)
+        if progress is not None:
+            progress(min(R, first + chunk), R)
     group_full, total_full = tails.carries()
     phi, phi_state, losses = _lag_norms(sweep, process_group)
     b_lag = sweep.b.flip(0).transpose(0, 1)
@@ -480,7 +485,8 @@ def _last_step(system, params, sweep: Sweep, windows: Windows, psi: bool, metric
                 phi, phi_state, losses, maha, psi_table)
 
 
-def _every_step(system, params, fwd: bands.Forward, windows: Windows, psi: bool, metric, path: GenericPath) -> Lags:
+def _every_step(system, params, fwd: bands.Forward, windows: Windows, psi: bool, metric, path: GenericPath,
+                progress=None) -> Lags:
     """The parameter pass of losses at every step, by lag bands (``bands``, through the path's
     ``band``): the tails start at the full gradient F and each band k is subtracted, so the tail
     before band k+1 is T_k."""
@@ -508,6 +514,8 @@ def _every_step(system, params, fwd: bands.Forward, windows: Windows, psi: bool,
         if len(pending) == chunk or k == R - 1:
             add(pending)
             pending = []
+        if progress is not None:
+            progress(k + 1, R)
     phi, phi_state, maha = lag_norms.means(process_group)
     count = torch.arange(R, 0, -1, dtype=psi_sum.dtype, device=psi_sum.device)
 

@@ -375,3 +375,19 @@ def test_row_norms_from_the_gates_leave_tied_weights_and_other_encoders_to_singl
     assert not bands.gate_norms_apply(biaskit.wrap(shared, None, None), biaskit.wrap(shared, None, None).params(), x)
     linear_encoder = biaskit.wrap(nn.GRUCell(4, 5).double(), None, None, encoder=nn.Linear(F, 4).double())
     assert not bands.gate_norms_apply(linear_encoder, linear_encoder.params(), torch.randn(3, F, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss_at", ["last", "every"])
+def test_progress_reports_the_parameter_pass_to_its_end(loss_at):
+    """``decompose(progress=)``: (done, R) after each chunk of steps or lag band, rising to (R, R), on a
+    path with several chunks; the Dataset is the one without it."""
+    module, head, loss_fn, x, inputs, y = setup(SPECS[2])
+    system = biaskit.wrap(module, head, loss_fn)
+    targets = y if loss_at == "every" else y[:, -1]
+    calls = []
+    ds = biaskit.decompose(system, inputs, targets, loss_at=loss_at, groups=2, progress=lambda *a: calls.append(a),
+                           _path=GenericPath(steps=2))
+    done = [d for d, _ in calls]
+    assert {total for _, total in calls} == {R} and done == sorted(done) and done[-1] == R and len(done) > 1
+    plain = biaskit.decompose(system, inputs, targets, loss_at=loss_at, groups=2, _path=GenericPath(steps=2))
+    np.testing.assert_array_equal(ds["rel_bias"].values, plain["rel_bias"].values)
