@@ -327,3 +327,15 @@ def test_an_adaptive_run_measures_its_own_bias_every_audit_every_th_update(tmp_p
     assert ["rel_bias_trained" in line for line in lines] == [True, False, True]
     fixed = loop.Run(config(K=4, epochs=2), tmp_path / "b", quiet=True).fit()
     assert all("rel_bias_trained" in line for line in fixed)
+
+
+def test_a_costly_every_step_update_is_announced_and_a_cheap_one_is_not():
+    """W/4 last-step windows per every-step window (the bands' R(R+1)/2 step products against R, about half
+    of that in time: benchmarks/bench_every_step.py); announced above four default updates' worth."""
+    base = {**configs.TRAIN_DEFAULTS, "delta": 0.5, "window": 100, "windows": 64, "loss_at": "every"}
+    line = loop.every_step_cost(base)
+    assert "each of the 64 windows of 100 steps costs about 25 last-step windows" in line
+    assert "about 6x the default's" in line  # 64 · 25 / 256
+    assert loop.every_step_cost({**base, "windows": 16}) is None  # 400 windows' worth
+    assert loop.every_step_cost({**base, "loss_at": "last"}) is None
+    assert loop.every_step_cost({**base, "delta": None}) == line  # fixed K: measured every epoch

@@ -333,6 +333,9 @@ class Run:
         metric = self.task.metric.lower()
         if self.task.about and not self.quiet:
             tqdm.write(self.task.about)
+        costly = every_step_cost(self.config["train"])
+        if costly and self.ranks.main:
+            tqdm.write(costly, file=sys.stderr)
         try:
             while self.epoch < self.config["train"]["epochs"]:
                 K_used, updates = self.K, len(self.history)
@@ -372,6 +375,23 @@ class Run:
 def shown(value, spec: str = ".3g") -> str:
     """A logged number for people: "–" where it is missing (not finite, or not measured)."""
     return "–" if value is None else format(value, spec)
+
+
+#: Last-step windows' worth of work above which an every-step update is announced as costly
+#: (four times the default update's 256).
+EVERY_STEP_WORK = 1024
+
+
+def every_step_cost(cfg: dict) -> str | None:
+    """The line that says a run's every-step measurements (each update's; a fixed K's every epoch) will be
+    costly: a window of W steps with a loss at every step costs about W/4 last-step windows (R(R + 1)/2
+    step products, docs/formulas.md)."""
+    if cfg["loss_at"] != "every" or cfg["windows"] * cfg["window"] / 4 <= EVERY_STEP_WORK:
+        return None
+    return (f"warning: --loss-at every: each of the {cfg['windows']} windows of {cfg['window']} steps costs about "
+            f"{cfg['window'] // 4} last-step windows, so an update costs about "
+            f"{cfg['windows'] * cfg['window'] / 4 / 256:.0f}x the default's; on the copy task 16 every-step "
+            "windows resolved the mean gradient at most updates (--windows 16)")
 
 
 def warning(line: dict, cfg: dict) -> str:
